@@ -1,0 +1,154 @@
+// The only file that knows pybind11: argument checks, GIL release and exception mapping.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+#include "loader.h"
+#include "lmdb_store.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// Owns the core loader and the Python objects whose memory its slots point into. Members are
+// destroyed in reverse order: the core (joining its threads) goes before the buffers.
+struct LoaderHandle {
+  std::vector<py::object> buffers;
+  std::unique_ptr<t2i::Loader> core;
+
+  t2i::Loader& get() {
+    if (!core) throw std::invalid_argument("the loader is closed");
+    return *core;
+  }
+};
+
+std::vector<uint8_t> to_bytes(const py::bytes& b) {
+  const std::string s = b;
+  return std::vector<uint8_t>(s.begin(), s.end());
+}
+
+void raise_as(const char* name, const char* message) {
+  py::object cls = py::module_::import("t2i_fast.errors").attr(name);
+  PyErr_SetString(cls.ptr(), message);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "t2i-fast native core: the LMDB batch loader";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const t2i::CorruptRecord& e) {
+      raise_as("CorruptRecordError", e.what());
+    } catch (const t2i::LmdbError& e) {
+      raise_as("DataError", e.what());
+    }
+  });
+
+  py::class_<LoaderHandle>(m, "Loader")
+      .def(py::init([](const std::string& path, int64_t count, int64_t batch_size, int size,
+                       int captions_per_sample, bool onehot, int elem_bytes, py::bytes lut,
+                       py::bytes one, bool nhwc, bool random_crop, bool flip, uint64_t seed,
+                       int rank, int world_size, bool drop_last, int num_threads, bool verify) {
+             if (count < 0) throw std::invalid_argument("count must be non-negative");
+             t2i::LoaderOptions o;
+             o.batch_size = batch_size;
+             o.size = size;
+             o.captions_per_sample = captions_per_sample;
+             o.onehot = onehot;
+             o.elem_bytes = elem_bytes;
+             o.lut = to_bytes(lut);
+             o.one = to_bytes(one);
+             o.nhwc = nhwc;
+             o.random_crop = random_crop;
+             o.flip = flip;
+             o.seed = seed;
+             o.rank = rank;
+             o.world_size = world_size;
+             o.drop_last = drop_last;
+             o.num_threads = num_threads;
+             o.verify = verify;
+             auto handle = std::make_unique<LoaderHandle>();
+             py::gil_scoped_release release;  // opening parses every record header
+             handle->core = std::make_unique<t2i::Loader>(path, count, std::move(o));
+             return handle;
+           }),
+           py::arg("path"), py::arg("count"), py::kw_only(), py::arg("batch_size"),
+           py::arg("size"), py::arg("captions_per_sample"), py::arg("onehot"),
+           py::arg("elem_bytes"), py::arg("lut"), py::arg("one"), py::arg("nhwc"),
+           py::arg("random_crop"), py::arg("flip"), py::arg("seed"), py::arg("rank"),
+           py::arg("world_size"), py::arg("drop_last"), py::arg("num_threads"),
+           py::arg("verify"))
+      .def_property_readonly("layout",
+                             [](LoaderHandle& h) {
+                               const t2i::SlotLayout& l = h.get().layout();
+                               py::dict d;
+                               d["images"] = l.images;
+                               d["wrong_images"] = l.wrong_images;
+                               d["captions"] = l.captions;
+                               d["caption_ids"] = l.caption_ids;
+                               d["class_ids"] = l.class_ids;
+                               d["wrong_class_ids"] = l.wrong_class_ids;
+                               d["indices"] = l.indices;
+                               d["wrong_indices"] = l.wrong_indices;
+                               d["bytes"] = l.bytes;
+                               return d;
+                             })
+      .def_property_readonly("num_batches", [](LoaderHandle& h) { return h.get().num_batches(); })
+      .def_property_readonly("num_slots", [](LoaderHandle& h) { return h.get().num_slots(); })
+      .def(
+          "add_slot",
+          [](LoaderHandle& h, py::buffer buffer) {
+            py::buffer_info info = buffer.request(/*writable=*/true);
+            const size_t need = h.get().layout().bytes;
+            if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1)
+              throw std::invalid_argument("buffer must be a contiguous 1-D byte buffer");
+            if (size_t(info.size) < need)
+              throw std::invalid_argument("buffer holds " + std::to_string(info.size) +
+                                          " bytes, a slot needs " + std::to_string(need));
+            const int slot = h.get().add_slot(static_cast<uint8_t*>(info.ptr));
+            h.buffers.push_back(buffer);
+            return slot;
+          },
+          py::arg("buffer"), "Adds a slot whose memory is `buffer` (kept alive by the loader).")
+      .def(
+          "start_epoch",
+          [](LoaderHandle& h, uint64_t epoch, int64_t first_batch) {
+            t2i::Loader& core = h.get();
+            py::gil_scoped_release release;
+            core.start_epoch(epoch, first_batch);
+          },
+          py::arg("epoch"), py::arg("first_batch") = 0)
+      .def(
+          "next",
+          [](LoaderHandle& h) -> py::object {
+            t2i::Loader& core = h.get();
+            std::optional<t2i::ReadyBatch> ready;
+            {
+              py::gil_scoped_release release;
+              ready = core.next();
+            }
+            if (!ready) return py::none();
+            return py::make_tuple(ready->slot, ready->batch, ready->size);
+          },
+          "(slot, batch, size) of the next full batch, or None at the end of the epoch.")
+      .def(
+          "release", [](LoaderHandle& h, int slot) { h.get().release(slot); }, py::arg("slot"))
+      .def("close", [](LoaderHandle& h) {
+        if (!h.core) return;
+        {
+          py::gil_scoped_release release;
+          h.core->close();
+        }
+        h.core.reset();
+        h.buffers.clear();
+      });
+
+  m.def("record_key", &t2i::record_key, py::arg("index"));
+}

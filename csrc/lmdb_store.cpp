@@ -1,0 +1,59 @@
+#include "lmdb_store.h"
+
+#include <cstdio>
+
+#include "errors.h"
+
+namespace t2i {
+namespace {
+
+void check(int rc, const std::string& path, const char* call, const std::string& key = "") {
+  if (rc == MDB_SUCCESS) return;
+  std::string msg = path + ": " + call;
+  if (!key.empty()) msg += " (key '" + key + "')";
+  throw LmdbError(msg + ": " + mdb_strerror(rc));
+}
+
+}  // namespace
+
+std::string record_key(int64_t index) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%08lld", static_cast<long long>(index));
+  return buf;
+}
+
+std::string RecordStore::where(int64_t i) const { return path_ + ": record '" + record_key(i) + "'"; }
+
+RecordStore::RecordStore(const std::string& path, int64_t count) : path_(path) {
+  try {
+    check(mdb_env_create(&env_), path, "mdb_env_create");
+    // Worker threads share the one read transaction's pointers; NOTLS ties no reader slot to a
+    // thread, NOLOCK needs no lock file (datasets on read-only media work).
+    check(mdb_env_open(env_, path.c_str(), MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0644), path,
+          "mdb_env_open");
+    check(mdb_txn_begin(env_, nullptr, MDB_RDONLY, &txn_), path, "mdb_txn_begin");
+    MDB_dbi dbi;
+    check(mdb_dbi_open(txn_, nullptr, 0, &dbi), path, "mdb_dbi_open");
+    records_.reserve(count);
+    for (int64_t i = 0; i < count; ++i) {
+      std::string key = record_key(i);
+      MDB_val k{key.size(), key.data()}, v;
+      const int rc = mdb_get(txn_, dbi, &k, &v);
+      if (rc == MDB_NOTFOUND) throw CorruptRecord(where(i) + ": missing (the metadata promises " +
+                                                  std::to_string(count) + " records)");
+      check(rc, path, "mdb_get", key);
+      records_.push_back(parse_record(static_cast<const uint8_t*>(v.mv_data), v.mv_size, where(i)));
+    }
+  } catch (...) {
+    if (txn_) mdb_txn_abort(txn_);
+    if (env_) mdb_env_close(env_);
+    throw;
+  }
+}
+
+RecordStore::~RecordStore() {
+  mdb_txn_abort(txn_);
+  mdb_env_close(env_);
+}
+
+}  // namespace t2i

@@ -1,0 +1,353 @@
+#include "loader.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "errors.h"
+#include "jpeg.h"
+
+namespace t2i {
+namespace {
+
+constexpr int kAlphabetSize = 70;
+
+size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+// Crops size x size at (y0, x0) from an HWC uint8 image of width `width`, mirrors it when
+// `flip`, maps every value through `lut` and writes NHWC or NCHW.
+template <typename T>
+void crop_convert(const uint8_t* src, int width, int y0, int x0, int size, bool flip, bool nhwc,
+                  const T* lut, T* out) {
+  const size_t plane = size_t(size) * size;
+  for (int y = 0; y < size; ++y) {
+    const uint8_t* row = src + (size_t(y0 + y) * width + x0) * 3;
+    if (nhwc) {
+      T* o = out + size_t(y) * size * 3;
+      if (!flip) {
+        for (int i = 0; i < size * 3; ++i) o[i] = lut[row[i]];
+      } else {
+        for (int x = 0; x < size; ++x) {
+          const uint8_t* p = row + (size - 1 - x) * 3;
+          o[x * 3] = lut[p[0]];
+          o[x * 3 + 1] = lut[p[1]];
+          o[x * 3 + 2] = lut[p[2]];
+        }
+      }
+    } else {
+      T* r = out + size_t(y) * size;
+      T* g = r + plane;
+      T* b = g + plane;
+      for (int x = 0; x < size; ++x) {
+        const uint8_t* p = row + (flip ? size - 1 - x : x) * 3;
+        r[x] = lut[p[0]];
+        g[x] = lut[p[1]];
+        b[x] = lut[p[2]];
+      }
+    }
+  }
+}
+
+template <typename T>
+void onehot(const uint8_t* chars, int length, T one, T* out) {
+  std::memset(out, 0, sizeof(T) * kAlphabetSize * length);
+  for (int l = 0; l < length; ++l)
+    if (chars[l]) out[size_t(chars[l] - 1) * length + l] = one;
+}
+
+}  // namespace
+
+Loader::Loader(const std::string& path, int64_t count, LoaderOptions options)
+    : opt_(std::move(options)),
+      store_(path, count),
+      class_ids_([&] {
+        std::vector<int64_t> ids(store_.size());
+        for (int64_t i = 0; i < store_.size(); ++i) ids[i] = store_[i].class_id;
+        return ids;
+      }()),
+      picker_(class_ids_) {
+  require(count >= 2, path + ": the loader needs at least 2 records (mismatched images)");
+  require(opt_.batch_size >= 1, "batch_size must be at least 1");
+  require(opt_.captions_per_sample >= 1 && opt_.captions_per_sample <= 255,
+          "captions_per_sample must be in [1, 255]");
+  require(opt_.elem_bytes == 1 || opt_.elem_bytes == 2 || opt_.elem_bytes == 4,
+          "elem_bytes must be 1, 2 or 4");
+  require(opt_.lut.size() == size_t(256 * opt_.elem_bytes), "lut must hold 256 * elem_bytes bytes");
+  require(opt_.one.size() == size_t(opt_.elem_bytes), "one must hold elem_bytes bytes");
+  require(opt_.world_size >= 1 && opt_.rank >= 0 && opt_.rank < opt_.world_size,
+          "rank must be in [0, world_size)");
+  require(opt_.num_threads >= 1 && opt_.num_threads <= 256, "num_threads must be in [1, 256]");
+
+  stored_h_ = store_[0].height;
+  stored_w_ = store_[0].width;
+  doc_length_ = store_[0].doc_length;
+  for (int64_t i = 0; i < store_.size(); ++i) {
+    const RecordView& r = store_[i];
+    if (r.height != stored_h_ || r.width != stored_w_ || r.doc_length != doc_length_ ||
+        r.encoding != store_[0].encoding)
+      throw CorruptRecord(store_.where(i) + ": image size, document length or encoding differs "
+                          "from record '00000000'");
+  }
+  require(opt_.size >= 1 && opt_.size <= stored_h_ && opt_.size <= stored_w_,
+          "size must be in [1, " + std::to_string(std::min(stored_h_, stored_w_)) +
+              "] (the stored image size)");
+
+  const int64_t per_rank = opt_.drop_last ? count / opt_.world_size
+                                          : (count - opt_.rank + opt_.world_size - 1) / opt_.world_size;
+  num_batches_ = opt_.drop_last ? per_rank / opt_.batch_size
+                                : (per_rank + opt_.batch_size - 1) / opt_.batch_size;
+  require(num_batches_ >= 1, "batch_size " + std::to_string(opt_.batch_size) +
+                                 " leaves no full batch of " + std::to_string(per_rank) +
+                                 " records per rank (lower it or pass drop_last=False)");
+
+  const size_t B = size_t(opt_.batch_size), k = size_t(opt_.captions_per_sample);
+  const size_t image = B * 3 * opt_.size * opt_.size * opt_.elem_bytes;
+  const size_t captions = opt_.onehot ? B * k * kAlphabetSize * doc_length_ * opt_.elem_bytes
+                                      : B * k * doc_length_;
+  size_t at = 0;
+  auto place = [&](size_t bytes) {
+    const size_t offset = at;
+    at = align64(at + bytes);
+    return offset;
+  };
+  layout_.images = place(image);
+  layout_.wrong_images = place(image);
+  layout_.captions = place(captions);
+  layout_.caption_ids = place(B * k * 8);
+  layout_.class_ids = place(B * 8);
+  layout_.wrong_class_ids = place(B * 8);
+  layout_.indices = place(B * 8);
+  layout_.wrong_indices = place(B * 8);
+  layout_.bytes = at;
+
+  verified_.reset(new std::atomic<uint8_t>[store_.size()]);
+  for (int64_t i = 0; i < store_.size(); ++i) verified_[i].store(opt_.verify ? 0 : 1);
+  for (int t = 0; t < opt_.num_threads; ++t) threads_.emplace_back([this] { work(); });
+}
+
+Loader::~Loader() { close(); }
+
+void Loader::close() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  ready_cv_.notify_all();
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+}
+
+int Loader::num_slots() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return int(slots_.size());
+}
+
+int Loader::add_slot(uint8_t* base) {
+  require(base != nullptr, "slot buffer is null");
+  std::lock_guard<std::mutex> lock(mu_);
+  slots_.push_back(base);
+  free_slots_.push_back(int(slots_.size()) - 1);
+  work_cv_.notify_one();
+  return int(slots_.size()) - 1;
+}
+
+void Loader::release(int slot) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    require(slot >= 0 && slot < int(slots_.size()), "slot out of range");
+    free_slots_.push_back(slot);
+  }
+  work_cv_.notify_one();
+}
+
+void Loader::start_epoch(uint64_t epoch, int64_t first_batch) {
+  require(first_batch >= 0 && first_batch <= num_batches_,
+          "first_batch must be in [0, " + std::to_string(num_batches_) + "]");
+  auto plan = std::make_shared<Plan>();
+  plan->epoch = epoch;
+  const std::vector<int64_t> order = epoch_order(opt_.seed, epoch, store_.size());
+  for (size_t i = opt_.rank; i < order.size(); i += opt_.world_size) plan->records.push_back(order[i]);
+  if (opt_.drop_last) plan->records.resize(order.size() / opt_.world_size);
+  const uint64_t s = opt_.seed;
+  plan->key_crop_y = stream_key(s, epoch, kCropY);
+  plan->key_crop_x = stream_key(s, epoch, kCropX);
+  plan->key_flip = stream_key(s, epoch, kFlip);
+  plan->key_caption = stream_key(s, epoch, kCaption);
+  plan->key_wrong = stream_key(s, epoch, kWrong);
+  plan->key_wrong_crop_y = stream_key(s, epoch, kWrongCropY);
+  plan->key_wrong_crop_x = stream_key(s, epoch, kWrongCropX);
+  plan->key_wrong_flip = stream_key(s, epoch, kWrongFlip);
+
+  std::unique_lock<std::mutex> lock(mu_);
+  require(!stopping_, "the loader is closed");
+  ++generation_;
+  // Batches of the previous epoch still being filled finish into their slots and are dropped.
+  idle_cv_.wait(lock, [&] { return in_flight_ == 0; });
+  for (auto& [batch, filled] : filled_) free_slots_.push_back(filled.slot);
+  filled_.clear();
+  plan_ = std::move(plan);
+  next_fill_ = next_consume_ = first_batch;
+  lock.unlock();
+  work_cv_.notify_all();
+}
+
+std::optional<ReadyBatch> Loader::next() {
+  std::unique_lock<std::mutex> lock(mu_);
+  require(plan_ != nullptr, "start_epoch was not called");
+  if (next_consume_ >= num_batches_) return std::nullopt;
+  auto stuck = [&] { return free_slots_.empty() && in_flight_ == 0 && !filled_.count(next_consume_); };
+  ready_cv_.wait(lock, [&] { return stopping_ || filled_.count(next_consume_) || stuck(); });
+  require(!stopping_, "the loader is closed");
+  if (stuck()) throw std::runtime_error("every batch slot is held by the caller; add a slot first");
+  auto node = filled_.extract(next_consume_);
+  const int64_t batch = next_consume_++;
+  if (node.mapped().error) {
+    free_slots_.push_back(node.mapped().slot);
+    lock.unlock();
+    work_cv_.notify_one();
+    std::rethrow_exception(node.mapped().error);
+  }
+  const int64_t begin = batch * opt_.batch_size;
+  const int64_t size = std::min<int64_t>(opt_.batch_size, int64_t(plan_->records.size()) - begin);
+  return ReadyBatch{node.mapped().slot, batch, size};
+}
+
+void Loader::work() {
+  std::vector<uint8_t> scratch;  // one decoded JPEG
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    work_cv_.wait(lock, [&] {
+      return stopping_ || (plan_ && next_fill_ < num_batches_ && !free_slots_.empty());
+    });
+    if (stopping_) return;
+    const int64_t batch = next_fill_++;
+    const int slot = free_slots_.back();
+    free_slots_.pop_back();
+    const uint64_t generation = generation_;
+    std::shared_ptr<const Plan> plan = plan_;
+    uint8_t* base = slots_[slot];
+    ++in_flight_;
+    lock.unlock();
+
+    std::exception_ptr error;
+    try {
+      fill(*plan, batch, base, scratch);
+    } catch (...) {
+      error = std::current_exception();
+    }
+
+    lock.lock();
+    --in_flight_;
+    if (generation != generation_) {
+      free_slots_.push_back(slot);
+      idle_cv_.notify_all();
+      work_cv_.notify_one();
+      continue;
+    }
+    filled_.emplace(batch, Filled{slot, error});
+    ready_cv_.notify_all();
+  }
+}
+
+void Loader::ensure_verified(int64_t record) {
+  if (verified_[record].load(std::memory_order_acquire)) return;
+  verify_crc(store_[record], store_.where(record));
+  verified_[record].store(1, std::memory_order_release);
+}
+
+void Loader::write_image(int64_t record, uint64_t key_y, uint64_t key_x, uint64_t key_flip,
+                         uint8_t* out, std::vector<uint8_t>& scratch) {
+  ensure_verified(record);
+  const RecordView& rec = store_[record];
+  const uint64_t r = uint64_t(record);
+  int y0 = (stored_h_ - opt_.size) / 2, x0 = (stored_w_ - opt_.size) / 2;
+  if (opt_.random_crop) {
+    y0 = int(uniform(draw(key_y, r), uint64_t(stored_h_ - opt_.size + 1)));
+    x0 = int(uniform(draw(key_x, r), uint64_t(stored_w_ - opt_.size + 1)));
+  }
+  const bool flip = opt_.flip && (draw(key_flip, r) >> 63);
+  const uint8_t* src = rec.pixels;
+  if (rec.encoding == Encoding::kJpeg) {
+    scratch.resize(size_t(stored_h_) * stored_w_ * 3);
+    decode_jpeg(rec.pixels, rec.pixel_bytes, stored_h_, stored_w_, scratch.data(),
+                store_.where(record));
+    src = scratch.data();
+  }
+  switch (opt_.elem_bytes) {
+    case 1:
+      crop_convert(src, stored_w_, y0, x0, opt_.size, flip, opt_.nhwc, opt_.lut.data(), out);
+      break;
+    case 2:
+      crop_convert(src, stored_w_, y0, x0, opt_.size, flip, opt_.nhwc,
+                   reinterpret_cast<const uint16_t*>(opt_.lut.data()),
+                   reinterpret_cast<uint16_t*>(out));
+      break;
+    default:
+      crop_convert(src, stored_w_, y0, x0, opt_.size, flip, opt_.nhwc,
+                   reinterpret_cast<const uint32_t*>(opt_.lut.data()),
+                   reinterpret_cast<uint32_t*>(out));
+  }
+}
+
+void Loader::write_captions(const RecordView& rec, const int64_t* ids, uint8_t* out) const {
+  const int L = doc_length_;
+  for (int j = 0; j < opt_.captions_per_sample; ++j) {
+    const uint8_t* chars = rec.chars + ids[j] * L;
+    if (!opt_.onehot) {
+      std::memcpy(out + size_t(j) * L, chars, L);
+      continue;
+    }
+    const size_t stride = size_t(kAlphabetSize) * L * opt_.elem_bytes;
+    uint8_t* o = out + j * stride;
+    if (opt_.elem_bytes == 1) {
+      onehot(chars, L, opt_.one[0], o);
+    } else if (opt_.elem_bytes == 2) {
+      uint16_t one;
+      std::memcpy(&one, opt_.one.data(), 2);
+      onehot(chars, L, one, reinterpret_cast<uint16_t*>(o));
+    } else {
+      uint32_t one;
+      std::memcpy(&one, opt_.one.data(), 4);
+      onehot(chars, L, one, reinterpret_cast<uint32_t*>(o));
+    }
+  }
+}
+
+void Loader::fill(const Plan& plan, int64_t batch, uint8_t* base, std::vector<uint8_t>& scratch) {
+  const int64_t begin = batch * opt_.batch_size;
+  const int64_t end = std::min<int64_t>(begin + opt_.batch_size, int64_t(plan.records.size()));
+  const int k = opt_.captions_per_sample;
+  const size_t image_bytes = size_t(3) * opt_.size * opt_.size * opt_.elem_bytes;
+  const size_t caption_bytes = opt_.onehot
+                                   ? size_t(k) * kAlphabetSize * doc_length_ * opt_.elem_bytes
+                                   : size_t(k) * doc_length_;
+  auto* caption_ids = reinterpret_cast<int64_t*>(base + layout_.caption_ids);
+  auto* class_ids = reinterpret_cast<int64_t*>(base + layout_.class_ids);
+  auto* wrong_class_ids = reinterpret_cast<int64_t*>(base + layout_.wrong_class_ids);
+  auto* indices = reinterpret_cast<int64_t*>(base + layout_.indices);
+  auto* wrong_indices = reinterpret_cast<int64_t*>(base + layout_.wrong_indices);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t s = i - begin;
+    const int64_t r = plan.records[i];
+    const int64_t w = picker_(plan.key_wrong, r);
+    write_image(r, plan.key_crop_y, plan.key_crop_x, plan.key_flip,
+                base + layout_.images + s * image_bytes, scratch);
+    write_image(w, plan.key_wrong_crop_y, plan.key_wrong_crop_x, plan.key_wrong_flip,
+                base + layout_.wrong_images + s * image_bytes, scratch);
+    const RecordView& rec = store_[r];
+    caption_choice(plan.key_caption, r, rec.n_captions, k, caption_ids + s * k);
+    write_captions(rec, caption_ids + s * k, base + layout_.captions + s * caption_bytes);
+    class_ids[s] = rec.class_id;
+    wrong_class_ids[s] = store_[w].class_id;
+    indices[s] = r;
+    wrong_indices[s] = w;
+  }
+}
+
+}  // namespace t2i

@@ -1,0 +1,117 @@
+// The batch loader: worker threads fill a ring of batch slots ahead of the consumer.
+//
+// The slots' memory belongs to the caller (pinned host memory when CUDA is available), handed
+// in once with add_slot; the loader never allocates per batch. Batch b of an epoch always
+// holds the same samples and augmentations (see sampling.h), whichever thread fills it.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lmdb_store.h"
+#include "sampling.h"
+
+namespace t2i {
+
+struct LoaderOptions {
+  int64_t batch_size = 64;
+  int size = 64;                 // training crop, square
+  int captions_per_sample = 4;   // k captions per sample
+  bool onehot = false;           // captions as one-hot [k, 70, L] instead of indices [k, L]
+  int elem_bytes = 1;            // bytes per image / one-hot element: 1, 2 or 4
+  std::vector<uint8_t> lut;      // 256 * elem_bytes: each pixel value's output bits
+  std::vector<uint8_t> one;      // elem_bytes: the bits of 1 (one-hot)
+  bool nhwc = true;
+  bool random_crop = true;
+  bool flip = true;
+  uint64_t seed = 0;
+  int rank = 0, world_size = 1;
+  bool drop_last = true;
+  int num_threads = 2;
+  bool verify = true;            // check each record's CRC-32 the first time it is read
+};
+
+// Byte offsets of the fields inside one slot; each field starts on a 64-byte boundary.
+struct SlotLayout {
+  size_t images, wrong_images, captions, caption_ids, class_ids, wrong_class_ids, indices,
+      wrong_indices, bytes;
+};
+
+struct ReadyBatch {
+  int slot;
+  int64_t batch;
+  int64_t size;  // samples in it: batch_size except for a last partial batch
+};
+
+class Loader {
+ public:
+  Loader(const std::string& path, int64_t count, LoaderOptions options);
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  const SlotLayout& layout() const { return layout_; }
+  int64_t num_batches() const { return num_batches_; }
+  int64_t num_records() const { return store_.size(); }
+  int num_slots();
+
+  int add_slot(uint8_t* base);
+  // Drops what is queued or in flight and starts filling `epoch` from batch `first_batch`.
+  void start_epoch(uint64_t epoch, int64_t first_batch);
+  // Blocks until the next batch in order is full; nullopt at the end of the epoch. Rethrows
+  // (once) the error that filling that batch met.
+  std::optional<ReadyBatch> next();
+  void release(int slot);
+  void close();
+
+ private:
+  struct Plan {
+    uint64_t epoch;
+    std::vector<int64_t> records;  // this rank's samples, in order
+    uint64_t key_crop_y, key_crop_x, key_flip, key_caption, key_wrong, key_wrong_crop_y,
+        key_wrong_crop_x, key_wrong_flip;
+  };
+  struct Filled {
+    int slot;
+    std::exception_ptr error;
+  };
+
+  void work();
+  void fill(const Plan& plan, int64_t batch, uint8_t* base, std::vector<uint8_t>& scratch);
+  void write_image(int64_t record, uint64_t key_y, uint64_t key_x, uint64_t key_flip,
+                   uint8_t* out, std::vector<uint8_t>& scratch);
+  void write_captions(const RecordView& rec, const int64_t* ids, uint8_t* out) const;
+  void ensure_verified(int64_t record);
+
+  const LoaderOptions opt_;
+  RecordStore store_;
+  std::vector<int64_t> class_ids_;
+  WrongImagePicker picker_;
+  SlotLayout layout_{};
+  int64_t num_batches_ = 0;
+  int stored_h_ = 0, stored_w_ = 0, doc_length_ = 0;
+  std::unique_ptr<std::atomic<uint8_t>[]> verified_;
+
+  std::mutex mu_;
+  std::condition_variable work_cv_, ready_cv_, idle_cv_;
+  std::vector<uint8_t*> slots_;
+  std::vector<int> free_slots_;
+  std::shared_ptr<const Plan> plan_;
+  uint64_t generation_ = 0;
+  int64_t next_fill_ = 0, next_consume_ = 0;
+  int in_flight_ = 0;
+  bool stopping_ = false;
+  std::map<int64_t, Filled> filled_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace t2i

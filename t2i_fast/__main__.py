@@ -1,0 +1,3 @@
+from t2i_fast.cli import main
+
+main()

@@ -1,0 +1,36 @@
+"""The ``t2i-fast`` command line: a click group; each module adds its commands."""
+
+from __future__ import annotations
+
+import click
+
+from t2i_fast import __version__
+from t2i_fast.errors import T2IError
+
+
+class _Group(click.Group):
+    """Shows bad input (T2IError) as one ``Error:`` line and exit status 1, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except T2IError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+                                           "show_default": True, "max_content_width": 100})
+@click.version_option(__version__, prog_name="t2i-fast")
+def main() -> None:
+    """t2i-fast: text-to-image GANs (Reed et al., ICML 2016), trained fast."""
+
+
+def _register() -> None:
+    from t2i_fast.cli.data import info, stream
+    from t2i_fast.cli.prepare import prepare
+
+    for command in (prepare, info, stream):
+        main.add_command(command)
+
+
+_register()
