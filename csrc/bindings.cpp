@@ -18,12 +18,30 @@ namespace {
 // destroyed in reverse order: the core (joining its threads) goes before the buffers.
 struct LoaderHandle {
   std::vector<py::object> buffers;
-  std::unique_ptr<t2i::Loader> core;
+  std::shared_ptr<t2i::Loader> core;
 
   t2i::Loader& get() {
     if (!core) throw std::invalid_argument("the loader is closed");
     return *core;
   }
+};
+
+// One filled slot lent to Python, exposed through the buffer protocol. Arrays made from it
+// keep it alive; when the last goes, the slot returns to the ring. It holds the slot's memory
+// and the core, so a batch outlives a closed loader.
+struct Lease {
+  Lease(std::shared_ptr<t2i::Loader> core, py::object buffer, int slot)
+      : core(std::move(core)), buffer(std::move(buffer)), slot(slot),
+        bytes(this->core->layout().bytes), data(this->core->slot_data(slot)) {}
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+  ~Lease() { core->release(slot); }
+
+  std::shared_ptr<t2i::Loader> core;
+  py::object buffer;
+  int slot;
+  size_t bytes;
+  uint8_t* data;
 };
 
 std::vector<uint8_t> to_bytes(const py::bytes& b) {
@@ -76,7 +94,7 @@ PYBIND11_MODULE(_C, m) {
              o.verify = verify;
              auto handle = std::make_unique<LoaderHandle>();
              py::gil_scoped_release release;  // opening parses every record header
-             handle->core = std::make_unique<t2i::Loader>(path, count, std::move(o));
+             handle->core = std::make_shared<t2i::Loader>(path, count, std::move(o));
              return handle;
            }),
            py::arg("path"), py::arg("count"), py::kw_only(), py::arg("batch_size"),
@@ -97,11 +115,13 @@ PYBIND11_MODULE(_C, m) {
                                d["wrong_class_ids"] = l.wrong_class_ids;
                                d["indices"] = l.indices;
                                d["wrong_indices"] = l.wrong_indices;
+                               d["onehot_shadow"] = l.onehot_shadow;
                                d["bytes"] = l.bytes;
                                return d;
                              })
       .def_property_readonly("num_batches", [](LoaderHandle& h) { return h.get().num_batches(); })
       .def_property_readonly("num_slots", [](LoaderHandle& h) { return h.get().num_slots(); })
+      .def_property_readonly("num_leased", [](LoaderHandle& h) { return h.get().num_leased(); })
       .def(
           "add_slot",
           [](LoaderHandle& h, py::buffer buffer) {
@@ -135,11 +155,11 @@ PYBIND11_MODULE(_C, m) {
               ready = core.next();
             }
             if (!ready) return py::none();
-            return py::make_tuple(ready->slot, ready->batch, ready->size);
+            auto lease = std::make_unique<Lease>(h.core, h.buffers[ready->slot], ready->slot);
+            return py::make_tuple(py::cast(std::move(lease)), ready->batch, ready->size);
           },
-          "(slot, batch, size) of the next full batch, or None at the end of the epoch.")
-      .def(
-          "release", [](LoaderHandle& h, int slot) { h.get().release(slot); }, py::arg("slot"))
+          "(lease, batch, size) of the next full batch, or None at the end of the epoch; the "
+          "lease exposes the slot's bytes and frees the slot when the last view of it goes.")
       .def("close", [](LoaderHandle& h) {
         if (!h.core) return;
         {
@@ -149,6 +169,13 @@ PYBIND11_MODULE(_C, m) {
         h.core.reset();
         h.buffers.clear();
       });
+
+  py::class_<Lease>(m, "Lease", py::buffer_protocol())
+      .def_buffer([](Lease& l) {
+        return py::buffer_info(l.data, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {py::ssize_t(l.bytes)}, {py::ssize_t(1)});
+      })
+      .def_readonly("slot", &Lease::slot);
 
   m.def("record_key", &t2i::record_key, py::arg("index"));
 }

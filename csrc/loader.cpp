@@ -52,11 +52,45 @@ void crop_convert(const uint8_t* src, int width, int y0, int x0, int size, bool 
   }
 }
 
+// The uint8 case with the identity table: rows are copied, not looked up.
+void crop_copy(const uint8_t* src, int width, int y0, int x0, int size, bool flip, bool nhwc,
+               uint8_t* out) {
+  if (!nhwc) {
+    static uint8_t identity[256];
+    if (identity[255] != 255)
+      for (int i = 0; i < 256; ++i) identity[i] = uint8_t(i);
+    crop_convert(src, width, y0, x0, size, flip, nhwc, identity, out);
+    return;
+  }
+  for (int y = 0; y < size; ++y) {
+    const uint8_t* row = src + (size_t(y0 + y) * width + x0) * 3;
+    uint8_t* o = out + size_t(y) * size * 3;
+    if (!flip) {
+      std::memcpy(o, row, size_t(size) * 3);
+      continue;
+    }
+    // Mirrored: pixels move as 4-byte words whose spare byte the next pixel overwrites; the
+    // two end pixels move as 3 bytes so that no read or write leaves the row.
+    std::memcpy(o, row + (size - 1) * 3, 3);
+    for (int x = 1; x < size - 1; ++x) {
+      uint32_t pixel;
+      std::memcpy(&pixel, row + (size - 1 - x) * 3, 4);
+      std::memcpy(o + x * 3, &pixel, 4);
+    }
+    if (size > 1) std::memcpy(o + (size - 1) * 3, row, 3);
+  }
+}
+
+// One-hot [70, length] over a region that holds the one-hot of `previous` (all zero for a new
+// slot): clearing the old ones and setting the new ones touches 2 x length elements instead of
+// the 70 x length a full clear would.
 template <typename T>
-void onehot(const uint8_t* chars, int length, T one, T* out) {
-  std::memset(out, 0, sizeof(T) * kAlphabetSize * length);
-  for (int l = 0; l < length; ++l)
+void onehot(const uint8_t* chars, uint8_t* previous, int length, T one, T* out) {
+  for (int l = 0; l < length; ++l) {
+    if (previous[l]) out[size_t(previous[l] - 1) * length + l] = T(0);
     if (chars[l]) out[size_t(chars[l] - 1) * length + l] = one;
+    previous[l] = chars[l];
+  }
 }
 
 }  // namespace
@@ -82,6 +116,8 @@ Loader::Loader(const std::string& path, int64_t count, LoaderOptions options)
           "rank must be in [0, world_size)");
   require(opt_.num_threads >= 1 && opt_.num_threads <= 256, "num_threads must be in [1, 256]");
 
+  identity_lut_ = opt_.elem_bytes == 1;
+  for (int i = 0; i < 256 && identity_lut_; ++i) identity_lut_ = opt_.lut[i] == i;
   stored_h_ = store_[0].height;
   stored_w_ = store_[0].width;
   doc_length_ = store_[0].doc_length;
@@ -122,6 +158,7 @@ Loader::Loader(const std::string& path, int64_t count, LoaderOptions options)
   layout_.wrong_class_ids = place(B * 8);
   layout_.indices = place(B * 8);
   layout_.wrong_indices = place(B * 8);
+  layout_.onehot_shadow = place(opt_.onehot ? B * k * doc_length_ : 0);
   layout_.bytes = at;
 
   verified_.reset(new std::atomic<uint8_t>[store_.size()]);
@@ -150,6 +187,8 @@ int Loader::num_slots() {
 
 int Loader::add_slot(uint8_t* base) {
   require(base != nullptr, "slot buffer is null");
+  // The one-hot writer clears only what it set before (the shadow records it).
+  std::memset(base, 0, layout_.bytes);
   std::lock_guard<std::mutex> lock(mu_);
   slots_.push_back(base);
   free_slots_.push_back(int(slots_.size()) - 1);
@@ -157,10 +196,21 @@ int Loader::add_slot(uint8_t* base) {
   return int(slots_.size()) - 1;
 }
 
-void Loader::release(int slot) {
+int Loader::num_leased() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return leased_;
+}
+
+uint8_t* Loader::slot_data(int slot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  require(slot >= 0 && slot < int(slots_.size()), "slot out of range");
+  return slots_[slot];
+}
+
+void Loader::release(int slot) noexcept {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    require(slot >= 0 && slot < int(slots_.size()), "slot out of range");
+    --leased_;
     free_slots_.push_back(slot);
   }
   work_cv_.notify_one();
@@ -187,7 +237,9 @@ void Loader::start_epoch(uint64_t epoch, int64_t first_batch) {
   std::unique_lock<std::mutex> lock(mu_);
   require(!stopping_, "the loader is closed");
   ++generation_;
-  // Batches of the previous epoch still being filled finish into their slots and are dropped.
+  // No plan, no new work: batches of the previous epoch still being filled finish into their
+  // slots and are dropped, and no worker starts another while this waits for them.
+  plan_.reset();
   idle_cv_.wait(lock, [&] { return in_flight_ == 0; });
   for (auto& [batch, filled] : filled_) free_slots_.push_back(filled.slot);
   filled_.clear();
@@ -215,6 +267,7 @@ std::optional<ReadyBatch> Loader::next() {
   }
   const int64_t begin = batch * opt_.batch_size;
   const int64_t size = std::min<int64_t>(opt_.batch_size, int64_t(plan_->records.size()) - begin);
+  ++leased_;
   return ReadyBatch{node.mapped().slot, batch, size};
 }
 
@@ -243,10 +296,9 @@ void Loader::work() {
     }
 
     lock.lock();
-    --in_flight_;
+    if (--in_flight_ == 0) idle_cv_.notify_all();
     if (generation != generation_) {
       free_slots_.push_back(slot);
-      idle_cv_.notify_all();
       work_cv_.notify_one();
       continue;
     }
@@ -261,11 +313,11 @@ void Loader::ensure_verified(int64_t record) {
   verified_[record].store(1, std::memory_order_release);
 }
 
-void Loader::write_image(int64_t record, uint64_t key_y, uint64_t key_x, uint64_t key_flip,
-                         uint8_t* out, std::vector<uint8_t>& scratch) {
+void Loader::write_image(int64_t record, int64_t anchor, uint64_t key_y, uint64_t key_x,
+                         uint64_t key_flip, uint8_t* out, std::vector<uint8_t>& scratch) {
   ensure_verified(record);
   const RecordView& rec = store_[record];
-  const uint64_t r = uint64_t(record);
+  const uint64_t r = uint64_t(anchor);
   int y0 = (stored_h_ - opt_.size) / 2, x0 = (stored_w_ - opt_.size) / 2;
   if (opt_.random_crop) {
     y0 = int(uniform(draw(key_y, r), uint64_t(stored_h_ - opt_.size + 1)));
@@ -281,7 +333,10 @@ void Loader::write_image(int64_t record, uint64_t key_y, uint64_t key_x, uint64_
   }
   switch (opt_.elem_bytes) {
     case 1:
-      crop_convert(src, stored_w_, y0, x0, opt_.size, flip, opt_.nhwc, opt_.lut.data(), out);
+      if (identity_lut_)
+        crop_copy(src, stored_w_, y0, x0, opt_.size, flip, opt_.nhwc, out);
+      else
+        crop_convert(src, stored_w_, y0, x0, opt_.size, flip, opt_.nhwc, opt_.lut.data(), out);
       break;
     case 2:
       crop_convert(src, stored_w_, y0, x0, opt_.size, flip, opt_.nhwc,
@@ -295,7 +350,8 @@ void Loader::write_image(int64_t record, uint64_t key_y, uint64_t key_x, uint64_
   }
 }
 
-void Loader::write_captions(const RecordView& rec, const int64_t* ids, uint8_t* out) const {
+void Loader::write_captions(const RecordView& rec, const int64_t* ids, uint8_t* out,
+                            uint8_t* previous) const {
   const int L = doc_length_;
   for (int j = 0; j < opt_.captions_per_sample; ++j) {
     const uint8_t* chars = rec.chars + ids[j] * L;
@@ -303,18 +359,18 @@ void Loader::write_captions(const RecordView& rec, const int64_t* ids, uint8_t* 
       std::memcpy(out + size_t(j) * L, chars, L);
       continue;
     }
-    const size_t stride = size_t(kAlphabetSize) * L * opt_.elem_bytes;
-    uint8_t* o = out + j * stride;
+    uint8_t* o = out + size_t(j) * kAlphabetSize * L * opt_.elem_bytes;
+    uint8_t* p = previous + size_t(j) * L;
     if (opt_.elem_bytes == 1) {
-      onehot(chars, L, opt_.one[0], o);
+      onehot(chars, p, L, opt_.one[0], o);
     } else if (opt_.elem_bytes == 2) {
       uint16_t one;
       std::memcpy(&one, opt_.one.data(), 2);
-      onehot(chars, L, one, reinterpret_cast<uint16_t*>(o));
+      onehot(chars, p, L, one, reinterpret_cast<uint16_t*>(o));
     } else {
       uint32_t one;
       std::memcpy(&one, opt_.one.data(), 4);
-      onehot(chars, L, one, reinterpret_cast<uint32_t*>(o));
+      onehot(chars, p, L, one, reinterpret_cast<uint32_t*>(o));
     }
   }
 }
@@ -336,13 +392,14 @@ void Loader::fill(const Plan& plan, int64_t batch, uint8_t* base, std::vector<ui
     const int64_t s = i - begin;
     const int64_t r = plan.records[i];
     const int64_t w = picker_(plan.key_wrong, r);
-    write_image(r, plan.key_crop_y, plan.key_crop_x, plan.key_flip,
+    write_image(r, r, plan.key_crop_y, plan.key_crop_x, plan.key_flip,
                 base + layout_.images + s * image_bytes, scratch);
-    write_image(w, plan.key_wrong_crop_y, plan.key_wrong_crop_x, plan.key_wrong_flip,
+    write_image(w, r, plan.key_wrong_crop_y, plan.key_wrong_crop_x, plan.key_wrong_flip,
                 base + layout_.wrong_images + s * image_bytes, scratch);
     const RecordView& rec = store_[r];
     caption_choice(plan.key_caption, r, rec.n_captions, k, caption_ids + s * k);
-    write_captions(rec, caption_ids + s * k, base + layout_.captions + s * caption_bytes);
+    write_captions(rec, caption_ids + s * k, base + layout_.captions + s * caption_bytes,
+                   base + layout_.onehot_shadow + s * k * doc_length_);
     class_ids[s] = rec.class_id;
     wrong_class_ids[s] = store_[w].class_id;
     indices[s] = r;

@@ -41,9 +41,10 @@ struct LoaderOptions {
 };
 
 // Byte offsets of the fields inside one slot; each field starts on a 64-byte boundary.
+// onehot_shadow keeps the character indices whose one-hot the slot holds (one-hot only).
 struct SlotLayout {
   size_t images, wrong_images, captions, caption_ids, class_ids, wrong_class_ids, indices,
-      wrong_indices, bytes;
+      wrong_indices, onehot_shadow, bytes;
 };
 
 struct ReadyBatch {
@@ -63,6 +64,8 @@ class Loader {
   int64_t num_batches() const { return num_batches_; }
   int64_t num_records() const { return store_.size(); }
   int num_slots();
+  int num_leased();  // slots handed to the consumer and not yet released
+  uint8_t* slot_data(int slot);
 
   int add_slot(uint8_t* base);
   // Drops what is queued or in flight and starts filling `epoch` from batch `first_batch`.
@@ -70,7 +73,7 @@ class Loader {
   // Blocks until the next batch in order is full; nullopt at the end of the epoch. Rethrows
   // (once) the error that filling that batch met.
   std::optional<ReadyBatch> next();
-  void release(int slot);
+  void release(int slot) noexcept;
   void close();
 
  private:
@@ -87,9 +90,12 @@ class Loader {
 
   void work();
   void fill(const Plan& plan, int64_t batch, uint8_t* base, std::vector<uint8_t>& scratch);
-  void write_image(int64_t record, uint64_t key_y, uint64_t key_x, uint64_t key_flip,
-                   uint8_t* out, std::vector<uint8_t>& scratch);
-  void write_captions(const RecordView& rec, const int64_t* ids, uint8_t* out) const;
+  // Crops and flips record `record` with the choices drawn for sample `anchor` (a mismatched
+  // image takes its augmentation from the sample it is paired with).
+  void write_image(int64_t record, int64_t anchor, uint64_t key_y, uint64_t key_x,
+                   uint64_t key_flip, uint8_t* out, std::vector<uint8_t>& scratch);
+  void write_captions(const RecordView& rec, const int64_t* ids, uint8_t* out,
+                      uint8_t* previous) const;
   void ensure_verified(int64_t record);
 
   const LoaderOptions opt_;
@@ -99,6 +105,7 @@ class Loader {
   SlotLayout layout_{};
   int64_t num_batches_ = 0;
   int stored_h_ = 0, stored_w_ = 0, doc_length_ = 0;
+  bool identity_lut_ = false;
   std::unique_ptr<std::atomic<uint8_t>[]> verified_;
 
   std::mutex mu_;
@@ -109,6 +116,7 @@ class Loader {
   uint64_t generation_ = 0;
   int64_t next_fill_ = 0, next_consume_ = 0;
   int in_flight_ = 0;
+  int leased_ = 0;
   bool stopping_ = false;
   std::map<int64_t, Filled> filled_;
   std::vector<std::thread> threads_;

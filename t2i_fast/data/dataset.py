@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2i_fast.data.format import Record, open_env, read_metadata, record_key
+from t2i_fast.data.format import Record, close_env, open_env, read_metadata, record_key
 from t2i_fast.errors import CorruptRecordError
 
 
@@ -29,7 +29,11 @@ class Dataset:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._env = open_env(self.path)
-        self.meta = read_metadata(self._env, self.path)
+        try:
+            self.meta = read_metadata(self._env, self.path)
+        except BaseException:
+            close_env(self._env)
+            raise
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -58,7 +62,9 @@ class Dataset:
         )
 
     def close(self) -> None:
-        self._env.close()
+        if self._env is not None:
+            close_env(self._env)
+            self._env = None
 
     def __enter__(self) -> Dataset:
         return self

@@ -127,13 +127,34 @@ def encode_pixels(image: np.ndarray, encoding: str, *, jpeg_quality: int = 95) -
     return buf.getvalue()
 
 
+# py-lmdb allows one Environment per file and process, so readers share it, counted.
+_OPEN_ENVS: dict[str, list] = {}
+
+
 def open_env(path: str | Path) -> lmdb.Environment:
-    """Open a dataset read-only, with no lock file, so read-only media work."""
+    """Open a dataset read-only, with no lock file (read-only media work); pair with
+    ``close_env``."""
     path = Path(path)
     if not (path / "data.mdb").is_file():
         raise DataError(f"{path}: not a t2i-fast dataset (no data.mdb; make one with "
                         "'t2i-fast prepare')")
-    return lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=512)
+    key = str(path.resolve())
+    entry = _OPEN_ENVS.get(key)
+    if entry is None:
+        env = lmdb.open(key, readonly=True, lock=False, readahead=False, max_readers=512)
+        entry = _OPEN_ENVS[key] = [env, 0]
+    entry[1] += 1
+    return entry[0]
+
+
+def close_env(env: lmdb.Environment) -> None:
+    for key, entry in list(_OPEN_ENVS.items()):
+        if entry[0] is env:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _OPEN_ENVS[key]
+                env.close()
+            return
 
 
 def read_metadata(env: lmdb.Environment, path: str | Path) -> dict:

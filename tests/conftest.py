@@ -1,0 +1,54 @@
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from t2i_fast.data.writer import DatasetWriter
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def cub_mini_root() -> Path | None:
+    """The real CUB subset beside the checkout (../shared/data/cub_mini), or $T2I_CUB_MINI."""
+    env = os.environ.get("T2I_CUB_MINI")
+    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/cub_mini"
+    return root if (root / "CUB_200_2011/images.txt").is_file() else None
+
+
+@pytest.fixture
+def cub_mini() -> Path:
+    root = cub_mini_root()
+    if root is None:
+        pytest.skip("cub_mini not found: expected ../shared/data/cub_mini beside the checkout "
+                    "or T2I_CUB_MINI (CI has it)")
+    return root
+
+
+def write_random_dataset(path: Path, *, n: int = 37, size: int = 20, classes: int = 3,
+                         max_captions: int = 5, encoding: str = "raw", seed: int = 0) -> Path:
+    """Random pixels, 1..max_captions captions of varied length, random classes."""
+    rng = np.random.default_rng(seed)
+    words = ["red", "bird", "small", "wings", "beak", "a", "the", "has", "white", "long"]
+    with DatasetWriter(path, image_size=size, classes=[f"class{c}" for c in range(classes)],
+                       source="test", split="all", encoding=encoding) as writer:
+        for i in range(n):
+            captions = [" ".join(rng.choice(words, rng.integers(2, 40)))
+                        for _ in range(rng.integers(1, max_captions + 1))]
+            image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            if encoding == "jpeg":  # smooth content, as photographs are
+                image = np.repeat(np.repeat(image[::4, ::4], 4, 0), 4, 1)[:size, :size].copy()
+            writer.add(image, captions, class_id=int(rng.integers(0, classes)), name=f"img {i}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_dataset(tmp_path_factory) -> Path:
+    return write_random_dataset(tmp_path_factory.mktemp("data") / "random.lmdb")

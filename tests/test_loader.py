@@ -1,0 +1,393 @@
+"""The C++ loader against the plain-Python reference, bit for bit, and its guarantees:
+determinism, sharding, resumption, mismatched images, corrupt records, lifetimes."""
+
+import gc
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from conftest import write_random_dataset
+
+from t2i_fast.data import Dataset, Loader
+from t2i_fast.data.format import record_key
+from t2i_fast.data.loader import pixel_lut
+from t2i_fast.data.reference import ReferenceLoader
+from t2i_fast.errors import CorruptRecordError, DataError
+
+FIELDS = ("images", "wrong_images", "captions", "caption_ids", "class_ids", "wrong_class_ids",
+          "indices", "wrong_indices")
+
+
+def as_reference(batch, layout: str) -> dict:
+    """A Loader batch as numpy arrays in the reference's layout."""
+    out = {name: getattr(batch, name).numpy() for name in FIELDS}
+    if layout == "nhwc":
+        for name in ("images", "wrong_images"):
+            out[name] = getattr(batch, name).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def assert_same_epoch(loader: Loader, reference: ReferenceLoader, epoch: int, layout: str):
+    got = list(loader)
+    expected = list(reference.epoch(epoch))
+    assert len(got) == len(expected) == len(loader)
+    for g, e in zip(got, expected, strict=True):
+        g = as_reference(g, layout)
+        for name in FIELDS:
+            np.testing.assert_array_equal(g[name], e[name], err_msg=name)
+
+
+OPTIONS = [
+    {},
+    {"layout": "nchw"},
+    {"caption_format": "indices"},
+    {"captions_per_sample": 7},  # more than any record holds: drawn with replacement
+    {"captions_per_sample": 1, "flip": False},
+    {"random_crop": False},
+    {"rank": 1, "world_size": 3, "drop_last": False},
+    {"rank": 0, "world_size": 2},
+    {"size": 20},  # the whole stored image: only flips vary
+    {"size": 13, "layout": "nchw", "caption_format": "indices", "drop_last": False},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS,
+                         ids=lambda o: ",".join(map(str, o.values())) or "default")
+def test_matches_reference_bit_for_bit(random_dataset, options):
+    kwargs = {"batch_size": 5, "seed": 3, "size": 16, **options}
+    layout = kwargs.get("layout", "nhwc")
+    reference = ReferenceLoader(random_dataset, **kwargs)
+    with Loader(random_dataset, **kwargs) as loader:
+        for epoch in range(2):
+            assert loader.epoch == epoch
+            assert_same_epoch(loader, reference, epoch, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_normalised_dtypes_equal_the_reference_through_the_table(random_dataset, dtype):
+    reference = next(ReferenceLoader(random_dataset, batch_size=8, seed=1).epoch(0))
+    batch = next(iter(Loader(random_dataset, batch_size=8, seed=1, dtype=dtype)))
+    assert batch.images.dtype == dtype
+    expected = pixel_lut(dtype)[torch.from_numpy(reference["images"]).long()]
+    assert torch.equal(batch.images.permute(0, 2, 3, 1), expected)
+    assert batch.images.min() >= -1 and batch.images.max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onehot_in_float(random_dataset, dtype):
+    batch = next(iter(Loader(random_dataset, batch_size=4, caption_format="onehot", dtype=dtype)))
+    indices = next(iter(Loader(random_dataset, batch_size=4, caption_format="indices")))
+    indices = indices.captions.long()
+    assert batch.captions.shape == (4, 4, 70, indices.shape[-1]) and batch.captions.dtype == dtype
+    # Each position holds one 1 at channel index-1, or nothing for padding/unknown (index 0).
+    assert torch.equal(batch.captions.sum(2), (indices > 0).to(dtype))
+    hot = batch.captions.argmax(2) + 1
+    assert torch.equal(torch.where(indices > 0, hot, 0), indices)
+
+
+def test_channels_last_memory(random_dataset):
+    batch = next(iter(Loader(random_dataset, batch_size=4, size=16, layout="nhwc")))
+    assert batch.images.shape == (4, 3, 16, 16)
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    batch = next(iter(Loader(random_dataset, batch_size=4, size=16, layout="nchw")))
+    assert batch.images.is_contiguous()
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_thread_count_changes_nothing(random_dataset, threads):
+    one = [as_reference(b, "nhwc") for b in Loader(random_dataset, batch_size=4, num_threads=1)]
+    many = Loader(random_dataset, batch_size=4, num_threads=threads, depth=2 * threads)
+    for a, b in zip(one, many, strict=True):
+        b = as_reference(b, "nhwc")
+        for name in FIELDS:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def epoch_indices(loader: Loader) -> np.ndarray:
+    return np.concatenate([b.indices.numpy() for b in loader])
+
+
+def test_seed_and_epoch_fix_the_order(random_dataset):
+    a = Loader(random_dataset, batch_size=4, seed=7)
+    b = Loader(random_dataset, batch_size=4, seed=7)
+    first, second = epoch_indices(a), epoch_indices(a)
+    assert not np.array_equal(first, second), "reshuffled each epoch"
+    np.testing.assert_array_equal(first, epoch_indices(b))
+    other = epoch_indices(Loader(random_dataset, batch_size=4, seed=8))
+    assert not np.array_equal(first, other)
+    assert len(set(first.tolist())) == len(first), "no record twice in an epoch"
+
+
+def test_shards_are_disjoint_and_cover(random_dataset):
+    count = len(Dataset(random_dataset))
+    for world in (2, 3, 5):
+        shards = [epoch_indices(Loader(random_dataset, batch_size=3, rank=r, world_size=world,
+                                       drop_last=False)) for r in range(world)]
+        everything = np.concatenate(shards)
+        assert len(everything) == count and set(everything.tolist()) == set(range(count))
+        dropped = [Loader(random_dataset, batch_size=3, rank=r, world_size=world)
+                   for r in range(world)]
+        assert len({len(d) for d in dropped}) == 1, "every rank runs the same number of batches"
+
+
+def test_a_sample_keeps_its_augmentation_across_sharding(random_dataset):
+    """Choices hang on (seed, epoch, record), not on the rank or the batch position."""
+    whole = {int(i): img for b in Loader(random_dataset, batch_size=4, drop_last=False)
+             for i, img in zip(b.indices, b.images, strict=True)}
+    for b in Loader(random_dataset, batch_size=3, rank=1, world_size=2, drop_last=False):
+        for i, img in zip(b.indices, b.images, strict=True):
+            assert torch.equal(whole[int(i)], img)
+
+
+def test_resume_from_epoch_and_batch(random_dataset):
+    full = [as_reference(b, "nhwc") for b in Loader(random_dataset, batch_size=4, epoch=2)]
+    loader = Loader(random_dataset, batch_size=4)
+    loader.load_state_dict({"epoch": 2, "position": 3})
+    resumed = [as_reference(b, "nhwc") for b in loader]
+    assert len(resumed) == len(full) - 3
+    for a, b in zip(full[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a["images"], b["images"])
+        np.testing.assert_array_equal(a["indices"], b["indices"])
+    assert loader.state_dict() == {"epoch": 3, "position": 0}
+
+
+def test_breaking_out_keeps_the_position(random_dataset):
+    loader = Loader(random_dataset, batch_size=4)
+    seen = []
+    for batch in loader:
+        seen.append(batch.indices.clone())
+        if len(seen) == 2:
+            break
+    assert loader.state_dict() == {"epoch": 0, "position": 2}
+    seen += [b.indices for b in loader]
+    np.testing.assert_array_equal(torch.cat(seen).numpy(),
+                                  epoch_indices(Loader(random_dataset, batch_size=4)))
+
+
+def test_mismatched_images_come_from_another_class(random_dataset):
+    ds = Dataset(random_dataset)
+    for batch in Loader(random_dataset, batch_size=8):
+        assert (batch.class_ids != batch.wrong_class_ids).all()
+        for w, c in zip(batch.wrong_indices.tolist(), batch.wrong_class_ids.tolist(), strict=True):
+            assert ds[w].class_id == c
+
+
+def test_single_class_dataset_pairs_with_another_record(tmp_path):
+    path = write_random_dataset(tmp_path / "one.lmdb", n=9, classes=1)
+    for batch in Loader(path, batch_size=3, epoch=4):
+        assert (batch.indices != batch.wrong_indices).all()
+
+
+def test_captions_are_the_records_captions(random_dataset):
+    ds = Dataset(random_dataset)
+    for batch in Loader(random_dataset, batch_size=8, captions_per_sample=2,
+                        caption_format="indices"):
+        for i, ids, chars in zip(batch.indices, batch.caption_ids, batch.captions, strict=True):
+            record = ds[int(i)]
+            n = len(record.captions)
+            if n >= 2:
+                assert ids[0] != ids[1], "distinct while the record has enough"
+            assert ((ids >= 0) & (ids < n)).all()
+            np.testing.assert_array_equal(chars.numpy(), record.char_indices[ids.numpy()])
+        assert batch.keys == [record_key(int(i)).decode() for i in batch.indices]
+
+
+def test_kept_batches_stay_valid_and_the_ring_grows_only_then(random_dataset):
+    loader = Loader(random_dataset, batch_size=4, depth=3)
+    kept = list(loader)  # more batches than slots, all alive at once
+    assert loader.num_slots >= len(kept)
+    reference = list(ReferenceLoader(random_dataset, batch_size=4).epoch(0))
+    for k, r in zip(kept, reference, strict=True):
+        np.testing.assert_array_equal(k.images.permute(0, 2, 3, 1).numpy(), r["images"])
+    loader = Loader(random_dataset, batch_size=4, depth=3)
+    for _ in range(3):
+        for _batch in loader:
+            pass
+    assert loader.num_slots == 3
+
+
+def test_batches_outlive_a_closed_loader(random_dataset):
+    loader = Loader(random_dataset, batch_size=4)
+    batch = next(iter(loader))
+    before = batch.images.clone()
+    loader.close()
+    del loader
+    gc.collect()
+    assert torch.equal(batch.images, before)
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_record(path: Path, index: int, change) -> None:
+    env = lmdb.open(str(path), lock=False)
+    with env.begin(write=True) as txn:
+        key = record_key(index)
+        txn.put(key, change(bytes(txn.get(key))))
+    env.close()
+
+
+def test_corrupt_pixels_raise_naming_the_key(random_dataset, tmp_path):
+    path = copy_dataset(random_dataset, tmp_path / "bad.lmdb")
+
+    def flip_a_pixel_byte(data: bytes) -> bytes:
+        captions, doc_length = struct.unpack_from("<HH", data, 16)
+        at = 64 + captions * doc_length + 100  # header, character indices, then pixels
+        return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+    rewrite_record(path, 11, flip_a_pixel_byte)
+    with pytest.raises(CorruptRecordError, match=r"bad\.lmdb: record '00000011': checksum"):
+        for _ in Loader(path, batch_size=4, drop_last=False):
+            pass
+    with pytest.raises(CorruptRecordError, match="00000011"):
+        Dataset(path)[11]
+    # Without verification the loader trusts the bytes: the check is what catches it.
+    assert sum(len(b) for b in Loader(path, batch_size=4, drop_last=False, verify=False)) == 37
+    # The process is fine and a good dataset still loads.
+    assert len(list(Loader(random_dataset, batch_size=4))) == len(Loader(random_dataset,
+                                                                          batch_size=4))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d[:-10], "truncated or malformed"),
+    (lambda d: d[:30], "truncated record"),
+    (lambda d: b"XXXX" + d[4:], "bad magic"),
+])
+def test_malformed_records_raise_naming_the_key(random_dataset, tmp_path, change, message):
+    path = copy_dataset(random_dataset, tmp_path / "bad.lmdb")
+    rewrite_record(path, 5, change)
+    with pytest.raises(CorruptRecordError, match=f"record '00000005'.*{message}"):
+        Loader(path, batch_size=4)
+
+
+def test_missing_record(random_dataset, tmp_path):
+    path = copy_dataset(random_dataset, tmp_path / "bad.lmdb")
+    env = lmdb.open(str(path), lock=False)
+    with env.begin(write=True) as txn:
+        txn.delete(record_key(36))
+    env.close()
+    with pytest.raises(CorruptRecordError, match="record '00000036': missing"):
+        Loader(path, batch_size=4)
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(DataError, match="not a t2i-fast dataset"):
+        Loader(tmp_path, batch_size=4)
+    with pytest.raises(DataError, match="not a t2i-fast dataset"):
+        Loader(tmp_path / "missing.lmdb", batch_size=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"size": 21}, "size must be in"),
+    ({"rank": 2, "world_size": 2}, "rank must be in"),
+    ({"batch_size": 40}, "batch_size 40 leaves no full batch"),
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"captions_per_sample": 0}, "captions_per_sample"),
+    ({"layout": "hwc"}, "layout must be one of"),
+    ({"dtype": torch.int32}, "dtype must be one of"),
+    ({"caption_format": "text"}, "caption_format must be one of"),
+])
+def test_bad_arguments_name_the_argument(random_dataset, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Loader(random_dataset, **{"batch_size": 4, **kwargs})
+
+
+def test_two_loaders_at_once_and_reopening(random_dataset):
+    a = Loader(random_dataset, batch_size=4, seed=1)
+    b = Loader(random_dataset, batch_size=4, seed=1)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.images, y.images)
+    a.close()
+    a = Loader(random_dataset, batch_size=4, seed=1, epoch=1)
+    assert b.epoch == 1
+    np.testing.assert_array_equal(epoch_indices(a), epoch_indices(b))
+    with Dataset(random_dataset) as ds:  # a Dataset open beside loaders
+        assert ds[0].key == "00000000"
+        assert len(list(Loader(random_dataset, batch_size=4))) == len(a)
+
+
+def test_no_threads_or_memory_leak(random_dataset):
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    for _ in range(3):  # warm up allocator pools
+        with Loader(random_dataset, batch_size=4, num_threads=4) as loader:
+            list(loader)
+    gc.collect()
+    base_threads, base_rss = threads(), rss_mib()
+    for _ in range(30):
+        # 12 slots of 64 x 2 x 3 x 20 x 20 bytes: 3.6 MiB a loader, 110 MiB if leaked
+        loader = Loader(random_dataset, batch_size=4, num_threads=4, depth=12,
+                        size=20)
+        assert threads() == base_threads + 4
+        for _batch in loader:
+            pass
+        loader.close()
+        del loader, _batch
+    gc.collect()
+    assert threads() == base_threads
+    assert rss_mib() - base_rss < 20
+
+
+def test_jpeg_records_decode_like_pillow(tmp_path):
+    path = write_random_dataset(tmp_path / "jpeg.lmdb", n=12, size=32, encoding="jpeg")
+    reference = list(ReferenceLoader(path, batch_size=4, size=24).epoch(0))
+    got = list(Loader(path, batch_size=4, size=24))
+    for g, r in zip(got, reference, strict=True):
+        diff = np.abs(g.images.permute(0, 2, 3, 1).numpy().astype(int) - r["images"])
+        assert diff.max() <= 2  # the same libjpeg-turbo IDCT; versions may round apart
+        np.testing.assert_array_equal(g.indices.numpy(), r["indices"])
+
+
+def test_corrupt_jpeg_raises(tmp_path):
+    path = write_random_dataset(tmp_path / "jpeg.lmdb", n=6, size=32, encoding="jpeg")
+    with Dataset(path) as ds:
+        record = ds.record(2)
+    # A JPEG whose entropy-coded data is cut, with a valid CRC: the decoder must refuse it.
+    record.pixels = record.pixels[: len(record.pixels) // 2]
+    rewrite_record(path, 2, lambda _: record.pack())
+    with pytest.raises(CorruptRecordError, match="record '00000002': JPEG does not decode"):
+        for _ in Loader(path, batch_size=6, random_crop=False):
+            pass
+
+
+def test_restarting_mid_epoch_never_hangs_or_mixes_epochs(tmp_path):
+    """Epoch switches race with workers still filling the last epoch's batches: each restart
+    must wait for them, drop them, and give exactly the new epoch's batches. (JPEG records
+    make fills slow enough for switches to land while workers are busy.)"""
+    import threading
+
+    path = write_random_dataset(tmp_path / "slow.lmdb", n=40, size=96, encoding="jpeg")
+    expected = {e: [b["indices"] for b in ReferenceLoader(path, batch_size=2).epoch(e)]
+                for e in range(3)}
+    loader = Loader(path, batch_size=2, num_threads=6, depth=8)
+    failures = []
+
+    def restart_many_times():
+        try:
+            for trial in range(150):
+                epoch, start = trial % 3, trial % 5
+                loader.set_epoch(epoch, start)
+                for i, batch in enumerate(loader):
+                    np.testing.assert_array_equal(batch.indices.numpy(), expected[epoch][start + i])
+                    if i == trial % 4:
+                        break
+        except Exception as exc:  # reported to the test's thread
+            failures.append(exc)
+
+    worker = threading.Thread(target=restart_many_times, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the loader hung on an epoch switch"
+    assert not failures, failures
