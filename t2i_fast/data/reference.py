@@ -58,15 +58,17 @@ class ReferenceLoader:
                                         available=len(self.records[r].captions), k=self.k)
                 for r in records
             ])
-            chars = np.stack([self.records[r].char_indices[i] for r, i in zip(records, ids, strict=True)])
+            chars = np.stack([self.records[r].char_indices[i]
+                              for r, i in zip(records, ids, strict=True)])
             if self.onehot:
                 eye = np.eye(ALPHABET_SIZE + 1, dtype=np.uint8)[:, 1:]  # index 0 → zeros
                 chars = eye[chars].transpose(0, 1, 3, 2)  # [B, k, 70, L]
             yield {
                 "images": np.stack([self._crop(r, y, x, f)
                                     for r, y, x, f in zip(records, ys, xs, fs, strict=True)]),
-                "wrong_images": np.stack([self._crop(w, y, x, f)
-                                          for w, y, x, f in zip(wrong, wys, wxs, wfs, strict=True)]),
+                "wrong_images": np.stack([
+                    self._crop(w, y, x, f) for w, y, x, f in zip(wrong, wys, wxs, wfs, strict=True)
+                ]),
                 "captions": chars,
                 "caption_ids": ids,
                 "class_ids": self.class_ids[records],
