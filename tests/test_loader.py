@@ -15,7 +15,7 @@ from conftest import write_random_dataset
 
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.data.format import record_key
-from t2i_fast.data.loader import pixel_lut
+from t2i_fast.data.loader import normalise, onehot, pixel_lut
 from t2i_fast.data.reference import ReferenceLoader
 from t2i_fast.errors import CorruptRecordError, DataError
 
@@ -391,3 +391,18 @@ def test_restarting_mid_epoch_never_hangs_or_mixes_epochs(tmp_path):
     worker.join(timeout=60)
     assert not worker.is_alive(), "the loader hung on an epoch switch"
     assert not failures, failures
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_side_conversions_equal_the_loaders(random_dataset, layout, dtype):
+    """On a GPU the loader moves uint8 pixels and indices and converts there with these
+    functions; they must give what the C++ loader gives on the host, layout included."""
+    options = dict(batch_size=6, seed=2, layout=layout)
+    host = next(iter(Loader(random_dataset, dtype=dtype, **options)))
+    compact = next(iter(Loader(random_dataset, caption_format="indices", **options)))
+    images = normalise(compact.images, pixel_lut(dtype), layout)
+    assert torch.equal(images, host.images)
+    assert images.stride() == host.images.stride()
+    captions = onehot(compact.captions, dtype)
+    assert torch.equal(captions, host.captions) and captions.is_contiguous()

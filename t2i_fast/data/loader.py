@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from t2i_fast import _C
 from t2i_fast.data.alphabet import ALPHABET_SIZE
@@ -33,6 +32,23 @@ def pixel_lut(dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.uint8:
         return torch.arange(256, dtype=torch.uint8)
     return (torch.arange(256, dtype=torch.float32) / 127.5 - 1).to(dtype)
+
+
+def normalise(pixels: torch.Tensor, lut: torch.Tensor, layout: str) -> torch.Tensor:
+    """uint8 images [B, 3, S, S] → ``lut``'s dtype through the table, keeping the memory
+    layout (the gather runs over the contiguous storage order)."""
+    if layout == "nhwc":
+        return lut[pixels.permute(0, 2, 3, 1).long()].permute(0, 3, 1, 2)
+    return lut[pixels.long()]
+
+
+def onehot(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 character indices [..., L] → contiguous one-hot [..., 70, L]; index 0 (padding,
+    unknown) gives an all-zero column."""
+    idx = indices.long().unsqueeze(-2)  # [..., 1, L]
+    out = torch.zeros(*indices.shape[:-1], ALPHABET_SIZE, indices.shape[-1], dtype=dtype,
+                      device=indices.device)
+    return out.scatter_(-2, (idx - 1).clamp_(min=0), (idx > 0).to(dtype))
 
 
 def default_size(stored: int) -> int:
@@ -216,10 +232,9 @@ class Loader:
                      for name in _TENSOR_FIELDS}
             if self.dtype != torch.uint8:
                 for name in ("images", "wrong_images"):
-                    moved[name] = self._device_lut[moved[name].long()]
+                    moved[name] = normalise(moved[name], self._device_lut, self.layout)
             if self.caption_format == "onehot":
-                onehot = F.one_hot(moved["captions"].long(), ALPHABET_SIZE + 1)[..., 1:]
-                moved["captions"] = onehot.to(self.dtype).transpose(-1, -2)
+                moved["captions"] = onehot(moved["captions"], self.dtype)
             done = torch.cuda.Event()
             done.record(stream)
         return replace(host, **moved), done
