@@ -406,3 +406,19 @@ def test_device_side_conversions_equal_the_loaders(random_dataset, layout, dtype
     assert images.stride() == host.images.stride()
     captions = onehot(compact.captions, dtype)
     assert torch.equal(captions, host.captions) and captions.is_contiguous()
+
+
+def test_lmdb_failures_name_the_file(tmp_path):
+    garbage = tmp_path / "garbage.lmdb"
+    garbage.mkdir()
+    (garbage / "data.mdb").write_bytes(b"not an lmdb file" * 512)
+    with pytest.raises(DataError, match=r"garbage\.lmdb: cannot open as LMDB"):
+        Loader(garbage, batch_size=4)
+    # The native core maps LMDB status codes to the same exception, naming file and call.
+    from t2i_fast import _C
+
+    with pytest.raises(DataError, match=r"garbage\.lmdb: mdb_env_open: .*"):
+        _C.Loader(str(garbage), 10, batch_size=4, size=4, captions_per_sample=1, onehot=False,
+                  elem_bytes=1, lut=bytes(range(256)), one=b"\x01", nhwc=True,
+                  random_crop=True, flip=True, seed=0, rank=0, world_size=1, drop_last=True,
+                  num_threads=1, verify=True)

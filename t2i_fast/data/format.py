@@ -141,7 +141,10 @@ def open_env(path: str | Path) -> lmdb.Environment:
     key = str(path.resolve())
     entry = _OPEN_ENVS.get(key)
     if entry is None:
-        env = lmdb.open(key, readonly=True, lock=False, readahead=False, max_readers=512)
+        try:
+            env = lmdb.open(key, readonly=True, lock=False, readahead=False, max_readers=512)
+        except lmdb.Error as exc:
+            raise DataError(f"{path}: cannot open as LMDB: {exc}") from exc
         entry = _OPEN_ENVS[key] = [env, 0]
     entry[1] += 1
     return entry[0]

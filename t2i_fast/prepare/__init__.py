@@ -7,9 +7,11 @@ then feeds a ``DatasetWriter``, which only gives the dataset its name once it is
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 
 def progress(length: int, label: str):
     """A progress bar on stderr, so that stdout stays free for a command's result."""
-    return click.progressbar(length=length, label=label, file=click.get_text_stream("stderr"))
+    return click.progressbar(length=length, label=label, file=sys.stderr)
