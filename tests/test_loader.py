@@ -422,3 +422,29 @@ def test_lmdb_failures_name_the_file(tmp_path):
                   elem_bytes=1, lut=bytes(range(256)), one=b"\x01", nhwc=True,
                   random_crop=True, flip=True, seed=0, rank=0, world_size=1, drop_last=True,
                   num_threads=1, verify=True)
+
+
+def test_device_batches_on_another_device(random_dataset):
+    """The device path's plumbing, on PyTorch's meta device (shapes and dtypes, no data)."""
+    loader = Loader(random_dataset, batch_size=4, size=16, dtype=torch.bfloat16, device="meta")
+    batches = list(loader)
+    assert len(batches) == len(loader) and loader.state_dict() == {"epoch": 1, "position": 0}
+    batch = batches[0]
+    assert batch.images.device.type == "meta" and batch.images.dtype == torch.bfloat16
+    assert batch.images.shape == (4, 3, 16, 16)
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.captions.shape == (4, 4, 70, 201) and batch.captions.dtype == torch.bfloat16
+    assert batch.class_ids.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: pinned slots and the side-stream copy exist on GPUs only")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16])
+def test_cuda_batches_equal_host_batches(random_dataset, dtype):
+    host = list(Loader(random_dataset, batch_size=4, dtype=dtype))
+    loader = Loader(random_dataset, batch_size=4, dtype=dtype, device="cuda")
+    assert loader._buffers[0].is_pinned()
+    for h, d in zip(host, loader, strict=True):
+        assert d.images.is_cuda and d.images.is_contiguous(memory_format=torch.channels_last)
+        for name in FIELDS:
+            assert torch.equal(getattr(d, name).cpu(), getattr(h, name)), name

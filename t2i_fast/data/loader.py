@@ -158,9 +158,10 @@ class Loader:
         self.epoch = epoch
         self.position = 0
         self._copy_stream = None
-        if self.device is not None and self.device.type == "cuda":
-            self._copy_stream = torch.cuda.Stream(self.device)
+        if self.device is not None:
             self._device_lut = pixel_lut(dtype).to(self.device)
+            if self.device.type == "cuda":
+                self._copy_stream = torch.cuda.Stream(self.device)
 
     # -- the ring ---------------------------------------------------------------------------
     def _add_slot(self) -> None:
@@ -224,32 +225,29 @@ class Loader:
             yield self._host_batch(*got)
 
     # -- the device -------------------------------------------------------------------------
-    def _to_device(self, host: Batch) -> tuple[Batch, object]:
-        """Starts the copy on the side stream; returns the device batch and its done event."""
-        stream = self._copy_stream
-        with torch.cuda.stream(stream):
-            moved = {name: getattr(host, name).to(self.device, non_blocking=True)
-                     for name in _TENSOR_FIELDS}
-            if self.dtype != torch.uint8:
-                for name in ("images", "wrong_images"):
-                    moved[name] = normalise(moved[name], self._device_lut, self.layout)
-            if self.caption_format == "onehot":
-                moved["captions"] = onehot(moved["captions"], self.dtype)
-            done = torch.cuda.Event()
-            done.record(stream)
-        return replace(host, **moved), done
+    def _convert(self, host: Batch) -> Batch:
+        """Copies a host batch to the device (on the current stream) and converts it there."""
+        moved = {name: getattr(host, name).to(self.device, non_blocking=True)
+                 for name in _TENSOR_FIELDS}
+        if self.dtype != torch.uint8:
+            for name in ("images", "wrong_images"):
+                moved[name] = normalise(moved[name], self._device_lut, self.layout)
+        if self.caption_format == "onehot":
+            moved["captions"] = onehot(moved["captions"], self.dtype)
+        return replace(host, **moved)
 
     def _device_batches(self) -> Iterator[Batch]:
         if self._copy_stream is None:
-            for host in self._host_batches():
-                yield replace(host, **{n: getattr(host, n).to(self.device)
-                                       for n in _TENSOR_FIELDS})
+            yield from map(self._convert, self._host_batches())
             return
         # Host batches (their slots) stay held until their copy has finished.
         in_copy: collections.deque = collections.deque()
         ahead = None
         for host in self._host_batches():
-            moved, done = self._to_device(host)
+            with torch.cuda.stream(self._copy_stream):
+                moved = self._convert(host)
+                done = torch.cuda.Event()
+                done.record(self._copy_stream)
             in_copy.append((done, host))
             if ahead is not None:
                 yield self._handover(*ahead)
