@@ -26,10 +26,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from t2i_fast.cli.data import info, stream
+    from t2i_fast.cli.data import info, preview, stream
     from t2i_fast.cli.prepare import prepare
 
-    for command in (prepare, info, stream):
+    for command in (prepare, info, preview, stream):
         main.add_command(command)
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 import torch
 
-from t2i_fast.data import Dataset, Loader
-from t2i_fast.data.loader import CAPTION_FORMATS, LAYOUTS
+from t2i_fast.data import Dataset, Loader, sampling
+from t2i_fast.data.loader import CAPTION_FORMATS, LAYOUTS, default_size
+from t2i_fast.pictures import image_grid
 from t2i_fast.prepare import progress
 
 BUILT_IN = Path("shapes.lmdb")
@@ -97,3 +98,37 @@ def stream(data: Path, epochs: int, batch_size: int, size: int | None, captions_
                        f"{samples / seconds:,.0f} samples/s"
                        + (" (first pass: reads from disk, checks every record)"
                           if epoch == 0 else ""))
+
+
+@click.command()
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="preview.png")
+@click.option("--rows", type=click.IntRange(1, 64), default=6, help="Records shown.")
+@click.option("--views", type=click.IntRange(1, 16), default=4,
+              help="Training views per record (the crop and flip of epochs 0, 1, ...).")
+@click.option("--seed", type=click.IntRange(min=0), default=0)
+def preview(dataset: Path, out: Path, rows: int, views: int, seed: int) -> None:
+    """Draw records as training sees them: each row a record's stored image, then its random
+    crops and flips in successive epochs, under one of its captions."""
+    with Dataset(dataset) as ds:
+        picked = sampling.epoch_order(seed, 0, len(ds))[:rows]
+        samples = [ds[int(i)] for i in picked]
+        stored = tuple(ds.meta["image_size"])
+        classes = ds.classes
+    size = default_size(min(stored))
+    tiles = []
+    for sample, index in zip(samples, picked, strict=True):
+        whole = torch.from_numpy(sample.image.copy()).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
+        whole = torch.nn.functional.interpolate(whole, size=(size, size), mode="area")
+        tiles.append(whole[0].round().to(torch.uint8).permute(1, 2, 0))
+        for epoch in range(views):
+            y, x, flipped = (v[0] for v in sampling.crops(
+                seed, epoch, [index], stored=stored, size=size, random_crop=True, flip=True))
+            crop = sample.image[y: y + size, x: x + size]
+            tiles.append(torch.from_numpy((crop[:, ::-1] if flipped else crop).copy()))
+    images = torch.stack(tiles).permute(0, 3, 1, 2)  # [rows * (views + 1), 3, S, S]
+    labels = [f"{s.key} ({classes[s.class_id]}): {s.captions[0]}" for s in samples]
+    grid = image_grid(images, rows=rows, row_labels=labels,
+                      column_labels=["stored"] + [f"epoch {e}" for e in range(views)])
+    grid.save(out)
+    click.echo(f"{out}: {rows} records, stored image and {views} training views each")
