@@ -28,8 +28,9 @@ def main() -> None:
 def _register() -> None:
     from t2i_fast.cli.data import info, preview, stream
     from t2i_fast.cli.prepare import prepare
+    from t2i_fast.cli.train import train_command
 
-    for command in (prepare, info, preview, stream):
+    for command in (prepare, info, preview, stream, train_command):
         main.add_command(command)
 
 

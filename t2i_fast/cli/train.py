@@ -1,0 +1,91 @@
+"""``t2i-fast train``: builds a TrainConfig from the options and runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+import torch
+from click.core import ParameterSource
+
+from t2i_fast.errors import T2IError
+from t2i_fast.models import PRESETS
+from t2i_fast.train import VARIANTS, TrainConfig, train
+
+BUILT_IN = Path("shapes.lmdb")
+CPU_EPOCHS = 10  # the small preset on 2 cores: about ten minutes on the built-in dataset
+_RESUMABLE = {"resume", "epochs", "max_steps"}
+
+
+def _next_run(root: Path, variant: str, preset: str) -> Path:
+    taken = [int(p.name[:5]) for p in root.glob("[0-9][0-9][0-9][0-9][0-9]-*")] if root.exists() \
+        else []
+    return root / f"{max(taken, default=-1) + 1:05d}-{variant}-{preset}"
+
+
+@click.command(name="train")
+@click.option("--data", type=click.Path(path_type=Path), default=BUILT_IN,
+              help="Dataset; the built-in shapes dataset is made here if absent.")
+@click.option("--run", type=click.Path(path_type=Path), default=None,
+              help="Run folder to create  [default: runs/NNNNN-VARIANT-PRESET]")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue this run exactly from its last checkpoint.")
+@click.option("--preset", type=click.Choice(["auto", *sorted(PRESETS)]), default="auto",
+              help="Model sizes: auto is reed on a GPU, small on the CPU.")
+@click.option("--variant", type=click.Choice(VARIANTS), default="int-cls")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help=f"[default: 600 (the paper) on a GPU, {CPU_EPOCHS} on the CPU]")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many steps.")
+@click.option("--lr", type=float, default=2e-4)
+@click.option("--beta1", type=float, default=0.5)
+@click.option("--lr-halve-every", type=click.IntRange(min=1), default=100, help="Epochs.")
+@click.option("--captions-per-sample", type=click.IntRange(1, 255), default=4,
+              help="Caption embeddings averaged per image.")
+@click.option("--interp-beta", type=float, default=0.5, help="GAN-INT's β.")
+@click.option("--interp-weight", type=float, default=1.0, help="GAN-INT's loss weight.")
+@click.option("--text-encoder", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A pretrained text encoder checkpoint (frozen unless "
+                   "--train-text-encoder); without one the encoder trains jointly.")
+@click.option("--train-text-encoder", is_flag=True, help="Update the text encoder too.")
+@click.option("--seed", type=click.IntRange(min=0), default=0)
+@click.option("--sample-every", type=click.IntRange(min=1), default=200, help="Steps.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, help="Steps.")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3)
+@click.option("--log-every", type=click.IntRange(min=1), default=20, help="Steps.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--loader-threads", type=click.IntRange(min=1), default=None)
+@click.pass_context
+def train_command(ctx: click.Context, **options) -> None:
+    """Train a text-to-image GAN (GAN, GAN-CLS, GAN-INT or GAN-INT-CLS)."""
+    resume = options.pop("resume")
+    if resume is not None:
+        given = {name for name in options
+                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+        if given - _RESUMABLE:
+            raise T2IError(f"--resume takes its settings from {resume}/config.json; only "
+                           f"--epochs and --max-steps may change ({sorted(given - _RESUMABLE)} "
+                           "given)")
+        config = TrainConfig.load(Path(resume) / "config.json")
+        changes = {k: options[k] for k in ("epochs", "max_steps") if k in given}
+        run = train(config=dataclasses.replace(config, **changes), resume=True)
+        click.echo(f"{run}: resumed and finished")
+        return
+    on_gpu = torch.cuda.is_available() and options["device"] in ("auto", "cuda")
+    if options["preset"] == "auto":
+        options["preset"] = "reed" if on_gpu else "small"
+    if options["epochs"] is None:
+        options["epochs"] = 600 if on_gpu else CPU_EPOCHS
+    if options["run"] is None:
+        options["run"] = _next_run(Path("runs"), options["variant"], options["preset"])
+    if options["data"] == BUILT_IN and not BUILT_IN.exists():
+        from t2i_fast.prepare.shapes import make_shapes
+
+        click.echo(f"making the built-in shapes dataset at {BUILT_IN}", err=True)
+        make_shapes(out=BUILT_IN)
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    config = TrainConfig(**options)
+    run = train(config=config)
+    click.echo(f"{run}: done; samples in {run}/samples, metrics in {run}/metrics.jsonl")

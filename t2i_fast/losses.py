@@ -1,0 +1,86 @@
+"""The paper's objectives on logits: GAN-CLS / GAN-INT (Reed et al., ICML 2016) and the deep
+symmetric structured joint embedding loss (Reed et al., CVPR 2016).
+
+Every loss is computed in float32 (logits from bf16 autocast are upcast) through softplus:
+-log σ(x) = softplus(-x) and -log(1 - σ(x)) = softplus(x), finite for any logit. Nothing
+here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _neg_log_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-x.float())  # -log σ(x)
+
+
+def _neg_log_one_minus_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return F.softplus(x.float())  # -log(1 - σ(x))
+
+
+def discriminator_loss(real_right: torch.Tensor, real_wrong: torch.Tensor | None,
+                       fake_right: torch.Tensor, *, matching_aware: bool) -> torch.Tensor:
+    """D's loss from its logits [B] on (real image, right text), (real image, wrong text) and
+    (fake image, right text), averaged over the batch.
+
+    GAN-CLS (``matching_aware``): -[log D(real, right) + ½(log(1 - D(real, wrong))
+    + log(1 - D(fake, right)))]. Plain GAN: -[log D(real) + log(1 - D(fake))], and
+    ``real_wrong`` is ignored (may be None).
+    """
+    real = _neg_log_sigmoid(real_right)
+    fake = _neg_log_one_minus_sigmoid(fake_right)
+    if not matching_aware:
+        return (real + fake).mean()
+    if real_wrong is None:
+        raise ValueError("the matching-aware loss needs the (real, wrong text) logits")
+    return (real + 0.5 * (_neg_log_one_minus_sigmoid(real_wrong) + fake)).mean()
+
+
+def generator_loss(fake_right: torch.Tensor, fake_interp: torch.Tensor | None = None, *,
+                   interp_weight: float = 1.0) -> torch.Tensor:
+    """G's non-saturating loss -log D(G(z, t), t), batch mean; with GAN-INT's logits
+    D(G(z, t_β), t_β) on interpolated embeddings, plus ``interp_weight`` times their
+    -log D (batch mean)."""
+    loss = _neg_log_sigmoid(fake_right).mean()
+    if fake_interp is not None:
+        loss = loss + interp_weight * _neg_log_sigmoid(fake_interp).mean()
+    return loss
+
+
+def interpolate_embeddings(t: torch.Tensor, *, beta: float = 0.5,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """GAN-INT's β·t1 + (1-β)·t2 for embeddings ``t`` [B, E]: t1 = t, t2 = t rolled by s rows
+    along the batch, so sample i is mixed with sample (i - s) mod B and never with itself
+    (for B > 1). s = 1 by default, which makes the result deterministic; with ``generator``,
+    s is drawn uniformly from 1..B-1 (a CPU generator keeps this free of device syncs)."""
+    n = t.shape[0]
+    shift = 1
+    if generator is not None and n > 1:
+        shift = int(torch.randint(1, n, (), generator=generator, device=generator.device))
+    return beta * t + (1 - beta) * t.roll(shift, dims=0)
+
+
+def sje_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
+    """The symmetric structured joint embedding hinge loss (DS-SJE) with margin 1.
+
+    S = image_emb @ text_emb.T [B, B], where row j of ``text_emb`` is the (class-averaged)
+    text feature for sample j and ``labels`` [B] are the class ids. With M(i) the samples j
+    with labels[j] != labels[i]:
+
+        loss = (1/B) Σ_i [ mean_{j ∈ M(i)} max(0, 1 + S[i, j] - S[i, i])      (image → text)
+                          + mean_{j ∈ M(i)} max(0, 1 + S[j, i] - S[i, i]) ]   (text → image)
+
+    A sample with no other class in the batch contributes 0. Swapping ``image_emb`` and
+    ``text_emb`` transposes S, which swaps the two directions: the loss is unchanged.
+    """
+    scores = image_emb.float() @ text_emb.float().T  # [B, B]
+    matched = scores.diagonal()  # [B]
+    mismatch = (labels[:, None] != labels[None, :]).to(scores.dtype)  # [B, B]
+    count = mismatch.sum(dim=1).clamp(min=1)  # [B]; the mask is symmetric: rows = columns
+    image_to_text = F.relu(1 + scores - matched[:, None]) * mismatch
+    text_to_image = F.relu(1 + scores - matched[None, :]) * mismatch
+    per_sample = image_to_text.sum(dim=1) / count + text_to_image.sum(dim=0) / count
+    return per_sample.mean()

@@ -1,0 +1,134 @@
+"""Typed model configurations and the named presets.
+
+``preset("reed")`` is the paper: Reed et al.'s 64×64 GAN-CLS networks with residual blocks
+and the 1024-d char-CNN-RNN text embedding. ``"dcgan"`` drops the residual blocks and uses
+the DCGAN widths (64). ``"small"`` is a 32×32 model with narrow layers for CPU runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from t2i_fast.data.alphabet import ALPHABET_SIZE
+
+RNN_KINDS = ("gru", "lstm", "rnn")
+
+
+def _check_positive(config: object, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Reed's char-CNN-RNN (CVPR 2016): three Conv1d + ReLU + MaxPool stages, a recurrent
+    layer whose hidden states are averaged over time, a linear map to ``embedding_dim``."""
+
+    channels: tuple[int, int] = (384, 512)  # the first two convolutions' widths
+    cnn_dim: int = 256  # the third convolution's width: the recurrent layer's input
+    kernel_size: int = 4
+    pool_size: int = 3
+    rnn: str = "gru"
+    rnn_dim: int = 256
+    embedding_dim: int = 1024
+    alphabet_size: int = ALPHABET_SIZE
+
+    def __post_init__(self) -> None:
+        if self.rnn not in RNN_KINDS:
+            raise ValueError(f"rnn must be one of {RNN_KINDS}, got {self.rnn!r}")
+        _check_positive(self, "cnn_dim", "kernel_size", "pool_size", "rnn_dim",
+                        "embedding_dim", "alphabet_size")
+        if len(self.channels) != 2 or min(self.channels) < 1:
+            raise ValueError(f"channels must be two positive widths, got {self.channels}")
+
+    def output_length(self, length: int) -> int:
+        """Time steps the recurrent layer sees for captions of ``length`` characters (0 when
+        too short): each stage is a valid convolution, then a pooling of stride = size."""
+        for _ in range(3):
+            length = max(length - self.kernel_size + 1, 0) // self.pool_size
+        return length
+
+    @property
+    def min_length(self) -> int:
+        """The shortest caption length that leaves at least one time step."""
+        length = 1
+        for _ in range(3):
+            length = length * self.pool_size + self.kernel_size - 1
+        return length
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    """The image side of the joint embedding: stride-2 Conv + BN + LeakyReLU blocks, global
+    average pooling, a linear map to ``embedding_dim``."""
+
+    channels: tuple[int, ...] = (64, 128, 256, 512)
+    embedding_dim: int = 1024
+
+    def __post_init__(self) -> None:
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"channels must be positive widths, got {self.channels}")
+        _check_positive(self, "embedding_dim")
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """Generator and discriminator. The number of up/down-sampling stages follows from
+    ``image_size``: both networks work at 4×4 at their narrow end and double/halve the
+    resolution per stage, halving/doubling the width (``ngf·2^k`` … ``ngf``)."""
+
+    image_size: int = 64
+    ngf: int = 128
+    ndf: int = 64
+    z_dim: int = 100
+    embedding_dim: int = 1024
+    projected_dim: int = 128  # the text embedding's width after the projection in G and D
+    residual: bool = True
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        # 16 is the smallest size where every residual block sits after a BatchNorm stage.
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"image_size must be a power of two >= 16, got {size}")
+        _check_positive(self, "ngf", "ndf", "z_dim", "embedding_dim", "projected_dim")
+
+    @property
+    def num_stages(self) -> int:
+        """Up-sampling stages of G (= down-sampling stages of D) between 4×4 and the image."""
+        return self.image_size.bit_length() - 3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The text encoder, image encoder and GAN of one model; their embedding_dim agree."""
+
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+
+    def __post_init__(self) -> None:
+        dims = {"text": self.text.embedding_dim, "image": self.image.embedding_dim,
+                "gan": self.gan.embedding_dim}
+        if len(set(dims.values())) != 1:
+            raise ValueError(f"embedding_dim must agree across the configs, got {dims}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "reed": ModelConfig(),
+    "dcgan": ModelConfig(gan=GANConfig(ngf=64, ndf=64, residual=False)),
+    "small": ModelConfig(
+        text=TextEncoderConfig(channels=(64, 96), cnn_dim=96, rnn_dim=96, embedding_dim=128),
+        image=ImageEncoderConfig(channels=(32, 64, 96, 128), embedding_dim=128),
+        gan=GANConfig(image_size=32, ngf=32, ndf=32, embedding_dim=128),
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named configuration: one of ``PRESETS`` ("reed", "dcgan", "small")."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

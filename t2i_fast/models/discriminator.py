@@ -1,0 +1,60 @@
+"""Reed et al.'s 64×64 matching-aware discriminator D(x, φ(t)), generalised to any
+power-of-two size."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from t2i_fast.models.config import GANConfig
+from t2i_fast.models.generator import ResidualBlock, bottleneck
+from t2i_fast.models.init import init_weights
+
+
+def _leaky() -> nn.Module:
+    return nn.LeakyReLU(0.2)
+
+
+class Discriminator(nn.Module):
+    """Images [B, 3, S, S] and a text embedding [B, embedding_dim] → one logit per image [B].
+
+    Stride-2 4×4 convolutions take the image down to 4×4, widening from ndf (no BN on the
+    first, as DCGAN) to ndf·2^(n-1); with ``residual`` a bottleneck residual block follows the
+    last stage's BN, before its LeakyReLU. The embedding, projected (Linear, BN, LeakyReLU) to
+    ``projected_dim`` and replicated over the 4×4 grid, is concatenated on channels; a 1×1
+    convolution mixes image and text, and a valid 4×4 convolution gives the logit.
+    """
+
+    def __init__(self, config: GANConfig):
+        super().__init__()
+        self.config = config
+        n = config.num_stages
+        widths = [config.ndf * 2**i for i in range(n)]
+        stages = [nn.Sequential(nn.Conv2d(3, widths[0], 4, 2, 1), _leaky())]
+        for i in range(1, n):
+            layers = [nn.Conv2d(widths[i - 1], widths[i], 4, 2, 1, bias=False),
+                      nn.BatchNorm2d(widths[i])]
+            if config.residual and i == n - 1:
+                layers.append(ResidualBlock(widths[i], bottleneck(widths[i]), _leaky))
+            layers.append(_leaky())
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.project = nn.Sequential(
+            nn.Linear(config.embedding_dim, config.projected_dim, bias=False),
+            nn.BatchNorm1d(config.projected_dim),
+            _leaky(),
+        )
+        self.joint = nn.Sequential(
+            nn.Conv2d(widths[-1] + config.projected_dim, widths[-1], 1, bias=False),
+            nn.BatchNorm2d(widths[-1]),
+            _leaky(),
+        )
+        self.logit = nn.Conv2d(widths[-1], 1, 4)
+        init_weights(self)
+
+    def forward(self, images: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+        x = self.stages(images)  # [B, ndf·2^(n-1), 4, 4]
+        h = self.project(text_embedding)  # [B, P]
+        h = h[:, :, None, None].expand(-1, -1, *x.shape[-2:])  # [B, P, 4, 4]
+        x = self.joint(torch.cat([x, h], dim=1))  # [B, ndf·2^(n-1), 4, 4]
+        return self.logit(x).flatten()  # [B]

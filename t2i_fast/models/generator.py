@@ -1,0 +1,78 @@
+"""Reed et al.'s 64×64 generator G(z, φ(t)), generalised to any power-of-two size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from t2i_fast.models.config import GANConfig
+from t2i_fast.models.init import init_weights
+
+
+class ResidualBlock(nn.Module):
+    """x + f(x) with f a bottleneck: 1×1 conv to ``hidden``, 3×3, 3×3 back to ``channels``,
+    each followed by BN, ``act`` between. The activation after the sum is the caller's."""
+
+    def __init__(self, channels: int, hidden: int, act: Callable[[], nn.Module]):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), act(),
+            nn.Conv2d(hidden, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def bottleneck(channels: int) -> int:
+    """Reed's bottleneck width: a quarter of the block's width."""
+    return max(channels // 4, 1)
+
+
+class Generator(nn.Module):
+    """z [B, z_dim] and a text embedding [B, embedding_dim] → images [B, 3, S, S] in [-1, 1].
+
+    The embedding is projected (Linear, BN, LeakyReLU 0.2) to ``projected_dim`` and
+    concatenated after z. A 4×4 transposed convolution makes the 4×4 map (width ngf·2^(n-1)
+    for n up-sampling stages); each stage doubles the resolution and halves the width down to
+    ngf, and a last one makes the 3 channels, then tanh. With ``residual``, a bottleneck
+    residual block follows the BN of the 4×4 map and of the 8×8 map, before their ReLU.
+    """
+
+    def __init__(self, config: GANConfig):
+        super().__init__()
+        self.config = config
+        n = config.num_stages
+        widths = [config.ngf * 2 ** (n - 1 - i) for i in range(n)]
+        self.project = nn.Sequential(
+            # No bias before a BatchNorm: its shift makes a bias redundant.
+            nn.Linear(config.embedding_dim, config.projected_dim, bias=False),
+            nn.BatchNorm1d(config.projected_dim),
+            nn.LeakyReLU(0.2),
+        )
+        stages = [self._stage(nn.ConvTranspose2d(config.z_dim + config.projected_dim,
+                                                 widths[0], 4, bias=False),
+                              widths[0], config.residual)]
+        for i in range(1, n):
+            stages.append(self._stage(nn.ConvTranspose2d(widths[i - 1], widths[i], 4, 2, 1,
+                                                         bias=False),
+                                      widths[i], config.residual and i == 1))
+        self.stages = nn.Sequential(*stages)
+        self.to_rgb = nn.Sequential(nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1), nn.Tanh())
+        init_weights(self)
+
+    @staticmethod
+    def _stage(up: nn.Module, width: int, residual: bool) -> nn.Sequential:
+        layers = [up, nn.BatchNorm2d(width)]
+        if residual:
+            layers.append(ResidualBlock(width, bottleneck(width), nn.ReLU))
+        layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+        h = self.project(text_embedding)  # [B, projected_dim]
+        x = torch.cat([z, h], dim=1)[:, :, None, None]  # [B, z_dim + P, 1, 1]
+        return self.to_rgb(self.stages(x))  # [B, 3, S, S]

@@ -1,0 +1,272 @@
+"""The training loop: one discriminator and one generator update per batch (Reed et al.,
+ICML 2016, Algorithm 1), with the GAN-CLS and GAN-INT terms by variant."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+
+from t2i_fast.data import Dataset, Loader
+from t2i_fast.data.alphabet import encode
+from t2i_fast.errors import T2IError
+from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embeddings
+from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
+from t2i_fast.pictures import image_grid, line_plot
+from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from t2i_fast.train.config import TrainConfig
+
+SAMPLE_ROWS, SAMPLE_COLUMNS = 6, 8
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.run = Path(config.run)
+        self.device = _device(config.device)
+        self.models = preset(config.preset)
+        gan = self.models.gan
+        self.loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,
+                             captions_per_sample=config.captions_per_sample,
+                             dtype=torch.float32, layout="nhwc",
+                             num_threads=config.loader_threads,
+                             device=self.device if self.device.type == "cuda" else None)
+        torch.manual_seed(config.seed)
+        self.G = Generator(gan).to(self.device)
+        self.D = Discriminator(gan).to(self.device)
+        self.text_encoder = TextEncoder(self.models.text).to(self.device)
+        if config.text_encoder is not None:
+            self._load_text_encoder(Path(config.text_encoder))
+        self.text_encoder.requires_grad_(config.joint_text_encoder)
+        betas = (config.beta1, config.beta2)
+        d_params = list(self.D.parameters())
+        if config.joint_text_encoder:
+            d_params += list(self.text_encoder.parameters())  # φ learns from D's judgement
+        self.opt_d = torch.optim.Adam(d_params, lr=config.lr, betas=betas)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
+        self.noise = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        self.step = 0
+        self.history: list[dict] = []
+        self._fixed = self._sample_inputs()
+
+    # -- state ------------------------------------------------------------------------------
+    def _load_text_encoder(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state.get("text_config") != dataclasses.asdict(self.models.text):
+            raise T2IError(f"{path}: text encoder of another architecture than preset "
+                           f"{self.config.preset!r}")
+        self.text_encoder.load_state_dict(state["text_encoder"])
+
+    def state(self) -> dict:
+        return {
+            "step": self.step, "loader": self.loader.state_dict(),
+            "model_config": dataclasses.asdict(self.models), "preset": self.config.preset,
+            "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "text_config": dataclasses.asdict(self.models.text),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "noise": self.noise.get_state(), "torch_rng": torch.get_rng_state(),
+        }
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state.get("model_config") != dataclasses.asdict(self.models):
+            raise T2IError(f"{path}: checkpoint of another architecture (preset "
+                           f"{state.get('preset')!r}) than this run's {self.config.preset!r}")
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.noise.set_state(state["noise"])
+        torch.set_rng_state(state["torch_rng"])
+        self.loader.load_state_dict(state["loader"])
+        self.step = state["step"]
+
+    # -- one step ---------------------------------------------------------------------------
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """The loader's crop resized to the model's resolution when they differ."""
+        images = images.to(self.device, non_blocking=True)
+        size = self.models.gan.image_size
+        if images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="area")
+        return images
+
+    def _z(self, n: int) -> torch.Tensor:
+        z = torch.randn(n, self.models.gan.z_dim, generator=self.noise)
+        return z.to(self.device, non_blocking=True)
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        config = self.config
+        images, wrong = self._images(batch.images), self._images(batch.wrong_images)
+        captions = batch.captions.to(self.device, non_blocking=True)
+        with torch.set_grad_enabled(config.joint_text_encoder):
+            text = self.text_encoder.encode_mean(captions)  # [B, E]
+        fake = self.G(self._z(len(images)), text.detach())
+
+        real_right = self.D(images, text)
+        real_wrong = self.D(wrong, text) if config.matching_aware else None
+        fake_right = self.D(fake.detach(), text)
+        d_loss = discriminator_loss(real_right, real_wrong, fake_right,
+                                    matching_aware=config.matching_aware)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+
+        text = text.detach()
+        interp_logits = None
+        if config.interpolate:
+            mixed = interpolate_embeddings(text, beta=config.interp_beta)
+            interp_logits = self.D(self.G(self._z(len(images)), mixed), mixed)
+        g_loss = generator_loss(self.D(fake, text), interp_logits,
+                                interp_weight=config.interp_weight)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        metrics = {"d_loss": d_loss, "g_loss": g_loss,
+                   "d_real": torch.sigmoid(real_right).mean(),
+                   "d_fake": torch.sigmoid(fake_right).mean()}
+        if real_wrong is not None:
+            metrics["d_wrong"] = torch.sigmoid(real_wrong).mean()
+        return {k: v.detach() for k, v in metrics.items()}
+
+    def _set_lr(self, epoch: int) -> float:
+        lr = self.config.lr * 0.5 ** (epoch // self.config.lr_halve_every)
+        for opt in (self.opt_d, self.opt_g):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        return lr
+
+    # -- pictures ---------------------------------------------------------------------------
+    def _sample_inputs(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Fixed captions (the first record of each of the first classes) and fixed noise."""
+        with Dataset(self.config.data) as ds:
+            firsts: dict[int, int] = {}
+            for i in range(len(ds)):
+                firsts.setdefault(ds.record(i).class_id, i)
+                if len(firsts) == SAMPLE_ROWS:
+                    break
+            captions = [ds[i].captions[0] for i in firsts.values()]
+            doc_length = ds.meta["doc_length"]
+        while len(captions) < SAMPLE_ROWS:
+            captions.append(captions[len(captions) % len(firsts)])
+        indices = torch.stack([torch.from_numpy(encode(c, doc_length)) for c in captions])
+        noise = torch.Generator().manual_seed(self.config.seed + 2)
+        z = torch.randn(SAMPLE_COLUMNS, self.models.gan.z_dim, generator=noise)
+        return indices[:, None], z, captions  # [rows, 1, L], [cols, Z]
+
+    @torch.no_grad()
+    def write_samples(self) -> Path:
+        indices, z, captions = self._fixed
+        self.G.eval()
+        self.text_encoder.eval()
+        text = self.text_encoder.encode_mean(indices.to(self.device))  # [rows, E]
+        text = text.repeat_interleave(SAMPLE_COLUMNS, 0)
+        images = self.G(z.repeat(SAMPLE_ROWS, 1).to(self.device), text)
+        self.G.train()
+        self.text_encoder.train()
+        folder = self.run / "samples"
+        folder.mkdir(exist_ok=True)
+        grid = image_grid(images, rows=SAMPLE_ROWS, row_labels=captions, scale=2)
+        path = folder / f"step_{self.step:08d}.png"
+        grid.save(path)
+        grid.save(self.run / "samples.png")
+        return path
+
+    def write_curves(self) -> None:
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in self.history:
+            for key in ("d_loss", "g_loss"):
+                if key in row:
+                    series.setdefault(key, []).append((row["step"], row[key]))
+        line_plot(series, title=f"{self.config.variant} on {Path(self.config.data).name}",
+                  x_label="step").save(self.run / "loss_curves.png")
+
+    # -- the run ----------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        total = self.config.epochs * len(self.loader)
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
+    def fit(self) -> None:
+        config = self.config
+        total = self.total_steps()
+        metrics_file = (self.run / "metrics.jsonl").open("a")
+        tick, images_done = time.perf_counter(), 0
+        shown = {"rate": ""}
+        bar = click.progressbar(length=total, label="training", file=sys.stderr,
+                                item_show_func=lambda _: shown["rate"])
+        with bar, metrics_file:
+            bar.update(self.step)
+            while self.step < total:
+                epoch = self.loader.epoch
+                lr = self._set_lr(epoch)
+                for batch in self.loader:
+                    values = self.train_step(batch)
+                    self.step += 1
+                    images_done += len(batch)
+                    bar.update(1)
+                    if self.step % config.log_every == 0 or self.step == total:
+                        seconds = time.perf_counter() - tick
+                        row = {"step": self.step, "epoch": epoch, "lr": lr,
+                               **{k: round(v.item(), 5) for k, v in values.items()},
+                               "images_per_s": round(images_done / seconds, 1)}
+                        tick, images_done = time.perf_counter(), 0
+                        shown["rate"] = f"{row['images_per_s']:.0f} img/s"
+                        self.history.append(row)
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    if self.step % config.sample_every == 0 or self.step == total:
+                        self.write_samples()
+                        self.write_curves()
+                    if self.step % config.checkpoint_every == 0 or self.step == total:
+                        save_checkpoint(self.run, self.step, self.state(),
+                                        keep=config.keep_checkpoints)
+                    if self.step >= total:
+                        break
+
+
+def train(*, config: TrainConfig, resume: bool = False) -> Path:
+    """Train into ``config.run`` (a new folder), or continue it exactly (``resume``)."""
+    run = Path(config.run)
+    if resume:
+        checkpoint = latest_checkpoint(run)
+        if checkpoint is None:
+            raise T2IError(f"{run}: no checkpoint to resume from")
+        trainer = Trainer(config)
+        trainer.restore(checkpoint)
+        _trim_metrics(run / "metrics.jsonl", trainer.step)
+        trainer.history = _read_metrics(run / "metrics.jsonl")
+    else:
+        if run.exists():
+            raise T2IError(f"{run}: run folder exists (pass --resume {run} to continue it, "
+                           "or choose another --run)")
+        trainer = Trainer(config)  # checks the dataset and the models before the folder
+        run.mkdir(parents=True)
+        config.save(run / "config.json")
+    trainer.fit()
+    return run
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drops rows logged after the checkpoint, which the resumed run logs again."""
+    rows = [row for row in _read_metrics(path) if row["step"] <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+

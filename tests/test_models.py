@@ -1,0 +1,221 @@
+import pytest
+import torch
+
+from t2i_fast.data.alphabet import ALPHABET_SIZE
+from t2i_fast.data.loader import onehot
+from t2i_fast.models import (
+    PRESETS,
+    Discriminator,
+    GANConfig,
+    Generator,
+    ImageEncoder,
+    ImageEncoderConfig,
+    ModelConfig,
+    TextEncoder,
+    TextEncoderConfig,
+    preset,
+)
+from t2i_fast.models.generator import ResidualBlock
+
+L = 201
+
+
+def _indices(*shape: int) -> torch.Tensor:
+    return torch.randint(0, ALPHABET_SIZE + 1, (*shape, L), dtype=torch.uint8)
+
+
+def _images(b: int, size: int) -> torch.Tensor:
+    return torch.rand(b, 3, size, size) * 2 - 1
+
+
+def _all_grads(module: torch.nn.Module) -> None:
+    missing = [n for n, p in module.named_parameters()
+               if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert not missing, f"no gradient reached {missing}"
+
+
+def _weighted_sum(out: torch.Tensor) -> torch.Tensor:
+    # Random weights: a plain sum of BN-normalised values has an all-zero gradient.
+    return (out * torch.randn_like(out)).sum()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_output_shapes(name):
+    config = preset(name)
+    size, e = config.gan.image_size, config.gan.embedding_dim
+    text, image = TextEncoder(config.text), ImageEncoder(config.image)
+    g, d = Generator(config.gan), Discriminator(config.gan)
+    captions = onehot(_indices(3, 2), torch.float32)  # [B=3, k=2, 70, L]
+    assert text(captions[:, 0]).shape == (3, e)
+    assert text(captions).shape == (3, 2, e)
+    emb = text.encode_mean(captions)
+    assert emb.shape == (3, e)
+    fake = g(torch.randn(3, g.config.z_dim), emb)
+    assert fake.shape == (3, 3, size, size)
+    assert fake.min() >= -1 and fake.max() <= 1
+    assert d(fake, emb).shape == (3,)
+    assert image(fake).shape == (3, e)
+
+
+def test_stages_follow_image_size():
+    config = GANConfig(image_size=128, ngf=4, ndf=4, embedding_dim=16, projected_dim=8)
+    g, d = Generator(config), Discriminator(config)
+    fake = g(torch.randn(2, g.config.z_dim), torch.randn(2, 16))
+    assert fake.shape == (2, 3, 128, 128)
+    assert d(fake, torch.randn(2, 16)).shape == (2,)
+    assert g.stages[0][0].out_channels == 4 * 2**4  # 4×4 map: ngf·2^(n-1), n = 5
+
+
+def test_reed_widths():
+    config = preset("reed").gan
+    g, d = Generator(config), Discriminator(config)
+    assert [s[0].out_channels for s in g.stages] == [1024, 512, 256, 128]
+    assert [s[0].out_channels for s in d.stages] == [64, 128, 256, 512]
+    blocks = [m for m in g.modules() if isinstance(m, ResidualBlock)]
+    assert [b.body[0].out_channels for b in blocks] == [256, 128]  # ngf·2, ngf
+    assert [s[0].out_channels for s in Generator(preset("dcgan").gan).stages] == [
+        512, 256, 128, 64]
+
+
+@pytest.mark.parametrize("name, in_g, in_d", [("reed", 2, 1), ("dcgan", 0, 0), ("small", 2, 1)])
+def test_residual_blocks(name, in_g, in_d):
+    config = preset(name).gan
+    count = lambda m: sum(isinstance(x, ResidualBlock) for x in m.modules())  # noqa: E731
+    assert count(Generator(config)) == in_g
+    assert count(Discriminator(config)) == in_d
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_gradients_reach_every_parameter(name):
+    config = preset(name)
+    text, image = TextEncoder(config.text), ImageEncoder(config.image)
+    g, d = Generator(config.gan), Discriminator(config.gan)
+    emb = text.encode_mean(_indices(4, 2))
+    fake = g(torch.randn(4, g.config.z_dim), emb)
+    _weighted_sum(d(fake, emb) + image(fake).sum(dim=1)).backward()
+    for module in (text, image, g, d):
+        _all_grads(module)
+
+
+@pytest.mark.parametrize("rnn", ["gru", "lstm", "rnn"])
+def test_text_encoder_rnn_kinds(rnn):
+    config = TextEncoderConfig(channels=(8, 8), cnn_dim=8, rnn=rnn, rnn_dim=8, embedding_dim=6)
+    text = TextEncoder(config)
+    assert isinstance(text.rnn, {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM,
+                                 "rnn": torch.nn.RNN}[rnn])
+    _weighted_sum(text(_indices(3))).backward()
+    _all_grads(text)
+
+
+def test_dcgan_init_statistics():
+    g = Generator(preset("reed").gan)
+    big = g.stages[0][0].weight  # [228, 1024, 4, 4]: 3.7M weights
+    assert abs(big.mean().item()) < 1e-4
+    assert big.std().item() == pytest.approx(0.02, rel=0.01)
+    bn = g.stages[0][1]  # 1024 scales
+    assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.005)
+    assert bn.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert torch.count_nonzero(bn.bias) == 0
+    d = Discriminator(preset("reed").gan)
+    assert d.stages[3][0].weight.std().item() == pytest.approx(0.02, rel=0.01)
+    assert torch.count_nonzero(d.logit.bias) == 0
+    assert torch.count_nonzero(d.stages[0][0].bias) == 0
+
+
+def test_text_changes_discriminator_and_generator_output():
+    config = preset("small").gan
+    g, d = Generator(config).eval(), Discriminator(config).eval()
+    images, emb = _images(4, 32), torch.randn(4, 128)
+    z = torch.randn(4, g.config.z_dim)
+    # eval mode: BatchNorm works per sample, so only sample i's embedding reaches output i.
+    base, swapped = d(images, emb), d(images, emb.flip(0))
+    assert ((base - swapped).abs() > 1e-3 * base.abs().max()).all()
+    assert ((g(z, emb) - g(z, emb.flip(0))).abs().amax(dim=(1, 2, 3)) > 1e-4).all()
+    emb.requires_grad_(True)
+    d(images, emb).sum().backward()
+    assert (emb.grad.abs().sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_channels_last_matches_contiguous(train):
+    config = preset("small")
+    g, d = Generator(config.gan).train(train), Discriminator(config.gan).train(train)
+    image = ImageEncoder(config.image).train(train)
+    images, emb, z = _images(4, 32), torch.randn(4, 128), torch.randn(4, 100)
+    expected = (d(images, emb), image(images), g(z, emb))
+    cl = torch.channels_last
+    for m in (g, d, image):
+        m.to(memory_format=cl)
+    images = images.contiguous(memory_format=cl)
+    assert images.is_contiguous(memory_format=cl)
+    got = (d(images, emb), image(images), g(z, emb))
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_forward():
+    config = preset("small")
+    text, image = TextEncoder(config.text), ImageEncoder(config.image)
+    g, d = Generator(config.gan), Discriminator(config.gan)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = text.encode_mean(_indices(2, 2))
+        fake = g(torch.randn(2, g.config.z_dim), emb)
+        logits = d(fake.contiguous(memory_format=torch.channels_last), emb)
+        features = image(fake)
+    assert fake.shape == (2, 3, 32, 32) and logits.shape == (2,) and features.shape == (2, 128)
+    for t in (emb, fake, logits, features):
+        assert t.dtype == torch.bfloat16 and torch.isfinite(t).all()
+
+
+def test_text_encoder_inputs_agree():
+    text = TextEncoder(preset("small").text)
+    idx = _indices(2, 3)  # [B, k, L]
+    per_sample = text(idx)
+    for caption in (onehot(idx, torch.float32), onehot(idx, torch.uint8)):
+        torch.testing.assert_close(text(caption), per_sample)
+    flat = text(onehot(idx.reshape(6, L), torch.float32))  # [N, E]
+    torch.testing.assert_close(flat.reshape(2, 3, -1), per_sample)
+    torch.testing.assert_close(text.encode_mean(idx), per_sample.mean(dim=1))
+    with pytest.raises(ValueError, match="k captions"):
+        text.encode_mean(idx[:, 0])
+
+
+def test_text_encoder_averages_hidden_states_over_time():
+    text = TextEncoder(preset("small").text)
+    kinds = [type(m) for m in text.cnn]
+    assert kinds == [torch.nn.Conv1d, torch.nn.ReLU, torch.nn.MaxPool1d] * 3
+    assert [m.out_channels for m in text.cnn if isinstance(m, torch.nn.Conv1d)] == [64, 96, 96]
+    x = onehot(_indices(2), torch.float32)
+    states, _ = text.rnn(text.cnn(x).transpose(1, 2))  # [2, 6, 96]
+    assert states.shape == (2, 6, 96)
+    torch.testing.assert_close(text(x), text.proj(states.mean(dim=1)))
+    assert not torch.allclose(text(x), text.proj(states[:, -1]))
+
+
+@pytest.mark.parametrize("name", ["reed", "small"])
+def test_text_encoder_lengths(name):
+    config = preset(name).text
+    assert config.output_length(L) == 6  # 201 → 198/66 → 63/21 → 18/6
+    assert config.min_length == 66
+    assert config.output_length(66) == 1 and config.output_length(65) == 0
+    text = TextEncoder(config)
+    assert text(torch.zeros(1, ALPHABET_SIZE, 66)).shape == (1, config.embedding_dim)
+    with pytest.raises(ValueError, match="shorter"):
+        text(torch.zeros(1, ALPHABET_SIZE, 65))
+    with pytest.raises(ValueError, match="one-hot"):
+        text(torch.zeros(1, 69, L))
+
+
+def test_preset_and_config_errors():
+    with pytest.raises(ValueError, match="'dcgan', 'reed', 'small'"):
+        preset("huge")
+    with pytest.raises(ValueError, match="power of two"):
+        GANConfig(image_size=48)
+    with pytest.raises(ValueError, match="power of two"):
+        GANConfig(image_size=8)
+    with pytest.raises(ValueError, match="rnn"):
+        TextEncoderConfig(rnn="transformer")
+    with pytest.raises(ValueError, match="embedding_dim"):
+        ModelConfig(image=ImageEncoderConfig(embedding_dim=128))
+    assert preset("reed").gan == GANConfig()  # the paper's numbers are the defaults
+    assert preset("small").gan.image_size == 32

@@ -1,0 +1,118 @@
+"""Training on the CPU: a smoke run, exact resumption, the variants, and bad input."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from t2i_fast.cli import main
+from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.train import TrainConfig, train
+from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "shapes.lmdb"
+    make_shapes(out=path, n=40)
+    return path
+
+
+def config(shapes, run, **changes) -> TrainConfig:
+    base = TrainConfig(data=str(shapes), run=str(run), preset="small", batch_size=8,
+                       max_steps=20, log_every=5, sample_every=10, checkpoint_every=10,
+                       keep_checkpoints=1, loader_threads=2)
+    return dataclasses.replace(base, **changes)
+
+
+def test_smoke_run_writes_everything(shapes, tmp_path):
+    run = train(config=config(shapes, tmp_path / "run"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert {"d_loss", "g_loss", "d_real", "d_wrong", "d_fake", "images_per_s"} <= set(rows[0])
+    assert rows[-1]["epoch"] == 3  # 5 batches of 8 an epoch
+    assert all(torch.isfinite(torch.tensor([r["d_loss"], r["g_loss"]])).all() for r in rows)
+    assert json.loads((run / "config.json").read_text())["variant"] == "int-cls"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000020.pt"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000010.png",
+                                                                  "step_00000020.png"]
+    with Image.open(run / "samples.png") as grid:
+        assert grid.width == 8 * (32 * 2 + 2) + 2  # 8 noise columns of 32 px at scale 2
+    with Image.open(run / "loss_curves.png") as curves:
+        assert curves.size == (720, 420)
+
+
+def parameters(run) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(latest_checkpoint(run))
+    flat = {}
+    for part in ("G", "D", "text_encoder"):
+        flat.update({f"{part}.{k}": v for k, v in state[part].items()})
+    for part in ("opt_g", "opt_d"):
+        for i, s in state[part]["state"].items():
+            flat.update({f"{part}.{i}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
+    return flat
+
+
+def test_resume_is_bit_identical(shapes, tmp_path):
+    """7 steps straight = 3 steps + resume + 4 steps, crossing an epoch boundary."""
+    straight = train(config=config(shapes, tmp_path / "straight", max_steps=7))
+    cut = config(shapes, tmp_path / "cut", max_steps=3)
+    train(config=cut)
+    train(config=dataclasses.replace(cut, max_steps=7), resume=True)
+    a, b = parameters(straight), parameters(tmp_path / "cut")
+    assert a.keys() == b.keys() and len(a) > 50
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut/metrics.jsonl").open()]
+    assert steps == [3, 5, 7]  # each run logs its last step; nothing is logged twice
+
+
+@pytest.mark.parametrize("variant", ["gan", "cls", "int"])
+def test_variants_train(shapes, tmp_path, variant):
+    run = train(config=config(shapes, tmp_path / variant, variant=variant, max_steps=2,
+                              log_every=1))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert ("d_wrong" in rows[0]) == (variant == "cls")
+
+
+def test_a_frozen_pretrained_text_encoder_stays_frozen(shapes, tmp_path):
+    first = train(config=config(shapes, tmp_path / "first", max_steps=1))
+    state = load_checkpoint(latest_checkpoint(first))
+    encoder = tmp_path / "text.pt"
+    torch.save({"text_encoder": state["text_encoder"], "text_config": state["text_config"]},
+               encoder)
+    run = train(config=config(shapes, tmp_path / "frozen", max_steps=3,
+                              text_encoder=str(encoder)))
+    after = load_checkpoint(latest_checkpoint(run))["text_encoder"]
+    for k, v in state["text_encoder"].items():
+        assert torch.equal(v, after[k]), k
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+def test_cli_errors_are_one_line_and_touch_nothing(shapes, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("--data", tmp_path / "missing.lmdb", "--run", run)
+    assert result.exit_code == 1 and "missing.lmdb: not a t2i-fast dataset" in result.output
+    assert not run.exists()
+    ok = invoke("--data", shapes, "--run", run, "--max-steps", 1, "--batch-size", 8,
+                "--preset", "small")
+    assert ok.exit_code == 0, ok.output
+    before = sorted(p.name for p in run.rglob("*"))
+    again = invoke("--data", shapes, "--run", run)
+    assert again.exit_code == 1 and "run folder exists" in again.output
+    mixed = invoke("--resume", run, "--lr", 0.1)
+    assert mixed.exit_code == 1 and "only --epochs and --max-steps" in mixed.output
+    assert sorted(p.name for p in run.rglob("*")) == before
+    # A checkpoint of another architecture: the run's config now names another preset.
+    settings = json.loads((run / "config.json").read_text())
+    settings["preset"] = "dcgan"
+    (run / "config.json").write_text(json.dumps(settings))
+    other = invoke("--resume", run, "--max-steps", 2)
+    assert other.exit_code == 1 and "checkpoint of another architecture" in other.output
+    assert [line.startswith("Error:") for line in other.output.strip().splitlines()][-1]
