@@ -24,7 +24,7 @@ def shapes(tmp_path_factory):
 def config(shapes, run, **changes) -> TrainConfig:
     base = TrainConfig(data=str(shapes), run=str(run), preset="small", batch_size=8,
                        max_steps=20, log_every=5, sample_every=10, checkpoint_every=10,
-                       keep_checkpoints=1, loader_threads=2)
+                       keep_checkpoints=1, loader_threads=2, train_text_encoder=True)
     return dataclasses.replace(base, **changes)
 
 
@@ -85,7 +85,7 @@ def test_a_frozen_pretrained_text_encoder_stays_frozen(shapes, tmp_path):
     torch.save({"text_encoder": state["text_encoder"], "text_config": state["text_config"]},
                encoder)
     run = train(config=config(shapes, tmp_path / "frozen", max_steps=3,
-                              text_encoder=str(encoder)))
+                              text_encoder=str(encoder), train_text_encoder=False))
     after = load_checkpoint(latest_checkpoint(run))["text_encoder"]
     for k, v in state["text_encoder"].items():
         assert torch.equal(v, after[k]), k
@@ -101,7 +101,7 @@ def test_cli_errors_are_one_line_and_touch_nothing(shapes, tmp_path):
     assert result.exit_code == 1 and "missing.lmdb: not a t2i-fast dataset" in result.output
     assert not run.exists()
     ok = invoke("--data", shapes, "--run", run, "--max-steps", 1, "--batch-size", 8,
-                "--preset", "small")
+                "--preset", "small", "--train-text-encoder")
     assert ok.exit_code == 0, ok.output
     before = sorted(p.name for p in run.rglob("*"))
     again = invoke("--data", shapes, "--run", run)
@@ -116,3 +116,47 @@ def test_cli_errors_are_one_line_and_touch_nothing(shapes, tmp_path):
     other = invoke("--resume", run, "--max-steps", 2)
     assert other.exit_code == 1 and "checkpoint of another architecture" in other.output
     assert [line.startswith("Error:") for line in other.output.strip().splitlines()][-1]
+
+
+def test_without_an_encoder_pretraining_runs_first(shapes, tmp_path):
+    run = train(config=config(shapes, tmp_path / "run", max_steps=2, train_text_encoder=False,
+                              pretrain_epochs=1))
+    settings = json.loads((run / "config.json").read_text())
+    assert settings["text_encoder"] == str(run / "text" / "text_encoder.pt")
+    evaluation = json.loads((run / "text" / "evaluation.json").read_text())
+    assert evaluation["classes"] >= 2 and 0 <= evaluation["zero_shot_top1"] <= 1
+    pretrained = torch.load(run / "text" / "text_encoder.pt")["text_encoder"]
+    trained = load_checkpoint(latest_checkpoint(run))["text_encoder"]
+    assert all(torch.equal(v, trained[k]) for k, v in pretrained.items()), "kept frozen"
+
+
+def test_a_failed_start_leaves_no_run_folder(shapes, tmp_path):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"text_encoder": {}, "text_config": {"embedding_dim": 3}}, wrong)
+    with pytest.raises(Exception, match="another architecture"):
+        train(config=config(shapes, tmp_path / "run", text_encoder=str(wrong),
+                            train_text_encoder=False))
+    assert not (tmp_path / "run").exists()
+
+
+def test_held_out_classes_are_fixed_and_bounded():
+    from t2i_fast.train.pretrain_text import held_out_classes
+
+    a = held_out_classes(24, 0.25, seed=0)
+    assert len(a) == 6 and len(set(a.tolist())) == 6 and a.max() < 24
+    assert (a == held_out_classes(24, 0.25, seed=0)).all()
+    assert len(held_out_classes(24, 0.0, seed=0)) == 0
+    assert len(held_out_classes(5, 0.1, seed=0)) == 2, "at least two to rank"
+
+
+def test_pretrain_text_command(shapes, tmp_path):
+    out = tmp_path / "text"
+    result = CliRunner().invoke(main, ["pretrain-text", "--data", str(shapes), "--out", str(out),
+                                       "--epochs", "1", "--batch-size", "8", "--holdout", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "zero_shot_top1" in result.output and "text_encoder.pt" in result.output
+    state = torch.load(out / "text_encoder.pt")
+    assert len(state["held_out_classes"]) == 7 and state["preset"] == "small"
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").open()] == [0]
+    again = CliRunner().invoke(main, ["pretrain-text", "--data", str(shapes), "--out", str(out)])
+    assert again.exit_code == 1 and "already exists" in again.output

@@ -27,10 +27,12 @@ def main() -> None:
 
 def _register() -> None:
     from t2i_fast.cli.data import info, preview, stream
+    from t2i_fast.cli.eval import eval_group
     from t2i_fast.cli.prepare import prepare
-    from t2i_fast.cli.train import train_command
+    from t2i_fast.cli.train import pretrain_text_command, train_command
 
-    for command in (prepare, info, preview, stream, train_command):
+    for command in (prepare, info, preview, stream, pretrain_text_command, train_command,
+                    eval_group):
         main.add_command(command)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import click
@@ -12,10 +13,25 @@ from click.core import ParameterSource
 from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
 from t2i_fast.train import VARIANTS, TrainConfig, train
+from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 BUILT_IN = Path("shapes.lmdb")
 CPU_EPOCHS = 10  # the small preset on 2 cores: about ten minutes on the built-in dataset
 _RESUMABLE = {"resume", "epochs", "max_steps"}
+
+
+def _auto_preset(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    return "reed" if torch.cuda.is_available() and device in ("auto", "cuda") else "small"
+
+
+def _ensure_built_in(data: Path) -> None:
+    if data == BUILT_IN and not BUILT_IN.exists():
+        from t2i_fast.prepare.shapes import make_shapes
+
+        click.echo(f"making the built-in shapes dataset at {BUILT_IN}", err=True)
+        make_shapes(out=BUILT_IN)
 
 
 def _next_run(root: Path, variant: str, preset: str) -> Path:
@@ -47,9 +63,12 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
 @click.option("--interp-beta", type=float, default=0.5, help="GAN-INT's β.")
 @click.option("--interp-weight", type=float, default=1.0, help="GAN-INT's loss weight.")
 @click.option("--text-encoder", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A pretrained text encoder checkpoint (frozen unless "
-                   "--train-text-encoder); without one the encoder trains jointly.")
-@click.option("--train-text-encoder", is_flag=True, help="Update the text encoder too.")
+              help="A 'pretrain-text' checkpoint, frozen unless --train-text-encoder; "
+                   "without one, DS-SJE pretraining runs first into RUN/text.")
+@click.option("--pretrain-epochs", type=click.IntRange(min=1), default=2,
+              help="Epochs of that pretraining.")
+@click.option("--train-text-encoder", is_flag=True,
+              help="Update the text encoder with D (from scratch without --text-encoder).")
 @click.option("--seed", type=click.IntRange(min=0), default=0)
 @click.option("--sample-every", type=click.IntRange(min=1), default=200, help="Steps.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, help="Steps.")
@@ -73,19 +92,41 @@ def train_command(ctx: click.Context, **options) -> None:
         run = train(config=dataclasses.replace(config, **changes), resume=True)
         click.echo(f"{run}: resumed and finished")
         return
-    on_gpu = torch.cuda.is_available() and options["device"] in ("auto", "cuda")
-    if options["preset"] == "auto":
-        options["preset"] = "reed" if on_gpu else "small"
+    options["preset"] = _auto_preset(options["preset"], options["device"])
     if options["epochs"] is None:
-        options["epochs"] = 600 if on_gpu else CPU_EPOCHS
+        options["epochs"] = 600 if options["preset"] != "small" else CPU_EPOCHS
     if options["run"] is None:
         options["run"] = _next_run(Path("runs"), options["variant"], options["preset"])
-    if options["data"] == BUILT_IN and not BUILT_IN.exists():
-        from t2i_fast.prepare.shapes import make_shapes
-
-        click.echo(f"making the built-in shapes dataset at {BUILT_IN}", err=True)
-        make_shapes(out=BUILT_IN)
+    _ensure_built_in(options["data"])
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     config = TrainConfig(**options)
     run = train(config=config)
     click.echo(f"{run}: done; samples in {run}/samples, metrics in {run}/metrics.jsonl")
+
+
+@click.command(name="pretrain-text")
+@click.option("--data", type=click.Path(path_type=Path), default=BUILT_IN,
+              help="Dataset; the built-in shapes dataset is made here if absent.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder to create: text_encoder.pt, metrics, evaluation.")
+@click.option("--preset", type=click.Choice(["auto", *sorted(PRESETS)]), default="auto",
+              help="Encoder sizes (must match the GAN's preset later).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64)
+@click.option("--lr", type=float, default=1e-3)
+@click.option("--holdout", type=float, default=0.25,
+              help="Share of classes held out for zero-shot evaluation (without --eval-data).")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="Evaluate on this class-disjoint dataset (e.g. CUB's test split) instead.")
+@click.option("--seed", type=click.IntRange(min=0), default=0)
+@click.option("--device", default="auto")
+def pretrain_text_command(**options) -> None:
+    """Pretrain the char-CNN-RNN text encoder with DS-SJE; report zero-shot accuracy."""
+    options["preset"] = _auto_preset(options["preset"], options["device"])
+    _ensure_built_in(options["data"])
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    checkpoint = pretrain_text(config=PretrainConfig(**options))
+    evaluation = json.loads((checkpoint.parent / "evaluation.json").read_text())
+    for key, value in evaluation.items():
+        click.echo(f"{key:<16}{value:.3f}" if isinstance(value, float) else f"{key:<16}{value}")
+    click.echo(f"{checkpoint}: pass it to 't2i-fast train --text-encoder'")

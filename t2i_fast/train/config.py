@@ -29,8 +29,9 @@ class TrainConfig:
     captions_per_sample: int = 4  # k caption embeddings averaged per image
     interp_beta: float = 0.5
     interp_weight: float = 1.0
-    text_encoder: str | None = None  # a pretrain-text checkpoint; None trains one jointly
-    train_text_encoder: bool = False
+    text_encoder: str | None = None  # a pretrain-text checkpoint; None pretrains one first
+    train_text_encoder: bool = False  # update it with D (from scratch without text_encoder)
+    pretrain_epochs: int = 2
     seed: int = 0
     sample_every: int = 200  # steps
     checkpoint_every: int = 500  # steps
@@ -45,6 +46,7 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise T2IError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("batch_size", "epochs", "lr_halve_every", "captions_per_sample",
+                     "pretrain_epochs",
                      "sample_every", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise T2IError(f"--{name.replace('_', '-')} must be at least 1")

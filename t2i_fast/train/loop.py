@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2i_fast.train.config import TrainConfig
+from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 SAMPLE_ROWS, SAMPLE_COLUMNS = 6, 8
 
@@ -252,9 +254,21 @@ def train(*, config: TrainConfig, resume: bool = False) -> Path:
         if run.exists():
             raise T2IError(f"{run}: run folder exists (pass --resume {run} to continue it, "
                            "or choose another --run)")
-        trainer = Trainer(config)  # checks the dataset and the models before the folder
+        with Dataset(config.data):
+            pass  # a bad dataset fails before the run folder exists
         run.mkdir(parents=True)
-        config.save(run / "config.json")
+        try:
+            if config.text_encoder is None and not config.train_text_encoder:
+                checkpoint = pretrain_text(config=PretrainConfig(
+                    data=config.data, out=str(run / "text"), preset=config.preset,
+                    epochs=config.pretrain_epochs, batch_size=config.batch_size,
+                    seed=config.seed, device=config.device))
+                config = dataclasses.replace(config, text_encoder=str(checkpoint))
+            config.save(run / "config.json")
+            trainer = Trainer(config)
+        except BaseException:
+            shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
+            raise
     trainer.fit()
     return run
 

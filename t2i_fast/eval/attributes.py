@@ -1,0 +1,271 @@
+"""Attribute scores for the shapes dataset: does an image show the colour, shape and size that
+its caption names? A fixed image analysis, no learned model, so that scores mean the same for
+every run and need no checkpoint.
+
+The analysis measures a shape by its soft coverage (alpha) rather than by a thresholded mask:
+the generator anti-aliases, and downscaling blurs, but both keep each shape's total alpha and
+its centred moments of order 3 and 4 (an isotropic blur adds nothing to them), so area, skew
+and four-fold symmetry survive at 32 pixels, where a mask's outline no longer does.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import re
+from collections.abc import Iterable
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from t2i_fast.data.dataset import Dataset, Sample
+from t2i_fast.errors import DataError
+from t2i_fast.prepare.shapes import _HUES, _RADII, _SIZE_WORDS, COLORS, SHAPES, SIZES
+
+ATTRIBUTES = ("color", "shape", "size")
+
+_SIZE_OF_WORD = {word: size for size, words in _SIZE_WORDS.items() for word in words}
+_WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
+
+# Foreground is what has more chroma (max - min channel) than any background: beige, the most
+# coloured one, has 40; shapes have at least 0.85 * 0.85 * 255 = 184, so this is about half
+# coverage on every background.
+_MIN_CHROMA = 96.0
+# Components smaller than this share of the image are specks (noise, stripes' edges), not shapes.
+_MIN_AREA = 0.003
+# A shape is one flat colour: its core pixels point (in chroma) where their mean does, unlike
+# noise's, whose colours scatter.
+_MIN_AGREEMENT = 0.9
+# Cores are what has this share of its blob's peak chroma; edges reach _EDGE pixels beyond.
+_CORE, _EDGE = 0.7, 3
+# Areas of each shape with a bounding box of side 2: turns alpha into the generator's radius.
+_UNIT_AREA = {"circle": np.pi, "square": 4.0, "triangle": 2.0,
+              "cross": 2 * 2 * 0.76 - 0.76**2}
+# Only the apex-up triangle is lopsided (vertical skewness -0.57); the others have none.
+_TRIANGLE_SKEW = -0.25
+# Four-fold moment over area cubed: 0 for a circle, -1/60 for a square (mass in the corners),
+# 0.022 for the generator's cross (mass along the axes); thresholds halfway.
+_SQUARE_BELOW, _CROSS_ABOVE = -1 / 120, 0.011
+# The generator jitters radii by up to 8% around _RADII (at 76 pixels); an image may be the
+# full 76-pixel record or a 64-pixel crop of it at any resolution, so a radius over the image
+# side spans [r * 0.92 / 76, r * 1.08 / 64]. Each threshold is the geometric mean of the gap.
+_JITTER = 0.08
+_SIZE_LIMITS = tuple(np.sqrt(small * (1 + _JITTER) / 64 * large * (1 - _JITTER) / 76)
+                     for small, large in pairwise(_RADII))
+# (pixels, their 4-neighbours) as index pairs: each pixel paired with the one above, below,
+# left and right of it, without wrapping around the border.
+_NEIGHBOURS = (
+    (np.s_[1:], np.s_[:-1]), (np.s_[:-1], np.s_[1:]),
+    (np.s_[:, 1:], np.s_[:, :-1]), (np.s_[:, :-1], np.s_[:, 1:]),
+)
+
+
+def parse_caption(text: str) -> list[dict]:
+    """The shapes a shapes-dataset caption names, in caption order: {"color", "shape", "size"}
+    each, None for an attribute the caption leaves out.
+
+    A colour or size word belongs to the next shape word, except that one right after a shape
+    fills that shape's missing attribute ("a circle that is purple and medium").
+    """
+    shapes: list[dict] = []
+    pending: dict = {}
+    for word in _WORD.findall(text.lower()):
+        if word in SHAPES:
+            shapes.append({"color": None, "size": None, **pending, "shape": word})
+            pending = {}
+            continue
+        key, value = _attribute(word)
+        if key is None:
+            continue
+        if shapes and not pending and shapes[-1][key] is None:
+            shapes[-1][key] = value
+        else:
+            pending[key] = value
+    return [{key: shape[key] for key in ATTRIBUTES} for shape in shapes]
+
+
+def _attribute(word: str) -> tuple[str | None, str | None]:
+    if word in COLORS:
+        return "color", word
+    if word in _SIZE_OF_WORD:
+        return "size", _SIZE_OF_WORD[word]
+    return None, None
+
+
+def score_image(image: np.ndarray) -> dict:
+    """{"color", "shape", "size"} of the largest saturated shape in a uint8 RGB [H, W, 3]
+    image; all None when nothing saturated is large enough to be a shape."""
+    rgb = np.asarray(image, dtype=np.float32)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {rgb.shape}")
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    foreground = chroma >= _MIN_CHROMA
+    labels, count = _components(_cores(chroma, foreground))
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = np.flatnonzero(areas[1:] >= _MIN_AREA * labels.size) + 1
+    if keep.size == 0:
+        return dict.fromkeys(ATTRIBUTES)
+    labels[~np.isin(labels, keep)] = 0
+    # Beige and slate backgrounds have a colour cast; every other background is grey. Either
+    # way one chroma offset, taken where no shape is, describes the whole background.
+    offset = (np.median(_chroma_vector(rgb[~foreground]), axis=0) if not foreground.all()
+              else np.zeros(3, dtype=np.float32))
+    owners = _grow(labels, _EDGE)
+    shapes = [_measure(rgb, labels == label, owners == label, offset) for label in keep]
+    shapes = [shape for shape in shapes if shape is not None]
+    if not shapes:
+        return dict.fromkeys(ATTRIBUTES)
+    best = max(shapes, key=lambda shape: shape["radius"])
+    side = np.sqrt(labels.size)
+    return {"color": best["color"], "shape": best["shape"],
+            "size": SIZES[int(np.searchsorted(_SIZE_LIMITS, best["radius"] / side))]}
+
+
+def _cores(chroma: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """The well-covered middle of each foreground blob: at 32 pixels the gap between two
+    shapes blurs into a bridge of partial coverage, which this cuts."""
+    labels, count = _components(foreground)
+    peaks = np.zeros(count + 1, dtype=chroma.dtype)
+    np.maximum.at(peaks, labels, chroma)
+    return foreground & (chroma >= _CORE * peaks[labels])
+
+
+def _grow(labels: np.ndarray, steps: int) -> np.ndarray:
+    """Hands each unlabelled pixel within ``steps`` of a component to the nearest one, so that
+    every shape gets its soft edge and no pixel counts twice."""
+    for _ in range(steps):
+        grown = labels.copy()
+        for target, source in _NEIGHBOURS:
+            free = grown[target] == 0
+            grown[target][free] = labels[source][free]
+        labels = grown
+    return labels
+
+
+def _chroma_vector(rgb: np.ndarray) -> np.ndarray:
+    """RGB less its grey part: mixing with any grey leaves a colour's direction here alone."""
+    return rgb - rgb.mean(axis=-1, keepdims=True)
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of ``mask``: labels 1..count (0 outside), by min-propagation."""
+    height, width = mask.shape
+    big = mask.size
+    labels = np.where(mask, np.arange(big).reshape(height, width), big)
+    while True:
+        spread = labels.copy()
+        for target, source in _NEIGHBOURS:
+            np.minimum(spread[target], labels[source], out=spread[target])
+        spread[~mask] = big
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    roots, inverse = np.unique(labels, return_inverse=True)
+    labels = inverse.reshape(height, width) + 1
+    labels[~mask] = 0
+    return labels, len(roots) - int(not mask.all())
+
+
+def _measure(rgb: np.ndarray, core: np.ndarray, region: np.ndarray,
+             offset: np.ndarray) -> dict | None:
+    """Colour, shape and radius (pixels, the generator's convention) of one shape: ``core`` its
+    well-covered pixels, ``region`` all pixels its edge may reach; None where the pixels do not
+    look like one flat colour over a background (generated garbage)."""
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    rgb, core, region = rgb[box], core[box], region[box]
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    fullest = core & (chroma >= 0.8 * chroma[core].max())
+    colour = _chroma_vector(rgb[fullest].mean(axis=0)) - offset
+    vectors = _chroma_vector(rgb) - offset
+    alpha = vectors @ colour / max(float(colour @ colour), 1e-6)
+    if _agreement(vectors[core], colour) < _MIN_AGREEMENT:
+        return None
+    # Small shapes blurred to 32 pixels cover no pixel fully: the best covered one stands for
+    # full coverage, else every alpha comes out too high and small shapes too large.
+    alpha = np.where(region, np.clip(alpha / alpha[core].max(), 0.0, 1.0), 0.0)
+    shape = _shape(alpha)
+    return {"color": _colour(colour), "shape": shape,
+            "radius": np.sqrt(alpha.sum() / _UNIT_AREA[shape])}
+
+
+def _agreement(vectors: np.ndarray, colour: np.ndarray) -> float:
+    """Mean cosine between each pixel's colour and the shape's."""
+    norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(colour)
+    return float(np.mean(vectors @ colour / np.maximum(norms, 1e-6)))
+
+
+def _colour(vector: np.ndarray) -> str:
+    # Hue ignores the grey part, so the chroma vector shifted to non-negative values has the
+    # shape's own hue.
+    red, green, blue = (vector - vector.min()) / max(float(np.ptp(vector)), 1e-6)
+    hue = colorsys.rgb_to_hsv(red, green, blue)[0] * 360
+    distance = [abs((hue - ref + 180) % 360 - 180) for ref in _HUES]
+    return COLORS[int(np.argmin(distance))]
+
+
+def _shape(alpha: np.ndarray) -> str:
+    ys, xs = np.indices(alpha.shape, dtype=np.float64)
+    mass = alpha.sum()
+    y = ys - (alpha * ys).sum() / mass
+    x = xs - (alpha * xs).sum() / mass
+    spread = max((alpha * y**2).sum() / mass, 1e-6)
+    skew = (alpha * y**3).sum() / mass / spread**1.5
+    if skew < _TRIANGLE_SKEW:
+        return "triangle"
+    fourfold = (alpha * (x**4 - 6 * x**2 * y**2 + y**4)).sum() / mass**3
+    if fourfold < _SQUARE_BELOW:
+        return "square"
+    if fourfold > _CROSS_ABOVE:
+        return "cross"
+    return "circle"
+
+
+def evaluate(images: Iterable[np.ndarray], targets: Iterable[dict]) -> dict:
+    """Share of ``images`` whose colour, shape and size match ``targets`` (one {"color",
+    "shape", "size"} each); an image where nothing is found matches nothing."""
+    return _tally(zip(images, targets, strict=True))
+
+
+def evaluate_dataset(path: str | Path, *, n: int | None = None, crop: int | None = 64,
+                     resize: int | None = None) -> dict:
+    """Scores of the first ``n`` records against their first shape, each seen through a centre
+    crop of ``crop`` pixels (the training view; None for the whole image), then resized to
+    ``resize`` pixels (bilinear; None to keep)."""
+    with Dataset(path) as ds:
+        count = len(ds) if n is None else min(n, len(ds))
+        samples = (ds[i] for i in range(count))
+        return _tally((_view(s.image, crop, resize), _truth(path, s)) for s in samples)
+
+
+def _tally(pairs: Iterable[tuple[np.ndarray, dict]]) -> dict:
+    hits = dict.fromkeys(ATTRIBUTES, 0)
+    count = 0
+    for image, target in pairs:
+        scored = score_image(image)
+        for key in ATTRIBUTES:
+            hits[key] += scored[key] is not None and scored[key] == target[key]
+        count += 1
+    return {**{f"{key}_acc": hits[key] / max(count, 1) for key in ATTRIBUTES}, "n": count}
+
+
+def _truth(path: str | Path, sample: Sample) -> dict:
+    shapes = sample.attributes.get("shapes")
+    if not shapes:
+        raise DataError(f"{path}: record '{sample.key}' has no ground-truth shapes (attribute "
+                        "scores need a dataset from 't2i-fast prepare shapes')")
+    return shapes[0]
+
+
+def _view(image: np.ndarray, crop: int | None, resize: int | None) -> np.ndarray:
+    if crop is not None:
+        height, width = image.shape[:2]
+        if not 0 < crop <= min(height, width):
+            raise DataError(f"crop {crop} does not fit a {height}x{width} image")
+        top, left = (height - crop) // 2, (width - crop) // 2
+        image = image[top:top + crop, left:left + crop]
+    if resize is not None:
+        image = np.asarray(Image.fromarray(image).resize((resize, resize),
+                                                         Image.Resampling.BILINEAR))
+    return image
