@@ -190,4 +190,21 @@ def test_cli_errors(tmp_path, shapes_data):
         "'t2i-fast prepare')"]
     result = CliRunner().invoke(main, ["eval", "attributes", "--data", str(shapes_data)])
     assert result.exit_code == 2
-    assert "--real is required" in result.output
+    assert "pass either --run RUN (generated images) or --data DATASET --real" in result.output
+
+
+def test_generated_images_of_a_run(tmp_path, shapes_data):
+    from t2i_fast.train import TrainConfig, train
+
+    run = train(config=TrainConfig(data=str(shapes_data), run=str(tmp_path / "run"),
+                                   preset="small", batch_size=8, max_steps=2,
+                                   train_text_encoder=True))
+    result = CliRunner().invoke(main, ["eval", "attributes", "--run", str(run), "--n", "12",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores["n"] == 12 and set(scores) == {"color_acc", "shape_acc", "size_acc", "n"}
+    # Two steps of training draw no recognisable shapes: the scorer must not be fooled.
+    assert scores["shape_acc"] < 0.9
+    missing = CliRunner().invoke(main, ["eval", "attributes", "--run", str(tmp_path)])
+    assert missing.exit_code == 1 and "no checkpoint" in missing.output

@@ -21,6 +21,8 @@ from PIL import Image
 
 from t2i_fast.data.dataset import Dataset, Sample
 from t2i_fast.errors import DataError
+from t2i_fast.generate import TrainedModel
+from t2i_fast.pictures import to_uint8
 from t2i_fast.prepare.shapes import _HUES, _RADII, _SIZE_WORDS, COLORS, SHAPES, SIZES
 
 ATTRIBUTES = ("color", "shape", "size")
@@ -237,6 +239,21 @@ def evaluate_dataset(path: str | Path, *, n: int | None = None, crop: int | None
         count = len(ds) if n is None else min(n, len(ds))
         samples = (ds[i] for i in range(count))
         return _tally((_view(s.image, crop, resize), _truth(path, s)) for s in samples)
+
+
+def evaluate_generated(model: TrainedModel, path: str | Path, *, n: int = 512, seed: int = 0,
+                       batch_size: int = 64) -> dict:
+    """Scores of images generated from the first caption of the first ``n`` records, each
+    against its record's first (largest) shape, which the caption describes."""
+    with Dataset(path) as ds:
+        samples = [ds[i] for i in range(min(n, len(ds)))]
+    targets = [_truth(path, s) for s in samples]
+    captions = [s.captions[0] for s in samples]
+    images: list[np.ndarray] = []
+    for start in range(0, len(captions), batch_size):
+        text = model.embed(captions[start: start + batch_size])
+        images.extend(to_uint8(model.generate(text, model.noise(len(text), seed + start))))
+    return evaluate(images, targets)
 
 
 def _tally(pairs: Iterable[tuple[np.ndarray, dict]]) -> dict:

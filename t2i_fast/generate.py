@@ -1,0 +1,50 @@
+"""Images from a trained run: its generator and text encoder, loaded for sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from t2i_fast.data.alphabet import DEFAULT_DOC_LENGTH, encode
+from t2i_fast.errors import T2IError
+from t2i_fast.models import Generator, TextEncoder, preset
+from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
+
+
+class TrainedModel:
+    """``embed`` captions, ``generate`` images [N, 3, S, S] in [-1, 1]; eval mode."""
+
+    def __init__(self, checkpoint: dict, *, device: torch.device,
+                 doc_length: int = DEFAULT_DOC_LENGTH):
+        models = preset(checkpoint["preset"])
+        self.device = device
+        self.doc_length = doc_length
+        self.z_dim = models.gan.z_dim
+        self.generator = Generator(models.gan).to(device).eval()
+        self.generator.load_state_dict(checkpoint["G"])
+        self.text_encoder = TextEncoder(models.text).to(device).eval()
+        self.text_encoder.load_state_dict(checkpoint["text_encoder"])
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: torch.device | None = None) -> TrainedModel:
+        """A run folder (its latest checkpoint) or a checkpoint file."""
+        path = Path(path)
+        checkpoint = latest_checkpoint(path) if path.is_dir() else path
+        if checkpoint is None or not checkpoint.exists():
+            raise T2IError(f"{path}: no checkpoint (a run folder or a step_*.pt file)")
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(load_checkpoint(checkpoint), device=device)
+
+    @torch.no_grad()
+    def embed(self, captions: list[str]) -> torch.Tensor:
+        indices = torch.stack([torch.from_numpy(encode(c, self.doc_length)) for c in captions])
+        return self.text_encoder(indices.to(self.device))  # [N, E]
+
+    @torch.no_grad()
+    def generate(self, text: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z.to(self.device), text.to(self.device))
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        """Noise that depends on the seed only, not on the device."""
+        return torch.randn(n, self.z_dim, generator=torch.Generator().manual_seed(seed))
