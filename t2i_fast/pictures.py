@@ -32,10 +32,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def image_grid(images: torch.Tensor, *, rows: int, row_labels: Sequence[str] | None = None,
-               column_labels: Sequence[str] | None = None, scale: int = 2,
-               gap: int = 2) -> Image.Image:
+               column_labels: Sequence[str] | None = None, title: str | None = None,
+               scale: int = 2, gap: int = 2) -> Image.Image:
     """Images [rows * cols, 3, H, W] row by row; each row's label is written under it, each
-    column's above it (wrapped to the grid's width)."""
+    column's above it, the title above all (wrapped to the grid's width)."""
     pixels = to_uint8(images)
     n, h, w, _ = pixels.shape
     cols = math.ceil(n / rows)
@@ -46,13 +46,17 @@ def image_grid(images: torch.Tensor, *, rows: int, row_labels: Sequence[str] | N
     row_text = [textwrap.wrap(label, chars)[:3] for label in (row_labels or [""] * rows)]
     col_text = [textwrap.wrap(label, max(8, cell_w // 7))[:3] for label in column_labels or []]
     line = font.size + 3
-    header = max((len(t) for t in col_text), default=0) * line
+    title_text = textwrap.wrap(title, chars)[:3] if title else []
+    header = (len(title_text) + max((len(t) for t in col_text), default=0)) * line
     heights = [cell_h + gap + len(t) * line + (gap if t else 0) for t in row_text]
     canvas = Image.new("RGB", (width, header + sum(heights) + gap), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
+    for k, part in enumerate(title_text):
+        draw.text((gap, k * line), part, fill=_INK, font=font)
     for c, text in enumerate(col_text):
         for k, part in enumerate(text):
-            draw.text((gap + c * (cell_w + gap), k * line), part, fill=_INK, font=font)
+            draw.text((gap + c * (cell_w + gap), (len(title_text) + k) * line), part,
+                      fill=_INK, font=font)
     y = header + gap
     for r in range(rows):
         for c in range(cols):

@@ -29,10 +29,11 @@ def _register() -> None:
     from t2i_fast.cli.data import info, preview, stream
     from t2i_fast.cli.eval import eval_group
     from t2i_fast.cli.prepare import prepare
+    from t2i_fast.cli.sample import interpolate, sample
     from t2i_fast.cli.train import pretrain_text_command, train_command
 
     for command in (prepare, info, preview, stream, pretrain_text_command, train_command,
-                    eval_group):
+                    sample, interpolate, eval_group):
         main.add_command(command)
 
 

@@ -1,0 +1,107 @@
+"""``t2i-fast sample`` and ``t2i-fast interpolate``: images from a trained run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import torch
+from PIL import Image
+
+from t2i_fast.errors import T2IError
+from t2i_fast.generate import TrainedModel
+from t2i_fast.pictures import image_grid, to_uint8
+from t2i_fast.prepare.captions import read_captions
+
+_RUN = click.option("--run", type=click.Path(exists=True, path_type=Path), required=True,
+                    help="A run folder (its latest checkpoint) or a checkpoint file.")
+
+
+def _captions(texts: tuple[str, ...], captions_file: Path | None) -> list[str]:
+    if bool(texts) == (captions_file is not None):
+        raise click.UsageError("pass captions with --text (repeatable) or --captions FILE")
+    return list(texts) if texts else read_captions(captions_file)
+
+
+@click.command()
+@_RUN
+@click.option("--text", "texts", multiple=True, help="A caption (repeat for more).")
+@click.option("--captions", "captions_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A file with one caption per line.")
+@click.option("--n", type=click.IntRange(min=1), default=8, help="Images per caption.")
+@click.option("--seed", type=click.IntRange(min=0), default=0,
+              help="Noise seed: image j of every caption shares its noise.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="A .png for one grid (a row per caption, the caption under it), else a "
+                   "folder of PNGs with index.json.")
+def sample(run: Path, texts: tuple[str, ...], captions_file: Path | None, n: int, seed: int,
+           batch_size: int, out: Path) -> None:
+    """Generate images for captions."""
+    captions = _captions(texts, captions_file)
+    model = TrainedModel.load(run)
+    z = model.noise(n, seed)  # [n, Z]: column j shares its noise across captions
+    jobs = [(c, j) for c in range(len(captions)) for j in range(n)]
+    grid = out.suffix.lower() == ".png"
+    if not grid:
+        out.mkdir(parents=True, exist_ok=True)
+    images, index = [], []
+    with click.progressbar(length=len(jobs), label="sampling", file=sys.stderr) as bar:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start: start + batch_size]
+            text = model.embed([captions[c] for c, _ in chunk])
+            batch = model.generate(text, z[[j for _, j in chunk]])
+            if grid:
+                images.append(batch.cpu())
+            else:
+                for (c, j), pixels in zip(chunk, to_uint8(batch), strict=True):
+                    name = f"{c:05d}_{j:02d}.png"
+                    Image.fromarray(pixels).save(out / name)
+                    index.append({"file": name, "caption": captions[c], "seed": seed,
+                                  "noise_index": j})
+            bar.update(len(chunk))
+    if grid:
+        image_grid(torch.cat(images), rows=len(captions), row_labels=captions).save(out)
+        click.echo(f"{out}: {len(captions)} captions x {n} images")
+    else:
+        (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+        click.echo(f"{out}: {len(index)} images and index.json")
+
+
+@click.command()
+@_RUN
+@click.option("--text", "texts", multiple=True, required=True,
+              help="Two captions: sentence interpolation from the first to the second. One "
+                   "caption: noise interpolation.")
+@click.option("--steps", type=click.IntRange(min=2), default=8, help="Columns.")
+@click.option("--rows", type=click.IntRange(min=1), default=4,
+              help="Noise vectors (sentence) or noise pairs (noise interpolation).")
+@click.option("--seed", type=click.IntRange(min=0), default=0)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default="interpolation.png")
+def interpolate(run: Path, texts: tuple[str, ...], steps: int, rows: int, seed: int,
+                out: Path) -> None:
+    """The paper's interpolations: fixed noise with the text embedding walked from caption A
+    to caption B, or a fixed caption with the noise walked between two draws."""
+    if len(texts) > 2:
+        raise T2IError("--text takes one caption (noise interpolation) or two (sentence)")
+    model = TrainedModel.load(run)
+    alphas = torch.linspace(0, 1, steps)[:, None]  # [steps, 1]
+    if len(texts) == 2:
+        a, b = model.embed(list(texts)).cpu()
+        text = ((1 - alphas) * a + alphas * b).repeat(rows, 1)  # [rows * steps, E]
+        z = model.noise(rows, seed).repeat_interleave(steps, 0)
+        labels = [f"noise {r}" for r in range(rows)]
+        title = f"sentence interpolation: {texts[0]}  ->  {texts[1]}"
+    else:
+        text = model.embed(list(texts)).cpu().repeat(rows * steps, 1)
+        ends = model.noise(2 * rows, seed).view(rows, 2, -1)  # [rows, 2, Z]
+        z = torch.cat([(1 - alphas) * e[0] + alphas * e[1] for e in ends])
+        labels = [f"noise pair {r}" for r in range(rows)]
+        title = f"noise interpolation: {texts[0]}"
+    images = model.generate(text, z).cpu()
+    grid = image_grid(images, rows=rows, row_labels=labels, title=title)
+    grid.save(out)
+    click.echo(f"{out}: {rows} rows x {steps} steps")
