@@ -11,3 +11,7 @@ class DataError(T2IError):
 
 class CorruptRecordError(DataError):
     """A dataset record whose bytes fail their checks; the message names the file and key."""
+
+
+class ConfigError(T2IError, ValueError):
+    """An option outside its range or at odds with the dataset (a ValueError to Python)."""

@@ -160,3 +160,26 @@ def test_pretrain_text_command(shapes, tmp_path):
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").open()] == [0]
     again = CliRunner().invoke(main, ["pretrain-text", "--data", str(shapes), "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_backbone_options_go_together_and_need_torchvision(shapes, tmp_path):
+    weights = tmp_path / "w.pt"
+    torch.save({}, weights)
+    alone = CliRunner().invoke(main, ["pretrain-text", "--data", str(shapes), "--out",
+                                      str(tmp_path / "a"), "--image-backbone", "resnet18"])
+    assert alone.exit_code == 1 and "go together" in alone.output
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError):  # absent, or not built for this torch
+        result = CliRunner().invoke(main, [
+            "pretrain-text", "--data", str(shapes), "--out", str(tmp_path / "b"),
+            "--image-backbone", "resnet18", "--backbone-weights", str(weights),
+            "--batch-size", "8"])
+        assert result.exit_code == 1 and "needs torchvision" in result.output
+    else:
+        result = CliRunner().invoke(main, [
+            "pretrain-text", "--data", str(shapes), "--out", str(tmp_path / "b"),
+            "--image-backbone", "resnet18", "--backbone-weights", str(weights),
+            "--batch-size", "8"])
+        assert result.exit_code == 1 and "cannot load as torchvision 'resnet18'" in result.output
+    assert not (tmp_path / "b").exists()

@@ -118,6 +118,12 @@ def train_command(ctx: click.Context, **options) -> None:
               help="Share of classes held out for zero-shot evaluation (without --eval-data).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
               help="Evaluate on this class-disjoint dataset (e.g. CUB's test split) instead.")
+@click.option("--image-backbone", default=None,
+              help="A torchvision network (resnet50, googlenet, ...) as the image encoder, "
+                   "with --backbone-weights; needs torchvision.  [default: a small CNN "
+                   "trained from scratch]")
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A local state-dict file for --image-backbone (nothing is downloaded).")
 @click.option("--seed", type=click.IntRange(min=0), default=0)
 @click.option("--device", default="auto")
 def pretrain_text_command(**options) -> None:

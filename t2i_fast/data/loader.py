@@ -19,7 +19,7 @@ import torch
 from t2i_fast import _C
 from t2i_fast.data.alphabet import ALPHABET_SIZE
 from t2i_fast.data.format import close_env, open_env, read_metadata
-from t2i_fast.errors import DataError
+from t2i_fast.errors import ConfigError, DataError
 
 _ELEM_BYTES = {torch.uint8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -106,14 +106,14 @@ class Loader:
                  device: str | torch.device | None = None, pin_memory: bool | None = None,
                  verify: bool = True):
         if dtype not in _ELEM_BYTES:
-            raise ValueError(f"dtype must be one of {list(_ELEM_BYTES)}, got {dtype}")
+            raise ConfigError(f"dtype must be one of {list(_ELEM_BYTES)}, got {dtype}")
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if caption_format not in CAPTION_FORMATS:
-            raise ValueError(f"caption_format must be one of {CAPTION_FORMATS}, "
+            raise ConfigError(f"caption_format must be one of {CAPTION_FORMATS}, "
                              f"got {caption_format!r}")
         if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
+            raise ConfigError(f"seed must be non-negative, got {seed}")
         self.path = Path(path)
         env = open_env(self.path)
         try:
@@ -142,13 +142,16 @@ class Loader:
         one = torch.ones(1, dtype=host_dtype).view(_BITS[elem]).numpy().tobytes()
         lut = pixel_lut(host_dtype).view(_BITS[elem]).numpy().tobytes()
         num_threads = num_threads or min(os.cpu_count() or 1, 8)
-        self._core = _C.Loader(
-            str(self.path), int(self.meta["count"]), batch_size=batch_size, size=self.size,
-            captions_per_sample=captions_per_sample, onehot=host_onehot, elem_bytes=elem,
-            lut=lut, one=one, nhwc=layout == "nhwc", random_crop=random_crop, flip=flip,
-            seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
-            num_threads=num_threads, verify=verify,
-        )
+        try:
+            self._core = _C.Loader(
+                str(self.path), int(self.meta["count"]), batch_size=batch_size, size=self.size,
+                captions_per_sample=captions_per_sample, onehot=host_onehot, elem_bytes=elem,
+                lut=lut, one=one, nhwc=layout == "nhwc", random_crop=random_crop, flip=flip,
+                seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
+                num_threads=num_threads, verify=verify,
+            )
+        except ValueError as exc:  # the core's argument checks
+            raise ConfigError(f"{self.path}: {exc}") from exc
         self.num_threads = num_threads
         self._layout = self._core.layout
         self._fields = self._field_specs()
@@ -280,7 +283,7 @@ class Loader:
 
     def set_epoch(self, epoch: int, batch: int = 0) -> None:
         if not 0 <= batch <= len(self):
-            raise ValueError(f"batch must be in [0, {len(self)}], got {batch}")
+            raise ConfigError(f"batch must be in [0, {len(self)}], got {batch}")
         self.epoch, self.position = epoch, batch
 
     def state_dict(self) -> dict:

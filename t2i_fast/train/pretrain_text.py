@@ -21,6 +21,7 @@ from t2i_fast.data import Dataset, Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.losses import sje_loss
 from t2i_fast.models import ImageEncoder, TextEncoder, preset
+from t2i_fast.models.image_encoder import BackboneImageEncoder
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,12 @@ class PretrainConfig:
     eval_data: str | None = None  # a class-disjoint split (CUB's test) instead of holding out
     seed: int = 0
     device: str = "auto"
+    image_backbone: str | None = None  # a torchvision network name, with backbone_weights
+    backbone_weights: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.image_backbone is None) != (self.backbone_weights is None):
+            raise T2IError("--image-backbone and --backbone-weights go together")
         if not 0 <= self.holdout < 1:
             raise T2IError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.epochs < 1 or self.batch_size < 2:
@@ -63,7 +68,7 @@ def class_averaged(text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zero_shot(image_encoder: ImageEncoder, text_encoder: TextEncoder, dataset: Path,
+def zero_shot(image_encoder: torch.nn.Module, text_encoder: TextEncoder, dataset: Path,
               classes: np.ndarray, *, size: int, device: torch.device) -> dict:
     """Top-1 zero-shot classification among ``classes`` (prototype = mean embedding of the
     class's captions) and retrieval precision@50 (images ranked for each class's prototype)."""
@@ -123,7 +128,12 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     train_mask[torch.from_numpy(holdout)] = False
     torch.manual_seed(config.seed)
     text_encoder = TextEncoder(models.text).to(device)
-    image_encoder = ImageEncoder(models.image).to(device)
+    if config.image_backbone:
+        image_encoder = BackboneImageEncoder(config.image_backbone, config.backbone_weights,
+                                             embedding_dim=models.text.embedding_dim)
+    else:
+        image_encoder = ImageEncoder(models.image)
+    image_encoder = image_encoder.to(device)
     optimizer = torch.optim.Adam([*text_encoder.parameters(), *image_encoder.parameters()],
                                  lr=config.lr)
     size = models.gan.image_size
