@@ -20,6 +20,15 @@ CPU_EPOCHS = 10  # the small preset on 2 cores: about ten minutes on the built-i
 _RESUMABLE = {"resume", "epochs", "max_steps"}
 
 
+_DATA = click.option("--data", type=click.Path(path_type=Path), default=BUILT_IN,
+                     help="Dataset; the built-in shapes dataset is made here if absent.")
+
+
+def _preset(help: str):
+    return click.option("--preset", type=click.Choice(["auto", *sorted(PRESETS)]),
+                        default="auto", help=help)
+
+
 def _auto_preset(name: str, device: str) -> str:
     if name != "auto":
         return name
@@ -41,14 +50,12 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
 
 
 @click.command(name="train")
-@click.option("--data", type=click.Path(path_type=Path), default=BUILT_IN,
-              help="Dataset; the built-in shapes dataset is made here if absent.")
+@_DATA
 @click.option("--run", type=click.Path(path_type=Path), default=None,
               help="Run folder to create  [default: runs/NNNNN-VARIANT-PRESET]")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="Continue this run exactly from its last checkpoint.")
-@click.option("--preset", type=click.Choice(["auto", *sorted(PRESETS)]), default="auto",
-              help="Model sizes: auto is reed on a GPU, small on the CPU.")
+@_preset("Model sizes: auto is reed on a GPU, small on the CPU.")
 @click.option("--variant", type=click.Choice(VARIANTS), default="int-cls")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64)
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
@@ -105,12 +112,10 @@ def train_command(ctx: click.Context, **options) -> None:
 
 
 @click.command(name="pretrain-text")
-@click.option("--data", type=click.Path(path_type=Path), default=BUILT_IN,
-              help="Dataset; the built-in shapes dataset is made here if absent.")
+@_DATA
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder to create: text_encoder.pt, metrics, evaluation.")
-@click.option("--preset", type=click.Choice(["auto", *sorted(PRESETS)]), default="auto",
-              help="Encoder sizes (must match the GAN's preset later).")
+@_preset("Encoder sizes (must match the GAN's preset later).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10)
 @click.option("--batch-size", type=click.IntRange(min=2), default=64)
 @click.option("--lr", type=float, default=1e-3)
