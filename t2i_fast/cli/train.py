@@ -59,7 +59,7 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
 @click.option("--variant", type=click.Choice(VARIANTS), default="int-cls")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64)
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help=f"[default: 600 (the paper) on a GPU, {CPU_EPOCHS} on the CPU]")
+              help=f"[default: 600 (the paper); {CPU_EPOCHS} with the small preset]")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many steps.")
 @click.option("--lr", type=float, default=2e-4)
@@ -72,8 +72,8 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
 @click.option("--text-encoder", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A 'pretrain-text' checkpoint, frozen unless --train-text-encoder; "
                    "without one, DS-SJE pretraining runs first into RUN/text.")
-@click.option("--pretrain-epochs", type=click.IntRange(min=1), default=2,
-              help="Epochs of that pretraining.")
+@click.option("--pretrain-epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs of that pretraining  [default: 20; 2 with the small preset]")
 @click.option("--train-text-encoder", is_flag=True,
               help="Update the text encoder with D (from scratch without --text-encoder).")
 @click.option("--seed", type=click.IntRange(min=0), default=0)
@@ -100,8 +100,11 @@ def train_command(ctx: click.Context, **options) -> None:
         click.echo(f"{run}: resumed and finished")
         return
     options["preset"] = _auto_preset(options["preset"], options["device"])
+    small = options["preset"] == "small"
     if options["epochs"] is None:
-        options["epochs"] = 600 if options["preset"] != "small" else CPU_EPOCHS
+        options["epochs"] = CPU_EPOCHS if small else 600
+    if options["pretrain_epochs"] is None:
+        options["pretrain_epochs"] = 2 if small else 20
     if options["run"] is None:
         options["run"] = _next_run(Path("runs"), options["variant"], options["preset"])
     _ensure_built_in(options["data"])
