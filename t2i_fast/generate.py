@@ -22,7 +22,8 @@ class TrainedModel:
         self.doc_length = doc_length
         self.z_dim = models.gan.z_dim
         self.generator = Generator(models.gan).to(device).eval()
-        self.generator.load_state_dict(checkpoint["G"])
+        # The moving average of G's weights where the run kept one: it samples more steadily.
+        self.generator.load_state_dict(checkpoint.get("G_ema") or checkpoint["G"])
         self.text_encoder = TextEncoder(models.text).to(device).eval()
         self.text_encoder.load_state_dict(checkpoint["text_encoder"])
 

@@ -48,7 +48,7 @@ def test_smoke_run_writes_everything(shapes, tmp_path):
 def parameters(run) -> dict[str, torch.Tensor]:
     state = load_checkpoint(latest_checkpoint(run))
     flat = {}
-    for part in ("G", "D", "text_encoder"):
+    for part in ("G", "D", "G_ema", "text_encoder"):
         flat.update({f"{part}.{k}": v for k, v in state[part].items()})
     for part in ("opt_g", "opt_d"):
         for i, s in state[part]["state"].items():
@@ -183,3 +183,14 @@ def test_backbone_options_go_together_and_need_torchvision(shapes, tmp_path):
             "--batch-size", "8"])
         assert result.exit_code == 1 and "cannot load as torchvision 'resnet18'" in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_samples_come_from_the_moving_average(shapes, tmp_path):
+    run = train(config=config(shapes, tmp_path / "run", max_steps=3, ema_decay=0.5))
+    state = load_checkpoint(latest_checkpoint(run))
+    ema, raw = state["G_ema"], state["G"]
+    moved = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], ema[k])]
+    assert moved, "the average lags G's weights"
+    assert all(torch.equal(raw[k], ema[k]) for k in raw if "running" in k), "BN stats follow"
+    off = train(config=config(shapes, tmp_path / "off", max_steps=1, ema_decay=0.0))
+    assert load_checkpoint(latest_checkpoint(off))["G_ema"] is None

@@ -27,8 +27,8 @@ def eval_group() -> None:
 @click.option("--real", is_flag=True,
               help="Score the dataset's own images against their ground truth instead.")
 @click.option("--n", type=click.IntRange(min=1), default=None,
-              help="Records scored (their first caption with --run).  [default: all; 512 "
-                   "with --run]")
+              help="Records scored; with --run, one-shape records, from their first "
+                   "caption.  [default: all; 512 with --run]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Noise seed (--run).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None, seed: int,

@@ -69,6 +69,9 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
               help="Caption embeddings averaged per image.")
 @click.option("--interp-beta", type=float, default=0.5, help="GAN-INT's β.")
 @click.option("--interp-weight", type=float, default=1.0, help="GAN-INT's loss weight.")
+@click.option("--ema-decay", type=float, default=0.999,
+              help="Samples come from a moving average of G's weights with this decay "
+                   "(0: from G itself).")
 @click.option("--text-encoder", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A 'pretrain-text' checkpoint, frozen unless --train-text-encoder; "
                    "without one, DS-SJE pretraining runs first into RUN/text.")

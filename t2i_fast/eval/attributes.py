@@ -243,10 +243,18 @@ def evaluate_dataset(path: str | Path, *, n: int | None = None, crop: int | None
 
 def evaluate_generated(model: TrainedModel, path: str | Path, *, n: int = 512, seed: int = 0,
                        batch_size: int = 64) -> dict:
-    """Scores of images generated from the first caption of the first ``n`` records, each
-    against its record's first (largest) shape, which the caption describes."""
+    """Scores of images generated from the first caption of the first ``n`` one-shape
+    records, each against that shape. Two-shape records are left out: the scorer reads the
+    largest shape, and a caption naming two shapes does not fix which one an image draws
+    larger."""
+    samples = []
     with Dataset(path) as ds:
-        samples = [ds[i] for i in range(min(n, len(ds)))]
+        for i in range(len(ds)):
+            if len(samples) == n:
+                break
+            sample = ds[i]
+            if len(_truth_shapes(path, sample)) == 1:
+                samples.append(sample)
     targets = [_truth(path, s) for s in samples]
     captions = [s.captions[0] for s in samples]
     images: list[np.ndarray] = []
@@ -267,12 +275,16 @@ def _tally(pairs: Iterable[tuple[np.ndarray, dict]]) -> dict:
     return {**{f"{key}_acc": hits[key] / max(count, 1) for key in ATTRIBUTES}, "n": count}
 
 
-def _truth(path: str | Path, sample: Sample) -> dict:
+def _truth_shapes(path: str | Path, sample: Sample) -> list[dict]:
     shapes = sample.attributes.get("shapes")
     if not shapes:
         raise DataError(f"{path}: record '{sample.key}' has no ground-truth shapes (attribute "
                         "scores need a dataset from 't2i-fast prepare shapes')")
-    return shapes[0]
+    return shapes
+
+
+def _truth(path: str | Path, sample: Sample) -> dict:
+    return _truth_shapes(path, sample)[0]
 
 
 def _view(image: np.ndarray, crop: int | None, resize: int | None) -> np.ndarray:

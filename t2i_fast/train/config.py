@@ -29,6 +29,7 @@ class TrainConfig:
     captions_per_sample: int = 4  # k caption embeddings averaged per image
     interp_beta: float = 0.5
     interp_weight: float = 1.0
+    ema_decay: float = 0.999  # samples come from this moving average of G's weights; 0: off
     text_encoder: str | None = None  # a pretrain-text checkpoint; None pretrains one first
     train_text_encoder: bool = False  # update it with D (from scratch without text_encoder)
     pretrain_epochs: int = 2
@@ -41,6 +42,8 @@ class TrainConfig:
     loader_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if not 0 <= self.ema_decay < 1:
+            raise T2IError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.variant not in VARIANTS:
             raise T2IError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.preset not in PRESETS:

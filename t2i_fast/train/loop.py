@@ -3,6 +3,7 @@ ICML 2016, Algorithm 1), with the GAN-CLS and GAN-INT terms by variant."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -48,6 +49,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.G = Generator(gan).to(self.device)
         self.D = Discriminator(gan).to(self.device)
+        # Sampling from an average of G's recent weights smooths out the step-to-step swings
+        # of GAN training; the updates themselves are the paper's.
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) \
+            if config.ema_decay else None
         self.text_encoder = TextEncoder(self.models.text).to(self.device)
         if config.text_encoder is not None:
             self._load_text_encoder(Path(config.text_encoder))
@@ -76,6 +81,7 @@ class Trainer:
             "step": self.step, "loader": self.loader.state_dict(),
             "model_config": dataclasses.asdict(self.models), "preset": self.config.preset,
             "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
             "text_encoder": self.text_encoder.state_dict(),
             "text_config": dataclasses.asdict(self.models.text),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
@@ -89,6 +95,8 @@ class Trainer:
                            f"{state.get('preset')!r}) than this run's {self.config.preset!r}")
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
+        if self.G_ema is not None:
+            self.G_ema.load_state_dict(state["G_ema"])
         self.text_encoder.load_state_dict(state["text_encoder"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
@@ -137,12 +145,24 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()
+        if self.G_ema is not None:
+            self._update_ema()
         metrics = {"d_loss": d_loss, "g_loss": g_loss,
                    "d_real": torch.sigmoid(real_right).mean(),
                    "d_fake": torch.sigmoid(fake_right).mean()}
         if real_wrong is not None:
             metrics["d_wrong"] = torch.sigmoid(real_wrong).mean()
         return {k: v.detach() for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # The decay ramps up with the step count, so the untrained start fades out of the
+        # average within a short run too.
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()),
+                             1 - decay)
+        for average, current in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            average.copy_(current)  # BatchNorm statistics follow G's
 
     def _set_lr(self, epoch: int) -> float:
         lr = self.config.lr * 0.5 ** (epoch // self.config.lr_halve_every)
@@ -172,12 +192,14 @@ class Trainer:
     @torch.no_grad()
     def write_samples(self) -> Path:
         indices, z, captions = self._fixed
-        self.G.eval()
+        generator = self.G_ema if self.G_ema is not None else self.G
+        was_training = generator.training
+        generator.eval()
         self.text_encoder.eval()
         text = self.text_encoder.encode_mean(indices.to(self.device))  # [rows, E]
         text = text.repeat_interleave(SAMPLE_COLUMNS, 0)
-        images = self.G(z.repeat(SAMPLE_ROWS, 1).to(self.device), text)
-        self.G.train()
+        images = generator(z.repeat(SAMPLE_ROWS, 1).to(self.device), text)
+        generator.train(was_training)
         self.text_encoder.train()
         folder = self.run / "samples"
         folder.mkdir(exist_ok=True)
