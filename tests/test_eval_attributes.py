@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from conftest import write_random_dataset
 
 from t2i_fast.cli import main
+from t2i_fast.data import Dataset
 from t2i_fast.errors import DataError
 from t2i_fast.eval import evaluate, evaluate_dataset, parse_caption, score_image
 from t2i_fast.eval.attributes import _view
@@ -206,5 +207,10 @@ def test_generated_images_of_a_run(tmp_path, shapes_data):
     assert scores["n"] == 12 and set(scores) == {"color_acc", "shape_acc", "size_acc", "n"}
     # Two steps of training draw no recognisable shapes: the scorer must not be fooled.
     assert scores["shape_acc"] < 0.9
+    every = CliRunner().invoke(main, ["eval", "attributes", "--run", str(run), "--n", "100000",
+                                      "--json"])
+    with Dataset(shapes_data) as ds:
+        one_shape = sum(len(ds[i].attributes["shapes"]) == 1 for i in range(len(ds)))
+    assert 0 < one_shape < len(ds) and json.loads(every.output)["n"] == one_shape
     missing = CliRunner().invoke(main, ["eval", "attributes", "--run", str(tmp_path)])
     assert missing.exit_code == 1 and "no checkpoint" in missing.output
