@@ -16,7 +16,7 @@ from t2i_fast.train import VARIANTS, TrainConfig, train
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 BUILT_IN = Path("shapes.lmdb")
-CPU_EPOCHS = 10  # the small preset on 2 cores: about ten minutes on the built-in dataset
+CPU_EPOCHS = 10  # the small preset on 2 cores: about six minutes on the built-in dataset
 _RESUMABLE = {"resume", "epochs", "max_steps"}
 
 

@@ -156,9 +156,9 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        # The decay ramps up with the step count, so the untrained start fades out of the
-        # average within a short run too.
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        # The average spans the last quarter of the steps so far, up to the decay's span, so
+        # that the untrained start fades out of it within a short run too.
+        decay = min(self.config.ema_decay, 1 - 4 / (4 + self.step))
         torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()),
                              1 - decay)
         for average, current in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
