@@ -8,7 +8,6 @@
 
 #include "errors.h"
 #include "loader.h"
-#include "lmdb_store.h"
 
 namespace py = pybind11;
 
@@ -177,5 +176,4 @@ PYBIND11_MODULE(_C, m) {
       })
       .def_readonly("slot", &Lease::slot);
 
-  m.def("record_key", &t2i::record_key, py::arg("index"));
 }
