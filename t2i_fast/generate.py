@@ -10,6 +10,7 @@ from t2i_fast.data.alphabet import DEFAULT_DOC_LENGTH, encode
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Generator, TextEncoder, preset
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
+from t2i_fast.train.config import resolve_device
 
 
 class TrainedModel:
@@ -34,7 +35,7 @@ class TrainedModel:
         checkpoint = latest_checkpoint(path) if path.is_dir() else path
         if checkpoint is None or not checkpoint.exists():
             raise T2IError(f"{path}: no checkpoint (a run folder or a step_*.pt file)")
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or resolve_device("auto")
         return cls(load_checkpoint(checkpoint), device=device)
 
     @torch.no_grad()

@@ -23,12 +23,10 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images [N, 3, H, W] in [-1, 1] (or uint8) → uint8 [N, H, W, 3]."""
-    images = images.detach().float().cpu()
-    if images.max() > 1.5:  # already 0..255
-        pixels = images
-    else:
-        pixels = (images.clamp(-1, 1) + 1) * 127.5
-    return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images: torch.Tensor, *, rows: int, row_labels: Sequence[str] | None = None,

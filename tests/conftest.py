@@ -23,8 +23,8 @@ def cub_mini_root() -> Path | None:
     return root if (root / "CUB_200_2011/images.txt").is_file() else None
 
 
-@pytest.fixture
-def cub_mini() -> Path:
+@pytest.fixture(scope="session")
+def cub_root() -> Path:
     root = cub_mini_root()
     if root is None:
         pytest.skip("cub_mini not found: expected ../shared/data/cub_mini beside the checkout "

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import cub_mini_root
 from PIL import Image
 
 from t2i_fast.cli import main
@@ -147,15 +146,6 @@ def test_shapes_scale_with_image_size(tmp_path):
 
 
 # --- CUB -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cub_root():
-    root = cub_mini_root()
-    if root is None:
-        pytest.skip("cub_mini not found: expected ../shared/data/cub_mini beside the checkout "
-                    "or T2I_CUB_MINI")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,15 @@ _DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfl
            "float32": torch.float32}
 
 
+def ensure_built_in(data: Path) -> None:
+    """Makes the built-in shapes dataset when ``data`` names it and it is absent."""
+    if data == BUILT_IN and not BUILT_IN.exists():
+        from t2i_fast.prepare.shapes import make_shapes
+
+        click.echo(f"making the built-in shapes dataset at {BUILT_IN}", err=True)
+        make_shapes(out=BUILT_IN)
+
+
 def dataset_summary(path: Path) -> dict:
     with Dataset(path) as ds:
         meta = dict(ds.meta)
@@ -75,11 +84,7 @@ def info(dataset: Path, as_json: bool) -> None:
 def stream(data: Path, epochs: int, batch_size: int, size: int | None, captions_per_sample: int,
            caption_format: str, dtype: str, layout: str, threads: int | None, seed: int) -> None:
     """Stream a dataset through the C++ loader and print its throughput."""
-    if data == BUILT_IN and not data.exists():
-        from t2i_fast.prepare.shapes import make_shapes
-
-        click.echo(f"making the built-in shapes dataset at {data}", err=True)
-        make_shapes(out=data)
+    ensure_built_in(data)
     loader = Loader(data, batch_size=batch_size, seed=seed, size=size,
                     captions_per_sample=captions_per_sample, caption_format=caption_format,
                     dtype=_DTYPES[dtype], layout=layout, num_threads=threads)

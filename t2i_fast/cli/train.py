@@ -10,12 +10,12 @@ import click
 import torch
 from click.core import ParameterSource
 
+from t2i_fast.cli.data import BUILT_IN, ensure_built_in
 from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
 from t2i_fast.train import VARIANTS, TrainConfig, train
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
-BUILT_IN = Path("shapes.lmdb")
 CPU_EPOCHS = 10  # the small preset on 2 cores: about six minutes on the built-in dataset
 _RESUMABLE = {"resume", "epochs", "max_steps"}
 
@@ -33,14 +33,6 @@ def _auto_preset(name: str, device: str) -> str:
     if name != "auto":
         return name
     return "reed" if torch.cuda.is_available() and device in ("auto", "cuda") else "small"
-
-
-def _ensure_built_in(data: Path) -> None:
-    if data == BUILT_IN and not BUILT_IN.exists():
-        from t2i_fast.prepare.shapes import make_shapes
-
-        click.echo(f"making the built-in shapes dataset at {BUILT_IN}", err=True)
-        make_shapes(out=BUILT_IN)
 
 
 def _next_run(root: Path, variant: str, preset: str) -> Path:
@@ -110,7 +102,7 @@ def train_command(ctx: click.Context, **options) -> None:
         options["pretrain_epochs"] = 2 if small else 20
     if options["run"] is None:
         options["run"] = _next_run(Path("runs"), options["variant"], options["preset"])
-    _ensure_built_in(options["data"])
+    ensure_built_in(options["data"])
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     config = TrainConfig(**options)
     run = train(config=config)
@@ -140,7 +132,7 @@ def train_command(ctx: click.Context, **options) -> None:
 def pretrain_text_command(**options) -> None:
     """Pretrain the char-CNN-RNN text encoder with DS-SJE; report zero-shot accuracy."""
     options["preset"] = _auto_preset(options["preset"], options["device"])
-    _ensure_built_in(options["data"])
+    ensure_built_in(options["data"])
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     checkpoint = pretrain_text(config=PretrainConfig(**options))
     evaluation = json.loads((checkpoint.parent / "evaluation.json").read_text())

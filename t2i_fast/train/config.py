@@ -7,10 +7,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
 
 VARIANTS = ("gan", "cls", "int", "int-cls")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @dataclass(frozen=True)

@@ -22,23 +22,17 @@ from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embe
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from t2i_fast.train.config import TrainConfig
+from t2i_fast.train.config import TrainConfig, resolve_device
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 SAMPLE_ROWS, SAMPLE_COLUMNS = 6, 8
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.run = Path(config.run)
-        self.device = _device(config.device)
+        self.device = resolve_device(config.device)
         self.models = preset(config.preset)
         gan = self.models.gan
         self.loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,

@@ -22,6 +22,7 @@ from t2i_fast.errors import T2IError
 from t2i_fast.losses import sje_loss
 from t2i_fast.models import ImageEncoder, TextEncoder, preset
 from t2i_fast.models.image_encoder import BackboneImageEncoder
+from t2i_fast.train.config import resolve_device
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,14 @@ def zero_shot(image_encoder: torch.nn.Module, text_encoder: TextEncoder, dataset
     image_emb = torch.cat([
         image_encoder(_prepare(torch.stack(images[i: i + 256]).to(device), size))
         for i in range(0, len(images), 256)])  # [N, E]
-    prototypes = torch.stack([
-        torch.cat([text_encoder(t.to(device)) for t in texts[int(c)]]).mean(0)
-        for c in classes])  # [C, E]
+    captions = torch.cat([t for c in classes for t in texts[int(c)]])  # [M, L]
+    owner = torch.cat([torch.full((len(t),), k) for k, c in enumerate(classes)
+                       for t in texts[int(c)]]).to(device)  # [M]: row k of the prototypes
+    text_emb = torch.cat([text_encoder(captions[i: i + 1024].to(device))
+                          for i in range(0, len(captions), 1024)])  # [M, E]
+    prototypes = torch.zeros(len(classes), text_emb.shape[1], device=device)
+    prototypes.index_add_(0, owner, text_emb)
+    prototypes /= torch.bincount(owner, minlength=len(classes))[:, None]  # [C, E]: means
     labels_t = torch.tensor(labels, device=device)
     scores = image_emb @ prototypes.T  # [N, C]
     predicted = torch.as_tensor(classes, device=device)[scores.argmax(1)]
@@ -116,8 +122,7 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     out = Path(config.out)
     if out.exists():
         raise T2IError(f"{out}: already exists; choose another --out")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     models = preset(config.preset)
     loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,
                     captions_per_sample=1, dtype=torch.float32)
