@@ -1,0 +1,462 @@
+"""The fused conv → BatchNorm → LeakyReLU against its PyTorch reference: outputs, every
+gradient and the running statistics, for each layer kind of the presets, odd channel counts
+and sizes, float32 and bfloat16, NCHW and channels_last, training and eval; the module, the
+compiled graph, the dispatch table, the model walk and the benchmark script's dry run.
+Without CUDA the kernels run in Triton's interpreter on the CPU."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton chooses between compiling and interpreting when @triton.jit decorates a kernel,
+    # i.e. when the module defining it is imported: this must come first. (tests/conftest.py
+    # should set it too, for test modules imported before this one.)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
+
+from t2i_fast.models.config import preset  # noqa: E402
+from t2i_fast.models.discriminator import Discriminator  # noqa: E402
+from t2i_fast.models.generator import Generator  # noqa: E402
+from t2i_fast.ops import conv_bn_act as cba  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available() and not cba.INTERPRETED,
+    reason="no CUDA, and t2i_fast.ops.conv_bn_act was imported before TRITON_INTERPRET=1 was "
+           "set (tests/conftest.py should set it before any test module imports it)")
+
+# (kind, C_in, C_out, kernel, stride, padding, batch, H, W, slope, bias): every layer type of
+# the presets, with odd channel counts and sizes.
+LAYERS = {
+    "conv4s2": ("conv", 3, 5, 4, 2, 1, 2, 7, 9, 0.2, False),
+    "conv3": ("conv", 5, 7, 3, 1, 1, 2, 5, 6, 0.0, True),
+    "conv1": ("conv", 7, 3, 1, 1, 0, 3, 4, 3, None, False),
+    "conv3-w1": ("conv", 3, 5, 3, 1, 1, 2, 5, 1, 0.2, False),
+    "convT4s2": ("conv_transpose", 5, 3, 4, 2, 1, 2, 3, 5, 0.2, True),
+    "convT4s1-1x1": ("conv_transpose", 7, 5, 4, 1, 0, 5, 1, 1, None, False),
+    "convT4s2-odd": ("conv_transpose", 7, 5, 4, 2, 1, 2, 3, 3, 0.0, False),
+}
+LAYOUTS = ("nchw", "channels_last")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    # Exact float32 products on both sides, and a dispatch table of the test's own.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setenv("T2I_FAST_DISPATCH", str(tmp_path / "dispatch.json"))
+
+
+def _inputs(name: str, layout: str) -> dict:
+    """float32 masters of one layer's tensors (the kernels get them rounded to the dtype)."""
+    kind, c_in, c_out, k, stride, padding, batch, h, w, slope, bias = LAYERS[name]
+    wshape = (c_in, c_out, k, k) if kind == "conv_transpose" else (c_out, c_in, k, k)
+    x = torch.randn(batch, c_in, h, w, device=DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return {
+        "x": x, "weight": torch.randn(wshape, device=DEVICE) / (c_in * k) ** 0.5,
+        "bias": torch.randn(c_out, device=DEVICE) if bias else None,
+        "bn_weight": 1 + 0.2 * torch.randn(c_out, device=DEVICE),
+        "bn_bias": 0.2 * torch.randn(c_out, device=DEVICE),
+        "running_mean": 0.1 * torch.randn(c_out, device=DEVICE),
+        "running_var": 0.5 + torch.rand(c_out, device=DEVICE),
+        "options": {"kind": kind, "stride": stride, "padding": padding, "slope": slope},
+    }
+
+
+def _run(impl: str, inputs: dict, *, dtype=torch.float32, training=True, grad_y=None):
+    """{name: tensor} of the layer's output, its gradients (training) and running stats.
+    x, weight and bias are cast to dtype; the BatchNorm tensors stay float32."""
+    leaves = {}
+    for name in ("x", "weight", "bias", "bn_weight", "bn_bias"):
+        t = inputs[name]
+        if t is not None:
+            t = t.to(dtype) if name in ("x", "weight", "bias") else t.clone()
+            leaves[name] = t.detach().requires_grad_(training)
+    stats = {n: inputs[n].clone() for n in ("running_mean", "running_var")}
+    with torch.set_grad_enabled(training):
+        y = cba.conv_bn_act(leaves["x"], leaves["weight"], leaves.get("bias"),
+                            leaves["bn_weight"], leaves["bn_bias"], **stats,
+                            **inputs["options"], training=training, impl=impl)
+    out = {"y": y.detach(), **stats}
+    if training:
+        y.backward(grad_y.to(dtype) if grad_y is not None else torch.ones_like(y))
+        out.update({f"d{n}": t.grad for n, t in leaves.items()})
+    return out
+
+
+def _grad_y(inputs: dict, dtype=torch.float32) -> torch.Tensor:
+    y = _run("ref", inputs, training=False)["y"]
+    return torch.randn_like(y).to(dtype).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_train_fp32_matches_reference(name, layout):
+    inputs = _inputs(name, layout)
+    grad_y = _grad_y(inputs)
+    expected = _run("ref", inputs, grad_y=grad_y)
+    got = _run("triton", inputs, grad_y=grad_y)
+    assert got.keys() == expected.keys()
+    for key, want in expected.items():
+        torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5, msg=key)
+    assert got["y"].is_contiguous(memory_format=torch.channels_last) == (
+        layout == "channels_last" and inputs["x"].shape[2:] != (1, 1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["conv4s2", "conv1", "convT4s2", "convT4s1-1x1"])
+def test_train_cudnn_fused_matches_reference(name):
+    inputs = _inputs(name, "channels_last" if name == "conv4s2" else "nchw")
+    grad_y = _grad_y(inputs)
+    expected = _run("ref", inputs, grad_y=grad_y)
+    got = _run("cudnn_fused", inputs, grad_y=grad_y)
+    for key, want in expected.items():
+        torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _assert_bf16_within_torchs(got: dict, torch_bf16: dict, exact: dict) -> None:
+    """Each tensor's error against the float32 computation is at most 3× PyTorch's own
+    bfloat16 error, plus a quarter of a bfloat16 step at the tensor's scale."""
+    for key, want in exact.items():
+        want = want.float()
+        scale = want.abs().max().item()
+        ours = (got[key].float() - want).abs().max().item()
+        theirs = (torch_bf16[key].float() - want).abs().max().item()
+        assert ours <= 3 * theirs + 2**-10 * scale, (key, ours, theirs, scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_train_bf16_error_is_within_torchs(name, layout):
+    inputs = _inputs(name, layout)
+    for key in ("x", "weight", "bias"):  # the float32 reference sees the same rounded values
+        if inputs[key] is not None:
+            inputs[key] = inputs[key].bfloat16().float()
+    grad_y = _grad_y(inputs, torch.bfloat16)
+    exact = _run("ref", inputs, grad_y=grad_y)
+    torch_bf16 = _run("ref", inputs, dtype=torch.bfloat16, grad_y=grad_y)
+    got = _run("triton", inputs, dtype=torch.bfloat16, grad_y=grad_y)
+    assert got["y"].dtype == got["dx"].dtype == got["dweight"].dtype == torch.bfloat16
+    _assert_bf16_within_torchs(got, torch_bf16, exact)
+
+
+@needs_kernels
+@pytest.mark.parametrize("impl", ["triton", "cudnn_fused"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_eval_matches_reference(name, layout, impl):
+    inputs = _inputs(name, layout)
+    for key in ("x", "weight", "bias"):
+        if inputs[key] is not None:
+            inputs[key] = inputs[key].bfloat16().float()
+    exact = _run("ref", inputs, training=False)
+    got = _run(impl, inputs, training=False)
+    for key, want in exact.items():
+        torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5, msg=key)
+    torch_bf16 = _run("ref", inputs, dtype=torch.bfloat16, training=False)
+    got = _run(impl, inputs, dtype=torch.bfloat16, training=False)
+    _assert_bf16_within_torchs(got, torch_bf16, exact)
+
+
+@needs_kernels
+def test_large_channel_means_keep_the_variance():
+    # Sums of squares in float32 would lose a variance of ~1 under a mean of 3000.
+    inputs = _inputs("conv3", "nchw")
+    inputs["bias"] = torch.full_like(inputs["bias"], 3000.0)
+    expected = _run("ref", inputs)
+    got = _run("triton", inputs)
+    torch.testing.assert_close(got["running_var"], expected["running_var"], rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(got["y"], expected["y"], rtol=1e-3, atol=1e-3)
+
+
+@needs_kernels
+def test_any_grad_layout():
+    # y.sum() hands back an expanded (stride-0) gradient, a permute a non-dense one.
+    inputs = _inputs("convT4s2", "nchw")
+    for loss in (lambda y: y.sum(), lambda y: (y.permute(0, 1, 3, 2) * 2).sum()):
+        grads = []
+        for impl in ("ref", "triton"):
+            x = inputs["x"].clone().requires_grad_()
+            y = cba.conv_bn_act(x, inputs["weight"], inputs["bias"], inputs["bn_weight"],
+                                inputs["bn_bias"], inputs["running_mean"].clone(),
+                                inputs["running_var"].clone(), **inputs["options"],
+                                training=True, impl=impl)
+            loss(y).backward()
+            grads.append(x.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_module_from_modules_shares_state():
+    conv = nn.ConvTranspose2d(5, 3, 4, 2, 1, bias=False).to(DEVICE)
+    bn = nn.BatchNorm2d(3).to(DEVICE)
+    eager = nn.Sequential(conv, bn, nn.LeakyReLU(0.2))
+    fused = cba.ConvBNAct.from_modules(conv, bn, 0.2, impl="triton")
+    assert fused.conv is conv and fused.bn is bn
+    assert [p is q for p, q in zip(fused.parameters(), eager.parameters(), strict=True)] == [
+        True] * 3
+    x = torch.randn(2, 5, 3, 3, device=DEVICE)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    expected = eager(x)
+    expected_state = {k: v.clone() for k, v in bn.state_dict().items()}
+    bn.load_state_dict(state)
+    got = fused(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for key, value in expected_state.items():
+        torch.testing.assert_close(bn.state_dict()[key], value, msg=key)
+    eager.eval()
+    fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_module_constructor_and_checks():
+    layer = cba.ConvBNAct("conv", 4, 6, 3, stride=1, padding=1, slope=None, momentum=0.3)
+    assert isinstance(layer.conv, nn.Conv2d) and layer.conv.bias is None
+    assert layer.bn.momentum == 0.3 and layer.slope is None
+    assert "kind=conv" in repr(layer)
+    with pytest.raises(ValueError, match="output_padding"):
+        cba.ConvBNAct.from_modules(nn.ConvTranspose2d(2, 2, 4, 2, 1, output_padding=1),
+                                   nn.BatchNorm2d(2), 0.2)
+    with pytest.raises(ValueError, match="momentum"):
+        cba.ConvBNAct.from_modules(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2, momentum=None), 0.2)
+    with pytest.raises(ValueError, match="square"):
+        cba.ConvBNAct.from_modules(nn.Conv2d(2, 2, 3, stride=(1, 2)), nn.BatchNorm2d(2), 0.2)
+    with pytest.raises(TypeError):
+        cba.ConvBNAct.from_modules(nn.Conv2d(2, 2, 3), nn.BatchNorm1d(2), 0.2)
+
+
+@needs_kernels
+def test_compile_fullgraph():
+    def layer():
+        torch.manual_seed(1)
+        return cba.ConvBNAct("conv_transpose", 5, 3, 4, stride=2, padding=1, slope=0.2,
+                             impl="triton").to(DEVICE)
+
+    eager, compiled_layer = layer(), layer()
+    counter = CompileCounterWithBackend("aot_eager" if DEVICE == "cpu" else "inductor")
+    compiled = torch.compile(compiled_layer, backend=counter, fullgraph=True)
+    x = torch.randn(2, 5, 3, 4, device=DEVICE)
+    for _ in range(2):  # the second step reuses the graph
+        grads = []
+        for net in (eager, compiled):
+            leaf = x.clone().requires_grad_()
+            net(leaf).square().sum().backward()
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1
+    for (name, a), b in zip(eager.state_dict().items(), compiled_layer.state_dict().values(),
+                            strict=True):  # the running statistics and batch count too
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, a), b in zip(eager.named_parameters(), compiled_layer.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    eager.eval()
+    compiled_layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 2  # eval: a second graph, still whole
+
+
+def test_operators_are_registered():
+    for name in ("conv_bn_act_train", "conv_bn_act_backward", "conv_bn_act_eval"):
+        assert hasattr(torch.ops.t2i_fast, name)
+    inputs = _inputs("conv4s2", "nchw")
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        args = [mode.from_tensor(inputs[k]) if inputs[k] is not None else None
+                for k in ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean",
+                          "running_var")]
+        y, z, mean, invstd = torch.ops.t2i_fast.conv_bn_act_train(
+            *args, "conv", 2, 1, 0.2, 0.1, 1e-5, "triton")
+    assert y.shape == z.shape == (2, 5, 3, 4) and mean.shape == invstd.shape == (5,)
+
+
+@needs_kernels
+def test_impl_choice(monkeypatch):
+    inputs = _inputs("conv3", "nchw")
+    args = [inputs[k] for k in ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean",
+                                "running_var")]
+    calls = []
+    reference = cba.conv_bn_act_ref
+    monkeypatch.setattr(cba, "conv_bn_act_ref", lambda *a, **k: calls.append(1) or
+                        reference(*a, **k))
+    options = dict(inputs["options"], training=True)
+    cba.conv_bn_act(*args, **options, impl="auto")
+    assert len(calls) == (0 if DEVICE == "cuda" else 1)  # CPU tensors take the reference
+    cba.conv_bn_act(*args, **options, impl="ref")
+    assert len(calls) == (1 if DEVICE == "cuda" else 2)
+    # Eval kernels have no backward: auto takes the reference when autograd records.
+    x = args[0].clone().requires_grad_()
+    cba.conv_bn_act(x, *args[1:], **dict(options, training=False), impl="auto")
+    assert len(calls) == (2 if DEVICE == "cuda" else 3)
+    with pytest.raises(ValueError, match="no backward"):
+        cba.conv_bn_act(x, *args[1:], **dict(options, training=False), impl="triton")
+    with pytest.raises(ValueError, match="dtype"):
+        cba.conv_bn_act(args[0].half(), args[1].half(), None, *args[3:], **options,
+                        impl="triton")
+    with pytest.raises(ValueError, match="impl"):
+        cba.conv_bn_act(*args, **options, impl="cudnn")
+    with pytest.raises(ValueError, match="kind"):
+        cba.conv_bn_act(*args, **dict(options, kind="deconv"))
+    with pytest.raises(ValueError, match="more than one value"):
+        cba.conv_bn_act(args[0][:1, :, :1, :1], *args[1:], **options, impl="triton")
+    weight = torch.randn(5, 3, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of its stride"):
+        cba.conv_bn_act(args[0], weight, None, *args[3:],
+                        **dict(options, kind="conv_transpose", stride=2), impl="triton")
+
+
+def test_dispatch_table_is_recorded_and_merged(tmp_path, monkeypatch):
+    path = tmp_path / "dispatch.json"
+    monkeypatch.setenv("T2I_FAST_DISPATCH", str(path))
+    assert cba.dispatch_file() == path and cba.dispatch_table() == {}
+    entry = {"impl": "triton", "tiling": [64, 64, 32, 4, 4], "ms": {"cudnn_fused": 1.0}}
+    cba._record("layer a", entry)
+    # Another process records meanwhile; a fresh process reads both.
+    other = json.loads(path.read_text())
+    other["layer b"] = {"impl": "cudnn_fused", "tiling": None, "ms": {}}
+    path.write_text(json.dumps(other))
+    cba._record("layer c", entry)
+    monkeypatch.setattr(cba, "_TABLES", {})
+    assert set(cba.dispatch_table()) == {"layer a", "layer b", "layer c"}
+    assert cba.dispatch_table()["layer a"] == entry
+    path.write_text("{not json")
+    monkeypatch.setattr(cba, "_TABLES", {})
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        assert cba.dispatch_table() == {}
+
+
+@cuda_only
+def test_auto_measures_once_and_reuses(monkeypatch):
+    inputs = _inputs("conv4s2", "channels_last")
+    first = _run("auto", inputs)
+    table = cba.dispatch_table()
+    assert len(table) == 1
+    (entry,) = table.values()
+    assert entry["impl"] in ("triton", "cudnn_fused") and "cudnn_fused" in entry["ms"]
+    monkeypatch.setattr(cba, "_measure", lambda *a: pytest.fail("measured twice"))
+    again = _run("auto", inputs)
+    torch.testing.assert_close(again["y"], first["y"])
+    monkeypatch.setattr(cba, "_TABLES", {})  # a new process reads the file
+    _run("auto", inputs)
+
+
+def _reed_layers():
+    gan = preset("reed").gan
+    with torch.device("meta"):
+        g, d = Generator(gan), Discriminator(gan)
+        z = torch.empty(2, gan.z_dim)
+        text = torch.empty(2, gan.embedding_dim)
+        g_layers = cba.conv_bn_act_layers(g.eval(), z, text)
+        d_layers = cba.conv_bn_act_layers(d.eval(), torch.empty(2, 3, 64, 64), text)
+    return g_layers, d_layers
+
+
+def test_model_layers():
+    g_layers, d_layers = _reed_layers()
+    as_tuples = [(la.kind, la.in_channels, la.out_channels, la.kernel_size, la.stride,
+                  la.padding, la.height, la.width, la.slope) for la in g_layers]
+    assert as_tuples == [
+        ("conv_transpose", 228, 1024, 4, 1, 0, 1, 1, None),  # a residual block follows
+        ("conv", 1024, 256, 1, 1, 0, 4, 4, 0.0),
+        ("conv", 256, 256, 3, 1, 1, 4, 4, 0.0),
+        ("conv", 256, 1024, 3, 1, 1, 4, 4, None),  # the residual sum follows
+        ("conv_transpose", 1024, 512, 4, 2, 1, 4, 4, None),
+        ("conv", 512, 128, 1, 1, 0, 8, 8, 0.0),
+        ("conv", 128, 128, 3, 1, 1, 8, 8, 0.0),
+        ("conv", 128, 512, 3, 1, 1, 8, 8, None),
+        ("conv_transpose", 512, 256, 4, 2, 1, 8, 8, 0.0),
+        ("conv_transpose", 256, 128, 4, 2, 1, 16, 16, 0.0),
+    ]
+    assert g_layers[0].name == "stages.0.0"
+    # The joint 1×1 convolution adds a per-sample text term before its BatchNorm: not a
+    # conv → BatchNorm layer.
+    assert [(la.kind, la.in_channels, la.height, la.slope) for la in d_layers] == [
+        ("conv", 64, 32, 0.2), ("conv", 128, 16, 0.2), ("conv", 256, 8, None),
+        ("conv", 512, 4, 0.2), ("conv", 128, 4, 0.2), ("conv", 128, 4, None)]
+    assert d_layers[0].name == "stages.1.0"
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["reed", "dcgan"])
+def test_every_preset_layer_is_accepted(name):
+    gan = preset(name).gan
+    with torch.device("meta"):
+        layers = cba.conv_bn_act_layers(Generator(gan).eval(), torch.empty(2, gan.z_dim),
+                                        torch.empty(2, gan.embedding_dim))
+        layers += cba.conv_bn_act_layers(Discriminator(gan).eval(),
+                                         torch.empty(2, 3, gan.image_size, gan.image_size),
+                                         torch.empty(2, gan.embedding_dim))
+    for la in layers:
+        x = torch.empty(2, la.in_channels, la.height, la.width, dtype=torch.bfloat16,
+                        device=DEVICE)
+        shape = (la.in_channels, la.out_channels) if la.kind == "conv_transpose" else (
+            la.out_channels, la.in_channels)
+        w = torch.empty(*shape, la.kernel_size, la.kernel_size, dtype=torch.bfloat16,
+                        device=DEVICE)
+        stat = torch.empty(la.out_channels, device=DEVICE)
+        assert cba._refusal(x, w, None, stat, stat, stat, stat, kind=la.kind,
+                            stride=la.stride, padding=la.padding, training=True) is None
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    spec = importlib.util.spec_from_file_location("bench_kernels",
+                                                  ROOT / "scripts/bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_dry_run_lists_the_layers(bench_script, capsys):
+    assert bench_script.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    g_layers, d_layers = _reed_layers()
+    for batch in (64, 256):
+        for model, layers in (("G", g_layers), ("D", d_layers)):
+            for la in layers:
+                assert any(line.split()[:3] == [model, la.name, str(batch)] for line in lines), (
+                    model, la.name, batch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_bench_refuses_without_cuda(bench_script, capsys):
+    assert bench_script.main(["--batch", "64"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "CUDA" in err
+
+
+def test_bench_report_writes_json_and_csv(bench_script, tmp_path, capsys):
+    # The report of a GPU run, from made-up timings: the printing and files work on CPU.
+    (model, layer), *_ = bench_script.reed_layers()
+    rows = [{"op": "conv_bn_act", "model": model, "layer": layer.name, "batch": 64,
+             "mode": mode, "variant": variant, "check": "ok", "ms": 0.5, "tflops": 100.0,
+             "gbps": 900.0, "tflops_pct": 10.0, "gbps_pct": 30.0}
+            for mode in bench_script.MODES for variant in bench_script.VARIANTS]
+    decisions = [{"model": model, "layer": layer.name, "batch": 64, "key": "k | train",
+                  "impl": "triton"}]
+    loss = [{"op": "generator_loss", "batch": 64, "mode": "fwd", "variant": "fused",
+             "ms": 0.01, "gbps": 0.1}]
+    bench_script.print_conv_table(rows, decisions)
+    bench_script.print_loss_table(loss)
+    out = capsys.readouterr().out
+    assert layer.name in out and "generator_loss" in out and "triton" in out
+    args = argparse.Namespace(json=str(tmp_path / "r.json"), csv=str(tmp_path / "r.csv"))
+    bench_script.write_outputs(args, {"conv": rows, "loss": loss, "dispatch": decisions})
+    assert json.loads((tmp_path / "r.json").read_text())["dispatch"] == decisions
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(rows) + len(loss) and lines[0].startswith("op,model,layer")
