@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from t2i_fast.data.format import Record, record_key
 from t2i_fast.data.loader import onehot
 from t2i_fast.data.reference import ReferenceLoader
 from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.provenance import commit
 
 BATCH, K, SIZE = 64, 4, 64
 
@@ -144,14 +144,6 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{os.cpu_count()} cores, {cpu}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from t2i_fast.data.alphabet import DEFAULT_DOC_LENGTH, encode
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Generator, TextEncoder, preset
+from t2i_fast.pictures import image_grid
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
 from t2i_fast.train.config import resolve_device
 
@@ -50,3 +52,27 @@ class TrainedModel:
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """Noise that depends on the seed only, not on the device."""
         return torch.randn(n, self.z_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def interpolation_grid(model: TrainedModel, texts: list[str], *, steps: int = 8, rows: int = 4,
+                       seed: int = 0) -> Image.Image:
+    """The paper's interpolations as a grid of ``rows`` x ``steps`` images. Two captions:
+    fixed noise per row, the text embedding walked from the first caption to the second. One
+    caption: the noise walked between two draws per row."""
+    if len(texts) not in (1, 2):
+        raise T2IError("--text takes one caption (noise interpolation) or two (sentence)")
+    alphas = torch.linspace(0, 1, steps)[:, None]  # [steps, 1]
+    if len(texts) == 2:
+        a, b = model.embed(list(texts)).cpu()
+        text = ((1 - alphas) * a + alphas * b).repeat(rows, 1)  # [rows * steps, E]
+        z = model.noise(rows, seed).repeat_interleave(steps, 0)
+        labels = [f"noise {r}" for r in range(rows)]
+        title = f"sentence interpolation: {texts[0]}  ->  {texts[1]}"
+    else:
+        text = model.embed(list(texts)).cpu().repeat(rows * steps, 1)
+        ends = model.noise(2 * rows, seed).view(rows, 2, -1)  # [rows, 2, Z]
+        z = torch.cat([(1 - alphas) * e[0] + alphas * e[1] for e in ends])
+        labels = [f"noise pair {r}" for r in range(rows)]
+        title = f"noise interpolation: {texts[0]}"
+    images = model.generate(text, z).cpu()
+    return image_grid(images, rows=rows, row_labels=labels, title=title)

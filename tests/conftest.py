@@ -8,6 +8,11 @@ import torch
 
 from t2i_fast.data.writer import DatasetWriter
 
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler when @triton.jit decorates a kernel, i.e. when the
+    # module defining it is imported: set this before any t2i_fast.ops module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -52,3 +57,13 @@ def write_random_dataset(path: Path, *, n: int = 37, size: int = 20, classes: in
 @pytest.fixture(scope="session")
 def random_dataset(tmp_path_factory) -> Path:
     return write_random_dataset(tmp_path_factory.mktemp("data") / "random.lmdb")
+
+
+def tiny_run(data: Path, run: Path, **options) -> Path:
+    """A `small` run of a step or two on ``data``, made in seconds: batch 8 and a text
+    encoder trained with D from scratch unless ``options`` say otherwise."""
+    from t2i_fast.train import TrainConfig, train
+
+    settings = {"preset": "small", "batch_size": 8, "max_steps": 1, "train_text_encoder": True,
+                **options}
+    return train(config=TrainConfig(data=str(data), run=str(run), **settings))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_random_dataset
+from conftest import tiny_run, write_random_dataset
 
 from t2i_fast.cli import main
 from t2i_fast.data import Dataset
@@ -195,11 +195,7 @@ def test_cli_errors(tmp_path, shapes_data):
 
 
 def test_generated_images_of_a_run(tmp_path, shapes_data):
-    from t2i_fast.train import TrainConfig, train
-
-    run = train(config=TrainConfig(data=str(shapes_data), run=str(tmp_path / "run"),
-                                   preset="small", batch_size=8, max_steps=2,
-                                   train_text_encoder=True))
+    run = tiny_run(shapes_data, tmp_path / "run", max_steps=2)
     result = CliRunner().invoke(main, ["eval", "attributes", "--run", str(run), "--n", "12",
                                        "--json"])
     assert result.exit_code == 0, result.output

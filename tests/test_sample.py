@@ -5,20 +5,18 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_run
 from PIL import Image
 
 from t2i_fast.cli import main
 from t2i_fast.prepare.shapes import make_shapes
-from t2i_fast.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     make_shapes(out=root / "shapes.lmdb", n=16)
-    return train(config=TrainConfig(data=str(root / "shapes.lmdb"), run=str(root / "run"),
-                                    preset="small", batch_size=8, max_steps=1,
-                                    train_text_encoder=True))
+    return tiny_run(root / "shapes.lmdb", root / "run")
 
 
 def invoke(*args):

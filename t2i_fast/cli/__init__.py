@@ -29,11 +29,14 @@ def _register() -> None:
     from t2i_fast.cli.data import info, preview, stream
     from t2i_fast.cli.eval import eval_group
     from t2i_fast.cli.prepare import prepare
+    from t2i_fast.cli.report import report
     from t2i_fast.cli.sample import interpolate, sample
+    from t2i_fast.cli.style import style_transfer_command, train_style_command
     from t2i_fast.cli.train import pretrain_text_command, train_command
 
     for command in (prepare, info, preview, stream, pretrain_text_command, train_command,
-                    sample, interpolate, eval_group):
+                    sample, interpolate, eval_group, train_style_command,
+                    style_transfer_command, report):
         main.add_command(command)
 
 

@@ -10,8 +10,7 @@ import click
 import torch
 from PIL import Image
 
-from t2i_fast.errors import T2IError
-from t2i_fast.generate import TrainedModel
+from t2i_fast.generate import TrainedModel, interpolation_grid
 from t2i_fast.pictures import image_grid, to_uint8
 from t2i_fast.prepare.captions import read_captions
 
@@ -85,23 +84,7 @@ def interpolate(run: Path, texts: tuple[str, ...], steps: int, rows: int, seed: 
                 out: Path) -> None:
     """The paper's interpolations: fixed noise with the text embedding walked from caption A
     to caption B, or a fixed caption with the noise walked between two draws."""
-    if len(texts) > 2:
-        raise T2IError("--text takes one caption (noise interpolation) or two (sentence)")
-    model = TrainedModel.load(run)
-    alphas = torch.linspace(0, 1, steps)[:, None]  # [steps, 1]
-    if len(texts) == 2:
-        a, b = model.embed(list(texts)).cpu()
-        text = ((1 - alphas) * a + alphas * b).repeat(rows, 1)  # [rows * steps, E]
-        z = model.noise(rows, seed).repeat_interleave(steps, 0)
-        labels = [f"noise {r}" for r in range(rows)]
-        title = f"sentence interpolation: {texts[0]}  ->  {texts[1]}"
-    else:
-        text = model.embed(list(texts)).cpu().repeat(rows * steps, 1)
-        ends = model.noise(2 * rows, seed).view(rows, 2, -1)  # [rows, 2, Z]
-        z = torch.cat([(1 - alphas) * e[0] + alphas * e[1] for e in ends])
-        labels = [f"noise pair {r}" for r in range(rows)]
-        title = f"noise interpolation: {texts[0]}"
-    images = model.generate(text, z).cpu()
-    grid = image_grid(images, rows=rows, row_labels=labels, title=title)
+    grid = interpolation_grid(TrainedModel.load(run), list(texts), steps=steps, rows=rows,
+                              seed=seed)
     grid.save(out)
     click.echo(f"{out}: {rows} rows x {steps} steps")

@@ -14,6 +14,13 @@ from t2i_fast.cli.data import BUILT_IN, ensure_built_in
 from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
 from t2i_fast.train import VARIANTS, TrainConfig, train
+from t2i_fast.train.config import (
+    BACKENDS,
+    PRECISIONS,
+    resolve_backend,
+    resolve_device,
+    resolve_precision,
+)
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 CPU_EPOCHS = 10  # the small preset on 2 cores: about six minutes on the built-in dataset
@@ -68,7 +75,7 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
               help="A 'pretrain-text' checkpoint, frozen unless --train-text-encoder; "
                    "without one, DS-SJE pretraining runs first into RUN/text.")
 @click.option("--pretrain-epochs", type=click.IntRange(min=1), default=None,
-              help="Epochs of that pretraining  [default: 20; 2 with the small preset]")
+              help="Epochs of that pretraining  [default: 20; 8 with the small preset]")
 @click.option("--train-text-encoder", is_flag=True,
               help="Update the text encoder with D (from scratch without --text-encoder).")
 @click.option("--seed", type=click.IntRange(min=0), default=0)
@@ -78,6 +85,12 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
 @click.option("--log-every", type=click.IntRange(min=1), default=20, help="Steps.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--loader-threads", type=click.IntRange(min=1), default=None)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="compiled: torch.compile, CUDA graphs, fused kernels; auto is compiled on "
+                   "a GPU and eager on the CPU.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="bf16: bfloat16 autocast (losses in float32); auto is bf16 for the compiled "
+                   "backend on a GPU, fp32 otherwise.")
 @click.pass_context
 def train_command(ctx: click.Context, **options) -> None:
     """Train a text-to-image GAN (GAN, GAN-CLS, GAN-INT or GAN-INT-CLS)."""
@@ -95,11 +108,18 @@ def train_command(ctx: click.Context, **options) -> None:
         click.echo(f"{run}: resumed and finished")
         return
     options["preset"] = _auto_preset(options["preset"], options["device"])
+    try:
+        device = resolve_device(options["device"])
+    except RuntimeError as exc:
+        raise T2IError(f"--device {options['device']!r}: {exc}") from exc
+    # config.json records what ran, not "auto".
+    options["backend"] = resolve_backend(options["backend"], device)
+    options["precision"] = resolve_precision(options["precision"], options["backend"], device)
     small = options["preset"] == "small"
     if options["epochs"] is None:
         options["epochs"] = CPU_EPOCHS if small else 600
     if options["pretrain_epochs"] is None:
-        options["pretrain_epochs"] = 2 if small else 20
+        options["pretrain_epochs"] = 8 if small else 20
     if options["run"] is None:
         options["run"] = _next_run(Path("runs"), options["variant"], options["preset"])
     ensure_built_in(options["data"])

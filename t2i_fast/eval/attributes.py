@@ -23,7 +23,15 @@ from t2i_fast.data.dataset import Dataset, Sample
 from t2i_fast.errors import DataError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.pictures import to_uint8
-from t2i_fast.prepare.shapes import _HUES, _RADII, _SIZE_WORDS, COLORS, SHAPES, SIZES
+from t2i_fast.prepare.shapes import (
+    _HUES,
+    _RADII,
+    _SIZE_WORDS,
+    COLORS,
+    SHAPES,
+    SIZES,
+    one_shape_captions,
+)
 
 ATTRIBUTES = ("color", "shape", "size")
 
@@ -246,9 +254,14 @@ def evaluate_generated(model: TrainedModel, path: str | Path, *, n: int = 512, s
     """Scores of images generated from the first caption of the first ``n`` one-shape
     records, each against that shape. Two-shape records are left out: the scorer reads the
     largest shape, and a caption naming two shapes does not fix which one an image draws
-    larger."""
+    larger.
+
+    Where the dataset holds colour-shape combinations out (``prepare shapes --holdout``), no
+    record shows them, so up to ``n`` more images come from captions of those combinations
+    (every one-shape template, every size), scored under ``heldout_*`` keys: zero-shot."""
     samples = []
     with Dataset(path) as ds:
+        holdout = ds.meta.get("holdout", [])
         for i in range(len(ds)):
             if len(samples) == n:
                 break
@@ -257,11 +270,35 @@ def evaluate_generated(model: TrainedModel, path: str | Path, *, n: int = 512, s
                 samples.append(sample)
     targets = [_truth(path, s) for s in samples]
     captions = [s.captions[0] for s in samples]
+    scores = evaluate(_generate(model, captions, seed=seed, batch_size=batch_size), targets)
+    if holdout:
+        targets, captions = _held_out_prompts(holdout, n)
+        held = evaluate(_generate(model, captions, seed=seed, batch_size=batch_size), targets)
+        scores.update({f"heldout_{key}": value for key, value in held.items()})
+    return scores
+
+
+def _generate(model: TrainedModel, captions: list[str], *, seed: int,
+              batch_size: int) -> list[np.ndarray]:
     images: list[np.ndarray] = []
     for start in range(0, len(captions), batch_size):
         text = model.embed(captions[start: start + batch_size])
         images.extend(to_uint8(model.generate(text, model.noise(len(text), seed + start))))
-    return evaluate(images, targets)
+    return images
+
+
+def _held_out_prompts(combos: list[str], n: int) -> tuple[list[dict], list[str]]:
+    """(targets, captions) of the held-out combinations at every size, at most ``n``."""
+    cells = []
+    for combo in combos:
+        color, shape = combo.split()
+        for size in SIZES:
+            cells.append(({"color": color, "shape": shape, "size": size},
+                          one_shape_captions(color, shape, size)))
+    # Template by template, so that any first n cover every combination and size alike.
+    ordered = [(target, texts[t]) for t in range(len(cells[0][1])) for target, texts in cells]
+    targets, captions = zip(*ordered[:n], strict=True)
+    return list(targets), list(captions)
 
 
 def _tally(pairs: Iterable[tuple[np.ndarray, dict]]) -> dict:

@@ -2,13 +2,15 @@
 templated captions that name each shape's colour, shape and size and nothing else.
 
 Background and position are "style": no caption mentions them, so a conditional generator has
-to take them from its noise input. Every image is a pure function of (seed, index), so a
-dataset is reproducible and its first k images do not depend on how many were asked for.
+to take them from its noise input. Every image is a pure function of (seed, index) and the
+held-out colour-shape combinations (none by default), so a dataset is reproducible and its
+first k images do not depend on how many were asked for.
 """
 
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -76,14 +78,18 @@ _CANDIDATES = 32  # position pairs tried at once for two shapes before falling b
 
 def make_shapes(*, out: str | Path, n: int = 10000, seed: int = 0, image_size: int = 76,
                 encoding: str = "raw", doc_length: int = DEFAULT_DOC_LENGTH,
-                overwrite: bool = False) -> int:
-    """Write ``n`` images; returns ``n``."""
+                overwrite: bool = False, holdout: Iterable[str] = ()) -> int:
+    """Write ``n`` images; returns ``n``. No record draws a colour-shape combination named in
+    ``holdout`` ("red circle", ...), as first or second shape: the meta lists them for
+    zero-shot evaluation."""
     if n < 1 or seed < 0:
         raise DataError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")
+    held = held_out_classes(holdout)
+    extra = {"seed": seed, **({"holdout": [CLASSES[k] for k in held]} if held else {})}
     writer = DatasetWriter(out, image_size=image_size, classes=list(CLASSES), source="shapes",
                            split="all", encoding=encoding, doc_length=doc_length,
-                           overwrite=overwrite, extra_meta={"seed": seed})
-    canvas = Canvas(image_size)
+                           overwrite=overwrite, extra_meta=extra)
+    canvas = Canvas(image_size, holdout=held)
     with writer, progress(n, "shapes") as bar:
         for index in range(n):
             image, captions, class_id, attributes = canvas.sample(seed, index)
@@ -93,11 +99,39 @@ def make_shapes(*, out: str | Path, n: int = 10000, seed: int = 0, image_size: i
     return n
 
 
+def held_out_classes(combos: Iterable[str]) -> list[int]:
+    """Class ids of colour-shape combinations ("red circle"; case and spacing free), sorted;
+    at least two classes must stay drawable, since a second shape differs from the first."""
+    held = set()
+    for combo in combos:
+        name = " ".join(combo.lower().split())
+        if name not in CLASSES:
+            raise DataError(f"--holdout: {combo!r} is not a colour and a shape (colours: "
+                            f"{', '.join(COLORS)}; shapes: {', '.join(SHAPES)})")
+        held.add(CLASSES.index(name))
+    if len(CLASSES) - len(held) < 2:
+        raise DataError(f"--holdout: at most {len(CLASSES) - 2} of the {len(CLASSES)} "
+                        "combinations can be held out")
+    return sorted(held)
+
+
+def one_shape_captions(color: str, shape: str, size: str) -> list[str]:
+    """Every one-shape caption template filled with this shape, its size words taken in
+    turn: the captions a record of it could have, before case and punctuation vary."""
+    words = _SIZE_WORDS[size]
+    return [template.format(size=words[k % len(words)], color=color, shape=shape)
+            for k, template in enumerate(_ONE)]
+
+
 class Canvas:
     """Draws samples at one image size; holds the pixel grid shared by all of them."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, *, holdout: Iterable[int] = ()):
         self.size = image_size
+        # The class ids a shape may have. With none held out, draws index the full range, so
+        # every image is what it was before held-out combinations existed.
+        held = set(holdout)
+        self.kinds = [k for k in range(len(CLASSES)) if k not in held]
         self.scale = image_size / 76
         # Training crops round(S·64/76) pixels at any offset, so only [margin, S - margin) is
         # always visible; shapes stay inside it.
@@ -138,9 +172,10 @@ class Canvas:
         return image, _captions(rng, shapes), class_id, attributes
 
     def _layout(self, rng: np.random.Generator) -> list[dict]:
-        kinds = rng.integers(len(CLASSES))
+        count = len(self.kinds)
+        first = rng.integers(count)
         # The second shape differs in colour or shape, so captions never name two equal shapes.
-        kinds = [int(kinds), int((kinds + rng.integers(1, len(CLASSES))) % len(CLASSES))]
+        kinds = [self.kinds[first], self.kinds[(first + rng.integers(1, count)) % count]]
         sizes = [int(rng.integers(len(SIZES)))]
         companions = self.companions[sizes[0]]
         if companions and rng.random() < _TWO_SHAPES:

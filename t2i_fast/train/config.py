@@ -13,6 +13,8 @@ from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
 
 VARIANTS = ("gan", "cls", "int", "int-cls")
+BACKENDS = ("auto", "eager", "compiled")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -20,6 +22,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto`` is the compiled engine on a GPU and the eager reference on the CPU, where
+    Inductor's compile time outweighs what it saves on short runs."""
+    if name == "auto":
+        return "compiled" if device.type == "cuda" else "eager"
+    return name
+
+
+def resolve_precision(name: str, backend: str, device: torch.device) -> str:
+    """``auto`` is bfloat16 autocast for the compiled engine on a GPU, float32 otherwise."""
+    if name == "auto":
+        return "bf16" if backend == "compiled" and device.type == "cuda" else "fp32"
+    return name
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,8 @@ class TrainConfig:
     log_every: int = 20  # steps
     device: str = "auto"
     loader_threads: int | None = None
+    backend: str = "auto"  # eager, compiled, or auto (compiled on a GPU)
+    precision: str = "auto"  # fp32, bf16, or auto (bf16 for compiled on a GPU)
 
     def __post_init__(self) -> None:
         if not 0 <= self.ema_decay < 1:
@@ -57,6 +76,10 @@ class TrainConfig:
             raise T2IError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.preset not in PRESETS:
             raise T2IError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.backend not in BACKENDS:
+            raise T2IError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise T2IError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("batch_size", "epochs", "lr_halve_every", "captions_per_sample",
                      "pretrain_epochs",
                      "sample_every", "checkpoint_every", "keep_checkpoints", "log_every"):

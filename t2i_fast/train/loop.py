@@ -13,16 +13,20 @@ from pathlib import Path
 
 import click
 import torch
-import torch.nn.functional as F
 
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.data.alphabet import encode
 from t2i_fast.errors import T2IError
-from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embeddings
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from t2i_fast.train.config import TrainConfig, resolve_device
+from t2i_fast.train.config import (
+    TrainConfig,
+    resolve_backend,
+    resolve_device,
+    resolve_precision,
+)
+from t2i_fast.train.engine import MetricsReader, StepEngine
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 SAMPLE_ROWS, SAMPLE_COLUMNS = 6, 8
@@ -51,13 +55,13 @@ class Trainer:
         if config.text_encoder is not None:
             self._load_text_encoder(Path(config.text_encoder))
         self.text_encoder.requires_grad_(config.joint_text_encoder)
-        betas = (config.beta1, config.beta2)
-        d_params = list(self.D.parameters())
-        if config.joint_text_encoder:
-            d_params += list(self.text_encoder.parameters())  # φ learns from D's judgement
-        self.opt_d = torch.optim.Adam(d_params, lr=config.lr, betas=betas)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
         self.noise = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        backend = resolve_backend(config.backend, self.device)
+        self.engine = StepEngine(
+            G=self.G, D=self.D, text_encoder=self.text_encoder, G_ema=self.G_ema,
+            config=config, device=self.device, noise=self.noise, backend=backend,
+            precision=resolve_precision(config.precision, backend, self.device))
+        self.opt_d, self.opt_g = self.engine.opt_d, self.engine.opt_g
         self.step = 0
         self.history: list[dict] = []
         self._fixed = self._sample_inputs()
@@ -80,6 +84,9 @@ class Trainer:
             "text_config": dataclasses.asdict(self.models.text),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "noise": self.noise.get_state(), "torch_rng": torch.get_rng_state(),
+            # The compiled engine draws its noise there on a GPU.
+            "cuda_rng": torch.cuda.get_rng_state(self.device)
+            if self.device.type == "cuda" else None,
         }
 
     def restore(self, path: Path) -> None:
@@ -94,75 +101,22 @@ class Trainer:
         self.text_encoder.load_state_dict(state["text_encoder"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        self.engine.after_load()
         self.noise.set_state(state["noise"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
 
     # -- one step ---------------------------------------------------------------------------
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        """The loader's crop resized to the model's resolution when they differ."""
-        images = images.to(self.device, non_blocking=True)
-        size = self.models.gan.image_size
-        if images.shape[-1] != size:
-            images = F.interpolate(images, size=(size, size), mode="area")
-        return images
-
-    def _z(self, n: int) -> torch.Tensor:
-        z = torch.randn(n, self.models.gan.z_dim, generator=self.noise)
-        return z.to(self.device, non_blocking=True)
-
     def train_step(self, batch) -> dict[str, torch.Tensor]:
-        config = self.config
-        images, wrong = self._images(batch.images), self._images(batch.wrong_images)
-        captions = batch.captions.to(self.device, non_blocking=True)
-        with torch.set_grad_enabled(config.joint_text_encoder):
-            text = self.text_encoder.encode_mean(captions)  # [B, E]
-        fake = self.G(self._z(len(images)), text.detach())
-
-        real_right = self.D(images, text)
-        real_wrong = self.D(wrong, text) if config.matching_aware else None
-        fake_right = self.D(fake.detach(), text)
-        d_loss = discriminator_loss(real_right, real_wrong, fake_right,
-                                    matching_aware=config.matching_aware)
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.opt_d.step()
-
-        text = text.detach()
-        interp_logits = None
-        if config.interpolate:
-            mixed = interpolate_embeddings(text, beta=config.interp_beta)
-            interp_logits = self.D(self.G(self._z(len(images)), mixed), mixed)
-        g_loss = generator_loss(self.D(fake, text), interp_logits,
-                                interp_weight=config.interp_weight)
-        self.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.opt_g.step()
-        if self.G_ema is not None:
-            self._update_ema()
-        metrics = {"d_loss": d_loss, "g_loss": g_loss,
-                   "d_real": torch.sigmoid(real_right).mean(),
-                   "d_fake": torch.sigmoid(fake_right).mean()}
-        if real_wrong is not None:
-            metrics["d_wrong"] = torch.sigmoid(real_wrong).mean()
-        return {k: v.detach() for k, v in metrics.items()}
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        # The average spans the last quarter of the steps so far, up to the decay's span, so
-        # that the untrained start fades out of it within a short run too.
-        decay = min(self.config.ema_decay, 1 - 4 / (4 + self.step))
-        torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()),
-                             1 - decay)
-        for average, current in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
-            average.copy_(current)  # BatchNorm statistics follow G's
+        """One D and one G update (and G's average): metrics as 0-d device tensors."""
+        return self.engine.step(batch, step=self.step)
 
     def _set_lr(self, epoch: int) -> float:
         lr = self.config.lr * 0.5 ** (epoch // self.config.lr_halve_every)
-        for opt in (self.opt_d, self.opt_g):
-            for group in opt.param_groups:
-                group["lr"] = lr
+        self.engine.set_lr(lr)
         return lr
 
     # -- pictures ---------------------------------------------------------------------------
@@ -221,6 +175,9 @@ class Trainer:
         config = self.config
         total = self.total_steps()
         metrics_file = (self.run / "metrics.jsonl").open("a")
+        # Metrics come back from the GPU while it works on: waiting for them at each log step
+        # would drain its queue.
+        reader = MetricsReader()
         tick, images_done = time.perf_counter(), 0
         shown = {"rate": ""}
         bar = click.progressbar(length=total, label="training", file=sys.stderr,
@@ -236,19 +193,24 @@ class Trainer:
                     images_done += len(batch)
                     bar.update(1)
                     if self.step % config.log_every == 0 or self.step == total:
-                        seconds = time.perf_counter() - tick
-                        row = {"step": self.step, "epoch": epoch, "lr": lr,
-                               **{k: round(v.item(), 5) for k, v in values.items()},
-                               "images_per_s": round(images_done / seconds, 1)}
+                        rate = round(images_done / (time.perf_counter() - tick), 1)
                         tick, images_done = time.perf_counter(), 0
-                        shown["rate"] = f"{row['images_per_s']:.0f} img/s"
+                        shown["rate"] = f"{rate:.0f} img/s"
+                        reader.submit(({"step": self.step, "epoch": epoch, "lr": lr}, rate),
+                                      values)
+                    sample = self.step % config.sample_every == 0 or self.step == total
+                    keep = self.step % config.checkpoint_every == 0 or self.step == total
+                    # The curves and each checkpoint's metrics.jsonl hold every row so far.
+                    for (head, rate), read in reader.collect(wait=sample or keep):
+                        row = {**head, **{k: round(v, 5) for k, v in read.items()},
+                               "images_per_s": rate}
                         self.history.append(row)
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
-                    if self.step % config.sample_every == 0 or self.step == total:
+                    if sample:
                         self.write_samples()
                         self.write_curves()
-                    if self.step % config.checkpoint_every == 0 or self.step == total:
+                    if keep:
                         save_checkpoint(self.run, self.step, self.state(),
                                         keep=config.keep_checkpoints)
                     if self.step >= total:
@@ -277,7 +239,9 @@ def train(*, config: TrainConfig, resume: bool = False) -> Path:
             if config.text_encoder is None and not config.train_text_encoder:
                 checkpoint = pretrain_text(config=PretrainConfig(
                     data=config.data, out=str(run / "text"), preset=config.preset,
-                    epochs=config.pretrain_epochs, batch_size=config.batch_size,
+                    # G must render every class: the encoder sees them all (pretrain-text
+                    # alone holds classes out to measure zero-shot accuracy).
+                    holdout=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
                     seed=config.seed, device=config.device))
                 config = dataclasses.replace(config, text_encoder=str(checkpoint))
             config.save(run / "config.json")

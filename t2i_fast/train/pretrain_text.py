@@ -172,13 +172,16 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     if config.eval_data:
         with Dataset(evaluation_data) as ds:
             classes = np.arange(len(ds.classes))
-    else:
+    elif len(holdout):
         classes = holdout
+    else:  # nothing held out: the scores are on the training classes, and say so
+        classes = np.arange(n_classes)
     try:
         evaluation = zero_shot(image_encoder, text_encoder, evaluation_data, classes,
                                size=size, device=device)
     except T2IError as exc:  # too few held-out classes to rank: say so, keep the encoder
         evaluation = {"skipped": str(exc)}
+    evaluation["classes_seen_in_training"] = not config.eval_data and not len(holdout)
     (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     checkpoint = out / "text_encoder.pt"
     torch.save({"text_encoder": text_encoder.state_dict(),

@@ -1,0 +1,133 @@
+"""The disentangling study of Reed et al. (ICML 2016, Figure 5) on the shapes dataset: does the
+style encoder's vector S(x) of a real image capture what no caption names?
+
+Pairs of real images are scored by the cosine similarity of their style vectors, and the ROC
+AUC says how well that score tells pairs that share a style factor from pairs that do not:
+1 is perfect, 0.5 chance. Two factors, each on its own:
+
+- background: same ``background_id`` (one of 8 kinds) or not;
+- position: the first shape's centre falls in the same cell of a 3×3 grid or not. The grid
+  divides the visible window (the part of the stored image that every training crop keeps,
+  ``Canvas.low`` to ``Canvas.high`` on both axes) into equal thirds.
+
+Images are seen as the generator learnt them: the centred training crop (64/76 of the stored
+side), resized to the model's resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from t2i_fast.data.dataset import Dataset
+from t2i_fast.errors import DataError, T2IError
+from t2i_fast.models.style_encoder import StyleEncoder
+from t2i_fast.prepare.shapes import Canvas
+
+POSITION_CELLS = 3  # per axis
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels``: the chance that a random
+    positive scores above a random negative, ties counting half (the Mann–Whitney U statistic
+    over n_pos · n_neg, from average ranks)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels, dtype=bool).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores for {labels.size} labels")
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("ROC AUC needs both positive and negative labels")
+    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # Tied scores share the mean of the 1-based ranks they span.
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[group.ravel()]
+    u = ranks[labels].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives))
+
+
+def position_cells(positions: np.ndarray, *, low: float, high: float,
+                   cells: int = POSITION_CELLS) -> np.ndarray:
+    """Centres [N, 2] (x, y in stored pixels) → cell ids [N] of a cells × cells grid over the
+    window [low, high) on both axes (row-major; centres outside go to the nearest cell)."""
+    index = np.floor((np.asarray(positions, dtype=np.float64) - low) / (high - low) * cells)
+    x, y = np.clip(index, 0, cells - 1).astype(np.int64).T
+    return y * cells + x
+
+
+def read_records(dataset: str | Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``n`` records' training views uint8 [N, C, C, 3], background ids [N] and
+    position cells [N]."""
+    with Dataset(dataset) as ds:
+        count = min(n, len(ds))
+        canvas = Canvas(min(ds.meta["image_size"]))
+        crop = round(canvas.size * 64 / 76)
+        views, backgrounds, positions = [], [], []
+        for i in range(count):
+            sample = ds[i]
+            truth = sample.attributes
+            if "background_id" not in truth or "position" not in truth:
+                raise DataError(f"{dataset}: record '{sample.key}' has no background or "
+                                "position (the study needs a dataset from 't2i-fast prepare "
+                                "shapes')")
+            h, w, _ = sample.image.shape
+            top, left = (h - crop) // 2, (w - crop) // 2
+            views.append(sample.image[top:top + crop, left:left + crop])
+            backgrounds.append(truth["background_id"])
+            positions.append(truth["position"])
+    cells = position_cells(np.array(positions), low=canvas.low, high=canvas.high)
+    return np.stack(views), np.array(backgrounds), cells
+
+
+@torch.no_grad()
+def predict_styles(encoder: StyleEncoder, images: np.ndarray, *, device: torch.device,
+                   batch_size: int = 256) -> np.ndarray:
+    """Style vectors [N, Z] of uint8 images [N, H, W, 3], resized to the encoder's size."""
+    size = encoder.config.image_size
+    styles = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(images[start:start + batch_size]).to(device)
+        x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # [B, 3, H, W]
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="area")  # as the trainer resizes
+        styles.append(encoder(x).cpu())  # [B, Z]
+    return torch.cat(styles).numpy()
+
+
+def sample_pairs(n: int, pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``pairs`` random pairs of distinct indices below ``n`` (with replacement)."""
+    rng = np.random.default_rng(seed)
+    first = rng.integers(n, size=pairs)
+    return first, (first + rng.integers(1, n, size=pairs)) % n
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of [P, Z] and [P, Z] → [P]; a zero vector is dissimilar to all."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def evaluate_disentangle(*, encoder: StyleEncoder, dataset: str | Path, n: int = 1000,
+                         pairs: int = 10000, seed: int = 0,
+                         device: torch.device | None = None) -> dict:
+    """{"background_auc", "position_auc", "n_pairs"} for ``pairs`` random pairs among the
+    first ``n`` records; the pairs depend on ``seed`` alone."""
+    images, backgrounds, cells = read_records(dataset, n)
+    if len(images) < 2:
+        raise T2IError(f"{dataset}: the study needs at least 2 images, got {len(images)}")
+    device = device or next(encoder.parameters()).device
+    styles = predict_styles(encoder, images, device=device)
+    first, second = sample_pairs(len(images), pairs, seed)
+    similarity = cosine_similarity(styles[first], styles[second])
+    scores = {}
+    for factor, values in (("background", backgrounds), ("position", cells)):
+        same = values[first] == values[second]
+        if same.all() or not same.any():
+            raise T2IError(f"{dataset}: no {'different' if same.all() else 'same'}-{factor} "
+                           f"pair among {pairs} pairs of {len(images)} images (raise --pairs "
+                           "or --n)")
+        scores[f"{factor}_auc"] = roc_auc(similarity, same)
+    return {**scores, "n_pairs": pairs}

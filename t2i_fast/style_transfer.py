@@ -1,0 +1,44 @@
+"""Style transfer (Reed et al., ICML 2016, section 5.3): the style encoder reads a query
+image's style, ŝ = S(x), and the generator draws each caption in it, G(ŝ, φ(t))."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from t2i_fast.errors import T2IError
+from t2i_fast.generate import TrainedModel
+from t2i_fast.models.style_encoder import StyleEncoder
+
+
+def load_image(path: Path, *, size: int) -> torch.Tensor:
+    """Any image Pillow reads as the networks see images: RGB, the largest centred square,
+    resized to ``size`` pixels, in [-1, 1]; [3, size, size]."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except Exception as exc:  # Pillow raises many types for a missing or damaged file
+        raise T2IError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") \
+            from exc
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image).copy())  # [size, size, 3] uint8
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def style_transfer(*, model: TrainedModel, encoder: StyleEncoder, images: torch.Tensor,
+                   text: torch.Tensor) -> torch.Tensor:
+    """Query images [R, 3, S, S] and caption embeddings [C, E] → a grid's tiles row by row,
+    [R · (C + 1), 3, S, S]: each query image, then each caption in that image's style."""
+    style = encoder(images.to(model.device))  # [R, Z]
+    rows, columns = len(images), len(text)
+    drawn = model.generate(text.repeat(rows, 1),  # [R · C, E]
+                           style.repeat_interleave(columns, 0))  # [R · C, 3, S, S]
+    drawn = drawn.view(rows, columns, *drawn.shape[1:])  # [R, C, 3, S, S]
+    return torch.cat([images.to(drawn.device)[:, None], drawn], dim=1).flatten(0, 1)

@@ -1,0 +1,538 @@
+"""``StepEngine``: one training step of Reed et al.'s GAN (Algorithm 1: a D update, then a G
+update; then the moving average of G), in either of two backends.
+
+``eager`` is the reference: plain PyTorch in float32 (or bfloat16 autocast when asked), the
+noise drawn from a CPU generator, and a resumed run bit-identical to an uninterrupted one.
+
+``compiled`` runs the same step with:
+
+- three parts under ``torch.compile(fullgraph=True)``: G's forward (the fake images), D's
+  forward and loss on (real, right), (real, wrong), (fake, right), and G's loss (GAN-INT's
+  interpolated batch and D on the fakes). Backward goes through AOTAutograd's compiled
+  graphs. The text encoder (a GRU, which Dynamo does not trace) stays eager.
+- channels_last parameters and images, bfloat16 autocast (``precision="bf16"``; the losses
+  are taken in float32), fused Adam, the fused GAN-CLS/GAN-INT loss kernels when
+  ``t2i_fast.ops.matching_loss`` imports (they fall back to the plain losses on the CPU).
+- with ``fused_layers`` (CUDA), the conv → BatchNorm → LeakyReLU layers for which the
+  measured per-layer dispatch of ``t2i_fast.ops.conv_bn_act`` picks its Triton GEMM over
+  cuDNN become single ``conv_bn_act`` calls; elsewhere Inductor fuses BatchNorm and the
+  activation around cuDNN's convolution as usual.
+- on CUDA, the whole step (both updates, the noise, the moving average) in one CUDA graph:
+  the batch is copied into static buffers and the graph replayed. Nothing in a step waits
+  for the GPU: the learning rate and the average's weight are device tensors written before
+  the replay, BatchNorm statistics are updated in place, and the metrics stay on the device
+  (``MetricsReader`` brings them back asynchronously).
+
+Stock PyTorch does fail to compile some parts now and then (torch 2.11's channels_last
+backward of the discriminator's old concatenation was one), so each part is tried once, on
+the first step, forward and backward, with the BatchNorm statistics put back afterwards; a
+part that fails is reported in one warning line and runs eagerly from then on. The CUDA graph
+capture falls back the same way, to compiled parts launched one by one.
+
+On CUDA the compiled engine draws the noise from the device's default generator (inside the
+graph), so a resumed run repeats the schedule exactly (data, learning rates, steps) but not
+every bit of the noise; on the CPU both backends draw it from the same CPU generator.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embeddings
+from t2i_fast.train.config import TrainConfig
+
+# Steps run without a graph before the capture: by then every part is compiled, Adam's
+# state exists and cuDNN/cuBLAS have made their workspaces, none of which may happen while
+# a graph is being captured.
+WARMUP_STEPS = 3
+
+
+class _Part:
+    """One piece of the compiled step: ``fn`` and, once tried, what runs in its place."""
+
+    def __init__(self, name: str, fn: Callable):
+        self.name = name
+        self.fn = fn
+        self.impl: Callable | None = None  # torch.compile(fn) if it worked, else fn
+        self.compiled = False
+
+
+class StepEngine:
+    """Performs training steps on the given networks and builds their optimizers
+    (``opt_d`` over D, and the text encoder when trained with it; ``opt_g`` over G).
+
+    ``step(batch, step=i)`` returns the step's metrics as 0-d device tensors; with CUDA
+    graphs they are the graph's static outputs, overwritten by the next step, so read them
+    (or start reading them, ``MetricsReader``) before calling ``step`` again.
+    """
+
+    def __init__(self, *, G: nn.Module, D: nn.Module, text_encoder: nn.Module,
+                 G_ema: nn.Module | None, config: TrainConfig, device: torch.device,
+                 noise: torch.Generator, backend: str, precision: str,
+                 graphs: bool | None = None, fused_layers: bool = False):
+        if backend not in ("eager", "compiled"):
+            raise ValueError(f"backend must be 'eager' or 'compiled', got {backend!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        compiled = backend == "compiled"
+        cuda = device.type == "cuda"
+        if graphs and not (compiled and cuda):
+            raise ValueError("CUDA graphs need the compiled backend on a CUDA device")
+        if fused_layers and not (compiled and cuda):
+            raise ValueError("fused_layers needs the compiled backend on a CUDA device")
+        self.config = config
+        self.G, self.D, self.text_encoder, self.G_ema = G, D, text_encoder, G_ema
+        self.device = device
+        self.noise = noise
+        self.backend = backend
+        self.precision = precision
+        self.graphs = compiled and cuda if graphs is None else graphs
+        self.z_dim = G.config.z_dim
+        self.image_size = G.config.image_size
+        if compiled:
+            for module in (G, D, G_ema):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        # Under a graph the learning rate must be read from memory the graph knows.
+        self._lr = torch.tensor(config.lr, device=device) if self.graphs else None
+        self._adam_flags = {"fused": True, "capturable": self.graphs} if compiled else {}
+        betas = (config.beta1, config.beta2)
+        lr = self._lr if self._lr is not None else config.lr
+        d_params = list(D.parameters())
+        if config.joint_text_encoder:
+            d_params += list(text_encoder.parameters())  # φ learns from D's judgement
+        self.opt_d = torch.optim.Adam(d_params, lr=lr, betas=betas, **self._adam_flags)
+        self.opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas, **self._adam_flags)
+        self._ema_weight = torch.zeros((), device=device) if compiled else None
+        self._parts: dict[str, _Part] = {}
+        if compiled:
+            self._d_loss, self._g_loss = _losses()
+            self._parts = {name: _Part(name, fn) for name, fn in (
+                ("generator forward", self._generate),
+                ("discriminator step", self._discriminator_step),
+                ("generator step", self._generator_step))}
+        self._static: tuple[torch.Tensor, ...] | None = None  # the graph's input buffers
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._outputs: dict[str, torch.Tensor] | None = None  # the graph's output buffers
+        self._uncaptured = 0
+        self.fused_layers = fused_layers
+        self.fused: list[str] | None = None  # the fused layers' names, once chosen
+
+    # -- what the trainer sets ---------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for opt in (self.opt_d, self.opt_g):
+            for group in opt.param_groups:
+                # The group's tensor is this one again even after a load_state_dict put the
+                # checkpoint's value there: the graph reads this tensor's memory.
+                group["lr"] = self._lr if self._lr is not None else lr
+        if self._lr is not None:
+            self._lr.fill_(lr)
+
+    def after_load(self) -> None:
+        """Makes optimizers loaded from a checkpoint (maybe of the other backend) this
+        backend's again: its Adam flags, and each step count where Adam expects it."""
+        for opt in (self.opt_d, self.opt_g):
+            on_device = bool(self._adam_flags)
+            for group in opt.param_groups:
+                group.update({"fused": None, "capturable": False, **self._adam_flags})
+                for p in group["params"]:
+                    state = opt.state.get(p, {})
+                    if "step" in state:
+                        state["step"] = state["step"].to(
+                            p.device if on_device else torch.device("cpu"), torch.float32)
+
+    @property
+    def compiled_parts(self) -> dict[str, bool]:
+        """Each compiled part's name → whether it runs compiled (False: fell back)."""
+        return {name: part.compiled for name, part in self._parts.items()}
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self, batch, *, step: int) -> dict[str, torch.Tensor]:
+        """One D and one G update on ``batch``, the ``step``-th of the run (from 0)."""
+        # The average spans the last quarter of the steps so far, up to the decay's span, so
+        # that the untrained start fades out of it within a short run too.
+        decay = min(self.config.ema_decay, 1 - 4 / (4 + step))
+        if self.backend == "eager":
+            with self._autocast():
+                return self._eager_step(batch, decay)
+        self._ema_weight.fill_(1 - decay)
+        if self.fused_layers and self.fused is None:
+            self.fused = self._fuse_layers(len(batch))
+        if self.graphs:
+            return self._graph_step(batch)
+        images, wrong = (t.to(self.device, non_blocking=True)
+                         .contiguous(memory_format=torch.channels_last)
+                         for t in (batch.images, batch.wrong_images))
+        return self._compiled_step(images, wrong,
+                                   batch.captions.to(self.device, non_blocking=True))
+
+    def _autocast(self):
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        # No cast cache: cached bf16 copies of the weights would outlive the D update inside
+        # one autocast region (the eager step), and a graph must redo the casts each replay.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    # -- eager: the reference ----------------------------------------------------------------
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """The loader's crop resized to the model's resolution when they differ."""
+        images = images.to(self.device, non_blocking=True)
+        if images.shape[-1] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size,) * 2, mode="area")
+        return images
+
+    def _z(self, n: int) -> torch.Tensor:
+        z = torch.randn(n, self.z_dim, generator=self.noise, device=self.noise.device)
+        return z.to(self.device, non_blocking=True)
+
+    def _eager_step(self, batch, decay: float) -> dict[str, torch.Tensor]:
+        config = self.config
+        images, wrong = self._images(batch.images), self._images(batch.wrong_images)
+        captions = batch.captions.to(self.device, non_blocking=True)
+        with torch.set_grad_enabled(config.joint_text_encoder):
+            text = self.text_encoder.encode_mean(captions)  # [B, E]
+        fake = self.G(self._z(len(images)), text.detach())
+
+        real_right = self.D(images, text)
+        real_wrong = self.D(wrong, text) if config.matching_aware else None
+        fake_right = self.D(fake.detach(), text)
+        d_loss = discriminator_loss(real_right, real_wrong, fake_right,
+                                    matching_aware=config.matching_aware)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+
+        text = text.detach()
+        interp_logits = None
+        if config.interpolate:
+            mixed = interpolate_embeddings(text, beta=config.interp_beta)
+            interp_logits = self.D(self.G(self._z(len(images)), mixed), mixed)
+        g_loss = generator_loss(self.D(fake, text), interp_logits,
+                                interp_weight=config.interp_weight)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        if self.G_ema is not None:
+            self._update_ema(decay)
+        metrics = {"d_loss": d_loss, "g_loss": g_loss,
+                   "d_real": torch.sigmoid(real_right).mean(),
+                   "d_fake": torch.sigmoid(fake_right).mean()}
+        if real_wrong is not None:
+            metrics["d_wrong"] = torch.sigmoid(real_wrong).mean()
+        return {k: v.detach() for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def _update_ema(self, decay: float) -> None:
+        torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()),
+                             1 - decay)
+        for average, current in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            average.copy_(current)  # BatchNorm statistics follow G's
+
+    # -- compiled: the parts -----------------------------------------------------------------
+    def _generate(self, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.G(z, text)  # [B, 3, S, S]
+
+    def _discriminator_step(self, images: torch.Tensor, wrong: torch.Tensor,
+                            text: torch.Tensor, fake: torch.Tensor
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """D's loss (the D update's) and D's mean scores, which carry no gradient."""
+        config = self.config
+        if images.shape[-1] != self.image_size:
+            images = F.adaptive_avg_pool2d(images, self.image_size)  # = interpolate "area"
+            wrong = F.adaptive_avg_pool2d(wrong, self.image_size)
+        real_right = self.D(images, text)  # [B]
+        real_wrong = self.D(wrong, text) if config.matching_aware else None
+        fake_right = self.D(fake, text)
+        loss = self._d_loss(real_right, real_wrong, fake_right,
+                            matching_aware=config.matching_aware)
+        scores = {"d_real": torch.sigmoid(real_right.detach().float()).mean(),
+                  "d_fake": torch.sigmoid(fake_right.detach().float()).mean()}
+        if real_wrong is not None:
+            scores["d_wrong"] = torch.sigmoid(real_wrong.detach().float()).mean()
+        return loss, scores
+
+    def _generator_step(self, fake: torch.Tensor, text: torch.Tensor,
+                        z: torch.Tensor | None) -> torch.Tensor:
+        """G's loss (the G update's) for ``fake`` and, with GAN-INT, a batch made from ``z``
+        and interpolated embeddings."""
+        config = self.config
+        interp_logits = None
+        if config.interpolate:
+            mixed = interpolate_embeddings(text, beta=config.interp_beta)
+            interp_logits = self.D(self.G(z, mixed), mixed)
+        return self._g_loss(self.D(fake, text), interp_logits,
+                            interp_weight=config.interp_weight)
+
+    def _run(self, name: str, *args):
+        part = self._parts[name]
+        if part.impl is None:
+            if name == "generator step" and not self._parts["generator forward"].compiled:
+                # An eager G forward saves G's running statistics for its backward, and the
+                # compiled G step would write them (a new version) before that backward.
+                part.impl = part.fn
+            else:
+                self._try_compile(part, args)
+        return part.impl(*args)
+
+    def _try_compile(self, part: _Part, args: tuple) -> None:
+        """Compiles ``part`` and runs it forward and backward once on copies of ``args``;
+        on any failure the part stays eager. BatchNorm statistics the trial moved are put
+        back, so the step itself is the first to count."""
+        buffers = [b for module in (self.G, self.D) for b in module.buffers()]
+        saved = [b.clone() for b in buffers]
+        trial = [a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                 for a in args]
+        try:
+            compiled = torch.compile(part.fn, fullgraph=True, dynamic=False)
+            out = compiled(*trial)
+            loss = out[0] if isinstance(out, tuple) else out
+            wanted = [t for t in (*trial, *self.G.parameters(), *self.D.parameters())
+                      if torch.is_tensor(t) and t.requires_grad]
+            torch.autograd.grad(loss.float().sum(), wanted, allow_unused=True)
+        except Exception as exc:  # whatever Dynamo, AOTAutograd or Inductor raise
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            reason = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+            also = (" (so does the generator step, which writes G's statistics before this "
+                    "part's backward)" if part.name == "generator forward" else "")
+            warnings.warn(f"torch.compile failed for the {part.name} ({reason}); that part "
+                          f"runs eagerly{also}", RuntimeWarning, stacklevel=2)
+            part.impl, part.compiled = part.fn, False
+        else:
+            part.impl, part.compiled = compiled, True
+        finally:
+            for buffer, value in zip(buffers, saved, strict=True):
+                # Through .data: the values are those an eager part may have saved for its
+                # backward, and copying through the buffer itself would mark them changed.
+                buffer.data.copy_(value)
+
+    # -- compiled: the step ------------------------------------------------------------------
+    def _noise(self, n: int) -> torch.Tensor:
+        if self.device.type == "cuda":  # on the device, inside the graph: no host copy
+            return torch.randn(n, self.z_dim, device=self.device)
+        return self._z(n)
+
+    def _compiled_step(self, images: torch.Tensor, wrong: torch.Tensor,
+                       captions: torch.Tensor) -> dict[str, torch.Tensor]:
+        config = self.config
+        n = images.shape[0]
+        with self._autocast():
+            with torch.set_grad_enabled(config.joint_text_encoder):
+                text = self.text_encoder.encode_mean(captions)  # [B, E]
+            fake = self._run("generator forward", self._noise(n), text.detach())
+            d_loss, scores = self._run("discriminator step", images, wrong, text,
+                                       fake.detach())
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+
+        text = text.detach()
+        z = self._noise(n) if config.interpolate else None
+        # G's loss needs no gradient for D's weights: D's grads are not computed at all.
+        self.D.requires_grad_(False)
+        try:
+            with self._autocast():
+                g_loss = self._run("generator step", fake, text, z)
+            self.opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+        finally:
+            self.D.requires_grad_(True)
+        self.opt_g.step()
+        if self.G_ema is not None:
+            self._average()
+        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), **scores}
+
+    @torch.no_grad()
+    def _average(self) -> None:
+        # average += w·(G - average), w a device tensor (lerp takes no tensor weight).
+        average, current = list(self.G_ema.parameters()), list(self.G.parameters())
+        delta = torch._foreach_sub(current, average)
+        torch._foreach_mul_(delta, self._ema_weight)
+        torch._foreach_add_(average, delta)
+        for kept, value in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            kept.copy_(value)  # BatchNorm statistics follow G's
+
+    def _graph_step(self, batch) -> dict[str, torch.Tensor]:
+        if self._static is None:
+            self._static = (
+                torch.empty(batch.images.shape, dtype=batch.images.dtype, device=self.device,
+                            memory_format=torch.channels_last),
+                torch.empty(batch.wrong_images.shape, dtype=batch.wrong_images.dtype,
+                            device=self.device, memory_format=torch.channels_last),
+                torch.empty(batch.captions.shape, dtype=batch.captions.dtype,
+                            device=self.device))
+        for buffer, value in zip(self._static,
+                                 (batch.images, batch.wrong_images, batch.captions),
+                                 strict=True):
+            buffer.copy_(value, non_blocking=True)
+        if self._graph is not None:
+            self._graph.replay()
+            return self._outputs
+        current = torch.cuda.current_stream(self.device)
+        if self._uncaptured < WARMUP_STEPS:
+            self._uncaptured += 1
+            # Lazy initialisations happen on a side stream, as the capture itself will.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                out = self._compiled_step(*self._static)
+            current.wait_stream(side)
+            return out
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = self._compiled_step(*self._static)
+        except Exception as exc:  # an operation that cannot be captured
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            warnings.warn(f"CUDA graph capture of the step failed ({type(exc).__name__}: "
+                          f"{lines[0][:200] if lines else ''}); stepping without a graph",
+                          RuntimeWarning, stacklevel=2)
+            self.graphs = False
+            return self._compiled_step(*self._static)
+        # Capturing ran nothing: the replay is this step.
+        self._graph, self._outputs = graph, outputs
+        graph.replay()
+        return outputs
+
+
+    def _fuse_layers(self, n: int) -> list[str]:
+        """Fuses the layers where Triton wins, measured on inputs of batch ``n`` as the step
+        will give them (autocast included)."""
+        z = torch.randn(n, self.z_dim, device=self.device)
+        text = torch.randn(n, self.G.config.embedding_dim, device=self.device)
+        images = torch.randn(n, 3, self.image_size, self.image_size, device=self.device
+                             ).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return ([f"G.{name}" for name in fuse_conv_bn_act(
+                        self.G, z, text, impl="triton", wanted=_triton_wins)]
+                    + [f"D.{name}" for name in fuse_conv_bn_act(
+                        self.D, images, text, impl="triton", wanted=_triton_wins)])
+
+
+def fuse_conv_bn_act(model: nn.Module, *inputs: torch.Tensor, impl: str,
+                     wanted: Callable[[nn.Module, nn.Module, float | None, torch.Tensor], bool]
+                     ) -> list[str]:
+    """Makes each conv → BatchNorm2d (→ activation) of ``model`` found by
+    ``conv_bn_act_layers`` one ``conv_bn_act(impl=impl)`` call where ``wanted(conv, bn,
+    slope, x)`` is true, x an input the convolution gets in ``model(*inputs)``. The modules
+    stay where they are (the BatchNorm and activation then pass their input through), so
+    parameters, state-dict keys and checkpoints do not change. Returns the fused
+    convolutions' names. In eval mode a fused layer runs the PyTorch reference."""
+    from t2i_fast.ops.conv_bn_act import conv_bn_act_layers
+
+    seen: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda module, args: seen.setdefault(module, args[0]))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    was_training = model.training
+    model.eval()  # finding the layers runs the model: its statistics must not move
+    try:
+        layers = conv_bn_act_layers(model, *inputs)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    fused = []
+    for layer in layers:
+        parent, _, index = layer.name.rpartition(".")
+        block = model.get_submodule(parent)
+        conv, bn = block[int(index)], block[int(index) + 1]
+        if not wanted(conv, bn, layer.slope, seen[conv]):
+            continue
+        conv.forward = _fused_forward(conv, bn, layer.slope, impl)
+        bn.forward = _identity
+        if layer.slope is not None:
+            block[int(index) + 2].forward = _identity
+        fused.append(layer.name)
+    return fused
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _fused_forward(conv: nn.Module, bn: nn.Module, slope: float | None, impl: str):
+    from t2i_fast.ops.conv_bn_act import conv_bn_act
+
+    kind = "conv_transpose" if isinstance(conv, nn.ConvTranspose2d) else "conv"
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if bn.training:
+            bn.num_batches_tracked.add_(1)
+        # The kernels take x, weight and bias in one dtype; autocast does not cast for them.
+        bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+        return conv_bn_act(x, conv.weight.to(x.dtype), bias, bn.weight, bn.bias,
+                           bn.running_mean, bn.running_var, kind=kind, stride=conv.stride[0],
+                           padding=conv.padding[0], slope=slope, training=bn.training,
+                           momentum=bn.momentum, eps=bn.eps,
+                           impl=impl if bn.training else "ref")
+    return forward
+
+
+def _triton_wins(conv: nn.Module, bn: nn.Module, slope: float | None,
+                 x: torch.Tensor) -> bool:
+    """Whether conv_bn_act's measured dispatch picks its Triton GEMM for this layer (over
+    cuDNN followed by its BatchNorm kernels, no better than Inductor's own fusion)."""
+    from t2i_fast.ops.conv_bn_act import measure_dispatch
+
+    bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+    try:
+        # Outside autocast: cuDNN must run in x's dtype, as the Triton GEMM does.
+        with torch.autocast(x.device.type, enabled=False):
+            entry = measure_dispatch(
+                x, conv.weight.to(x.dtype), bias, bn.weight, bn.bias, bn.running_mean,
+                bn.running_var, kind="conv_transpose" if isinstance(conv, nn.ConvTranspose2d)
+                else "conv", stride=conv.stride[0], padding=conv.padding[0], slope=slope,
+                training=True, momentum=bn.momentum, eps=bn.eps)
+    except ValueError:  # a layer the kernels do not take
+        return False
+    return entry["impl"] == "triton"
+
+
+def _losses() -> tuple[Callable, Callable]:
+    """The fused GAN-CLS/GAN-INT loss kernels where Triton imports, else the plain losses
+    (the fused ones fall back to those on the CPU themselves)."""
+    try:
+        from t2i_fast.ops.matching_loss import discriminator_loss_fused, generator_loss_fused
+    except ImportError:
+        return discriminator_loss, generator_loss
+    return discriminator_loss_fused, generator_loss_fused
+
+
+class MetricsReader:
+    """Brings step metrics (0-d device tensors) back to the host without waiting for the
+    GPU: ``submit`` starts one copy into pinned memory; ``collect`` returns what has arrived,
+    in order, or everything when ``wait``."""
+
+    def __init__(self):
+        self._pending: collections.deque = collections.deque()
+
+    def submit(self, tag, values: dict[str, torch.Tensor]) -> None:
+        names = list(values)
+        stacked = torch.stack([values[k].float() for k in names])  # [M]
+        event = None
+        if stacked.is_cuda:
+            host = torch.empty(stacked.shape, pin_memory=True)
+            host.copy_(stacked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = stacked
+        self._pending.append((tag, names, host, event))
+
+    def collect(self, *, wait: bool = False) -> list[tuple[object, dict[str, float]]]:
+        done = []
+        while self._pending:
+            tag, names, host, event = self._pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self._pending.popleft()
+            done.append((tag, dict(zip(names, host.tolist(), strict=True))))
+        return done

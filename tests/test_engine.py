@@ -1,0 +1,326 @@
+"""The step engine on the CPU: the compiled backend (Inductor) against the eager one, the
+discriminator without its concatenation, the fallback when torch.compile fails, the CLI's
+backend options and the step benchmark's dry run.
+
+Inductor compiles are slow on a small machine: one module-scoped fixture trains the compiled
+engine once (batch 4, the small preset, 3 steps) and the tests read its results.
+"""
+
+import copy
+import dataclasses
+import json
+import runpy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from t2i_fast.cli import main
+from t2i_fast.data import Loader
+from t2i_fast.errors import T2IError
+from t2i_fast.models import Discriminator, Generator, preset
+from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.train import TrainConfig
+from t2i_fast.train.engine import StepEngine, fuse_conv_bn_act
+
+BATCH, STEPS = 4, 3
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine") / "shapes.lmdb"
+    make_shapes(out=path, n=BATCH * STEPS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def batches(shapes):
+    # 64-px crops of the 76-px images: the engine resizes them to the small preset's 32.
+    with Loader(shapes, batch_size=BATCH, seed=0, dtype=torch.float32, layout="nhwc",
+                num_threads=1) as loader:
+        return list(loader)
+
+
+class CaptionEmbedding(nn.Module):
+    """Stands in for a trained text encoder: a linear map of the one-hot captions, whose
+    embeddings differ from caption to caption as a trained char-CNN-RNN's do. An untrained
+    one maps every caption to nearly the same vector (the batch spread is 1% of the norm),
+    which leaves G's BatchNorm1d over the projected text with a batch variance ≈1e-8 ≪ eps;
+    from there Inductor's float32 reductions (ATen's CPU kernels accumulate in double) move
+    some of G's gradients by up to 4% (eager float32: 1e-5 from float64), though compiled
+    and eager agree to 1e-13 in float64: rounding, not a wrong graph.
+    """
+
+    def __init__(self, length: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(70 * length, dim)
+
+    def encode_mean(self, captions: torch.Tensor) -> torch.Tensor:
+        return self.proj(captions.flatten(-2)).mean(dim=1)  # [B, k, 70, L] → [B, E]
+
+
+def make_engine(backend: str, *, length: int, dtype=torch.float32, **config) -> StepEngine:
+    torch.manual_seed(0)
+    models = preset("small")
+    G, D = Generator(models.gan), Discriminator(models.gan)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    text = CaptionEmbedding(length, models.gan.embedding_dim)
+    for module in (G, D, G_ema, text):
+        module.to(dtype)
+    settings = TrainConfig(data="-", run="-", preset="small", batch_size=BATCH,
+                           train_text_encoder=True, **config)
+    return StepEngine(G=G, D=D, text_encoder=text, G_ema=G_ema, config=settings,
+                      device=torch.device("cpu"), noise=torch.Generator().manual_seed(1),
+                      backend=backend, precision="fp32")
+
+
+def state(engine: StepEngine) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the four networks, in float64."""
+    return {f"{part}.{k}": v.double().clone()
+            for part in ("G", "D", "text_encoder", "G_ema")
+            for k, v in getattr(engine, part).state_dict().items() if v.is_floating_point()}
+
+
+def train(backend: str, batches, *, dtype=torch.float32) -> dict:
+    engine = make_engine(backend, length=batches[0].captions.shape[-1], dtype=dtype)
+    result = {"engine": engine, "init": state(engine), "losses": [], "states": []}
+    for i, batch in enumerate(batches):
+        if dtype != torch.float32:
+            batch = dataclasses.replace(batch, images=batch.images.to(dtype),
+                                        wrong_images=batch.wrong_images.to(dtype),
+                                        captions=batch.captions.to(dtype))
+        result["losses"].append({k: v.item() for k, v in engine.step(batch, step=i).items()})
+        result["states"].append(state(engine))
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(batches):
+    """3 steps each: eager float64 (the reference), eager float32, compiled float32."""
+    found = {"eager64": train("eager", batches, dtype=torch.float64),
+             "eager": train("eager", batches)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found["compiled"] = train("compiled", batches)
+    found["warnings"] = [str(w.message) for w in caught
+                         if str(w.message).startswith(("torch.compile failed", "CUDA graph"))]
+    return found
+
+
+def deviation(run: dict, reference: dict, step: int, parts: tuple[str, ...] = ("",)) -> float:
+    """‖θ - θ_ref‖ / ‖θ_ref - θ_0‖ after ``step`` + 1 steps, over every float parameter and
+    BatchNorm statistic (of the networks named by ``parts``): the distance from the reference
+    relative to how far training has moved. Adam's first update is ±lr for any gradient not
+    near 0, so single weights whose gradient is near 0 may differ by 2·lr: elementwise
+    tolerances would have to be as large as the update."""
+    now, ref, init = run["states"][step], reference["states"][step], reference["init"]
+    keys = [k for k in ref if k.startswith(parts)]
+    apart = sum(float((now[k] - ref[k]).square().sum()) for k in keys)
+    moved = sum(float((ref[k] - init[k]).square().sum()) for k in keys)
+    return (apart / moved) ** 0.5
+
+
+def test_first_step_matches_eager(runs):
+    """Same math, other kernels: the first step's losses (the initial networks' forward)
+    agree to float32 rounding. The parameters after it agree to 1% of the update: Adam's
+    first step is ±lr wherever a gradient is not exactly 0, so the few weights whose gradient
+    is rounding noise may move by 2·lr the other way (0.3% measured with one thread); a wrong
+    graph moves them by the whole update."""
+    first, compiled = runs["eager"]["losses"][0], runs["compiled"]["losses"][0]
+    assert first.keys() == compiled.keys() == {"d_loss", "g_loss", "d_real", "d_fake",
+                                               "d_wrong"}
+    for key in first:
+        assert compiled[key] == pytest.approx(first[key], rel=1e-5), key
+    assert deviation(runs["compiled"], runs["eager"], 0) < 1e-2
+    assert deviation(runs["eager"], runs["eager64"], 0) < 1e-2  # the scale of rounding
+
+
+def test_compiled_is_as_accurate_as_eager(runs):
+    """Over 3 steps float32 rounding grows: Adam divides each gradient by its own running
+    size, so a rounding-level change in a tiny gradient changes that weight's step by O(lr),
+    and the GAN's two networks feed such changes back to each other. By the third step eager
+    float32 itself is several percent of the update away from float64; the compiled engine
+    must stay as close to float64 as eager float32 does (within a factor 3) and its losses
+    within 1% of eager's."""
+    for step in range(STEPS):
+        eager = deviation(runs["eager"], runs["eager64"], step)
+        compiled = deviation(runs["compiled"], runs["eager64"], step)
+        assert compiled < 3 * eager + 1e-4, (step, compiled, eager)
+        for key, value in runs["eager"]["losses"][step].items():
+            assert runs["compiled"]["losses"][step][key] == pytest.approx(value, rel=1e-2)
+
+
+def test_compiled_discriminator_backward_in_channels_last(runs):
+    """torch 2.11's trap: the compiled discriminator's backward in channels_last. Here every
+    part compiles (no fallback), on channels_last weights, and the first D update (made from
+    that backward, with the text encoder's gradient through it) matches eager."""
+    engine = runs["compiled"]["engine"]
+    assert runs["warnings"] == []
+    assert engine.compiled_parts == {"generator forward": True, "discriminator step": True,
+                                     "generator step": True}
+    weight = engine.D.stages[1][0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert not weight.is_contiguous()
+    assert deviation(runs["compiled"], runs["eager"], 0, ("D.", "text_encoder.")) < 1e-2
+
+
+def concat_forward(D: Discriminator, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The paper's form: the projected text replicated over the grid, concatenated, mixed by
+    the 1×1 convolution."""
+    x = D.stages(images)  # [B, C, 4, 4]
+    h = D.project(text)[:, :, None, None].expand(-1, -1, *x.shape[-2:])  # [B, P, 4, 4]
+    return D.logit(D.joint(torch.cat([x, h], dim=1))).flatten()  # [B]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_discriminator_without_concatenation_equals_the_concat_form(memory_format):
+    torch.manual_seed(0)
+    D = Discriminator(preset("small").gan).to(memory_format=memory_format)
+    reference = copy.deepcopy(D)
+    images = torch.randn(6, 3, 32, 32).contiguous(memory_format=memory_format)
+    text = torch.randn(6, 128)
+    outputs, grads = [], []
+    for model, forward in ((D, Discriminator.forward), (reference, concat_forward)):
+        x, t = images.clone().requires_grad_(), text.clone().requires_grad_()
+        logits = forward(model, x, t)
+        (logits * torch.linspace(-1, 1, 6)).sum().backward()
+        outputs.append(logits)
+        grads.append([x.grad, t.grad, *(p.grad for p in model.parameters())])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(D.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(a, b)  # the same BatchNorm statistics
+    assert D.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_fused_layers_keep_the_networks(monkeypatch):
+    """The wiring of fused_layers (the Triton kernels themselves need a GPU): with the
+    PyTorch reference in their place, fused networks keep their parameters, state-dict keys,
+    outputs, gradients and BatchNorm statistics; finding the layers moves no statistic."""
+    from t2i_fast.ops import conv_bn_act
+
+    calls = []
+    reference_layer = conv_bn_act.conv_bn_act_ref
+    monkeypatch.setattr(conv_bn_act, "conv_bn_act_ref",
+                        lambda *args, **kw: calls.append(1) or reference_layer(*args, **kw))
+    torch.manual_seed(0)
+    config = preset("small").gan
+    text = torch.randn(4, config.embedding_dim)
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    cases = ((Generator(config), (torch.randn(4, config.z_dim), text)),
+             (Discriminator(config).to(memory_format=torch.channels_last), (images, text)))
+    for model, inputs in cases:
+        reference = copy.deepcopy(model)
+        keys = list(model.state_dict())
+        # Each layer is offered with the input its convolution saw.
+        names = fuse_conv_bn_act(model, *inputs, impl="ref",
+                                 wanted=lambda conv, bn, slope, x: x.shape[1] == conv.in_channels)
+        assert len(names) >= 4 and list(model.state_dict()) == keys
+        for a, b in zip(model.buffers(), reference.buffers(), strict=True):
+            assert torch.equal(a, b)
+        outputs = []
+        calls.clear()
+        for network in (model, reference):
+            out = network(*inputs)
+            (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            outputs.append(out)
+        assert len(calls) == len(names)  # each fused layer is one conv_bn_act call
+        torch.testing.assert_close(outputs[0], outputs[1])
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+        for a, b in zip(model.buffers(), reference.buffers(), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("expected size 32==32, stride 1==512 at dim=1 "
+                             "(convolution_backward)\nmore detail")
+
+
+def test_a_part_that_fails_to_compile_runs_eagerly(batches, monkeypatch):
+    """torch.compile stubbed: the D step "compiles" but fails in its first backward, after
+    its forward moved the BatchNorm statistics; the others come back uncompiled. One warning
+    line names the part, and the step is eager's (the trial's statistics were undone)."""
+    def fake_compile(fn, **options):
+        if fn.__name__ != "_discriminator_step":
+            return fn
+
+        def broken(*args):
+            loss, scores = fn(*args)
+            return _FailingBackward.apply(loss), scores
+        return broken
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    length = batches[0].captions.shape[-1]
+    eager = make_engine("eager", length=length)
+    engine = make_engine("compiled", length=length)
+    with pytest.warns(RuntimeWarning) as caught:
+        got = engine.step(batches[0], step=0)
+    messages = [str(w.message) for w in caught
+                if str(w.message).startswith("torch.compile failed")]
+    assert messages == ["torch.compile failed for the discriminator step (AssertionError: "
+                        "expected size 32==32, stride 1==512 at dim=1 (convolution_backward)); "
+                        "that part runs eagerly"]
+    assert engine.compiled_parts == {"generator forward": True, "discriminator step": False,
+                                     "generator step": True}
+    want = eager.step(batches[0], step=0)
+    for key in want:
+        assert got[key].item() == pytest.approx(want[key].item(), rel=1e-5), key
+    # Had the trial's statistics stayed, they would be 3 momentum updates off and the batch
+    # counts 1 ahead; the G step's D forward uses D after fused vs plain Adam (2·lr apart on
+    # weights with a near-0 gradient), hence 1e-3.
+    for a, b in zip(engine.D.buffers(), eager.D.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        engine.step(batches[1], step=1)
+    assert not [w for w in later if str(w.message).startswith("torch.compile failed")]
+
+
+def test_backend_and_precision_options(shapes, tmp_path):
+    bad = CliRunner().invoke(main, ["train", "--data", str(shapes), "--backend", "jit"])
+    assert bad.exit_code == 2 and "Invalid value for '--backend'" in bad.output
+    with pytest.raises(T2IError, match="--precision must be one of"):
+        TrainConfig(data="-", run="-", precision="fp16")
+    run = tmp_path / "run"
+    ok = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run", str(run),
+                                   "--max-steps", "1", "--batch-size", "4", "--preset",
+                                   "small", "--train-text-encoder"])
+    assert ok.exit_code == 0, ok.output
+    settings = json.loads((run / "config.json").read_text())
+    assert (settings["backend"], settings["precision"]) == ("eager", "fp32")  # auto, CPU
+    # A configuration written before these settings existed loads with their defaults.
+    del settings["backend"], settings["precision"]
+    (run / "config.json").write_text(json.dumps(settings))
+    loaded = TrainConfig.load(run / "config.json")
+    assert (loaded.backend, loaded.precision) == ("auto", "auto")
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    assert "--backend [auto|eager|compiled]" in help_text and "default: auto" in help_text
+
+
+def test_bench_step_dry_run(capsys, monkeypatch):
+    # With the text encoder trained, the engine's compiled parts are those the fixture
+    # compiled (same shapes and settings): Inductor's cache makes this run take seconds.
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--dry-run", "--train-text-encoder"])
+    runpy.run_path(str(ROOT / "scripts" / "bench_step.py"), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["dry_run"] is True
+    rows = result["rows"]
+    assert {row["backend"] for row in rows} == {"eager", "stock-compile", "engine"}
+    for row in rows:
+        assert "error" not in row and row["finite"] and row["loss_check"], row
+        assert row["images_per_s"] > 0
+    assert all(next(r for r in rows if r["backend"] == "engine")["compiled_parts"].values())

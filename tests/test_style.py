@@ -1,0 +1,255 @@
+"""The style encoder: the network, train-style, style-transfer and the disentangling study."""
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import write_random_dataset
+from PIL import Image
+
+from t2i_fast.cli import main
+from t2i_fast.data import Dataset
+from t2i_fast.eval import disentangle
+from t2i_fast.eval.disentangle import position_cells, roc_auc
+from t2i_fast.models import preset
+from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
+from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.style_transfer import load_image, style_transfer
+from t2i_fast.train import TrainConfig, train
+from t2i_fast.train.style import (
+    STYLE_FILE,
+    StyleConfig,
+    load_run,
+    load_style_encoder,
+    style_loss,
+    train_style,
+)
+
+CPU = torch.device("cpu")
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("style") / "shapes.lmdb"
+    make_shapes(out=path, n=64)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(shapes):
+    """A briefly trained run without a style encoder."""
+    return train(config=TrainConfig(data=str(shapes), run=str(shapes.parent / "run"),
+                                    preset="small", batch_size=16, max_steps=2,
+                                    loader_threads=2, train_text_encoder=True))
+
+
+@pytest.fixture(scope="module")
+def styled(run):
+    """A copy of ``run`` with a style encoder."""
+    copy = run.parent / "styled"
+    shutil.copytree(run, copy)
+    train_style(config=StyleConfig(run=str(copy), steps=STEPS, batch_size=32, lr=1e-3,
+                                   log_every=25, device="cpu"))
+    return copy
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [*map(str, args)])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+# -- the network ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["small", "dcgan"])
+def test_encoder_maps_the_generators_images_to_z(name):
+    gan = preset(name).gan
+    config = StyleEncoderConfig.from_gan(gan)
+    assert (config.image_size, config.z_dim) == (gan.image_size, gan.z_dim)
+    encoder = StyleEncoder(config)
+    images = torch.rand(3, 3, gan.image_size, gan.image_size, requires_grad=True) * 2 - 1
+    out = encoder(images)
+    assert out.shape == (3, gan.z_dim)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+    with pytest.raises(ValueError, match="32×32"):
+        StyleEncoder(StyleEncoderConfig.from_gan(preset("small").gan))(torch.zeros(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="power of two"):
+        StyleEncoderConfig(image_size=48)
+
+
+# -- train-style ------------------------------------------------------------------------------
+def test_train_style_reduces_the_regression_loss(styled, shapes):
+    model, step = load_run(styled, device=CPU)
+    trained, inverted = load_style_encoder(styled, device=CPU)
+    assert inverted == step == 2 and not trained.training
+    z = torch.randn(128, model.z_dim, generator=torch.Generator().manual_seed(99))
+    with Dataset(shapes) as ds:
+        captions = [ds[i % len(ds)].captions[i % 10] for i in range(128)]
+    images = model.generate(model.embed(captions), z)
+    torch.manual_seed(1)
+    untrained = StyleEncoder(trained.config).eval()
+    with torch.no_grad():
+        before, after = style_loss(untrained, images, z), style_loss(trained, images, z)
+    assert before > 0.9  # an untrained encoder predicts about 0: z's variance, 1
+    assert after < 0.6 * before, (before, after)
+    rows = [json.loads(line) for line in (styled / "style_metrics.jsonl").open()]
+    assert [row["step"] for row in rows] == [25, 50, STEPS]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_train_style_refuses_to_overwrite(styled, tmp_path):
+    line = one_error_line(invoke("train-style", "--run", styled, "--steps", 1))
+    assert str(styled / STYLE_FILE) in line and "--overwrite" in line
+    copy = tmp_path / "copy"
+    shutil.copytree(styled, copy)
+    result = invoke("train-style", "--run", copy, "--steps", 2, "--batch-size", 4,
+                    "--log-every", 1, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert len((copy / "style_metrics.jsonl").read_text().splitlines()) == 2
+    assert not list(copy.glob("*.tmp"))
+    line = one_error_line(invoke("train-style", "--run", tmp_path))
+    assert "no checkpoint" in line
+
+
+# -- style-transfer ---------------------------------------------------------------------------
+@pytest.fixture()
+def queries(tmp_path, shapes):
+    """A wide RGBA PNG and a greyscale JPEG: neither square nor RGB nor the model's size."""
+    with Dataset(shapes) as ds:
+        first, second = ds[0].image, ds[1].image
+    wide = np.concatenate([first, first[:, :30]], axis=1)
+    alpha = np.full(wide.shape[:2] + (1,), 255, dtype=np.uint8)
+    Image.fromarray(np.concatenate([wide, alpha], axis=2), "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(second).convert("L").save(tmp_path / "b.jpg")
+    return [tmp_path / "a.png", tmp_path / "b.jpg"]
+
+
+def test_style_transfer_grid(styled, queries, tmp_path):
+    out = tmp_path / "grid.png"
+    result = invoke("style-transfer", "--run", styled, "--image", queries[0], "--image",
+                    queries[1], "--text", "a large red circle", "--text", "a tiny blue cross",
+                    "--text", "a green square", "--out", out)
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as grid:
+        assert grid.width == (3 + 1) * (32 * 2 + 2) + 2  # the query column, then 3 captions
+        assert grid.height > 2 * (32 * 2 + 2)
+
+
+def test_style_transfer_draws_each_caption_in_each_style(styled, queries):
+    model, _ = load_run(styled, device=CPU)
+    encoder, _ = load_style_encoder(styled, device=CPU)
+    images = torch.stack([load_image(path, size=32) for path in queries])  # [2, 3, 32, 32]
+    assert images.shape == (2, 3, 32, 32) and -1 <= images.min() < images.max() <= 1
+    text = model.embed(["a red circle", "a blue cross", "a small square"])
+    tiles = style_transfer(model=model, encoder=encoder, images=images, text=text)
+    assert tiles.shape == (2 * 4, 3, 32, 32)
+    with torch.no_grad():
+        styles = encoder(images)
+    for r, c in itertools.product(range(2), range(3)):
+        torch.testing.assert_close(tiles[r * 4], images[r])
+        torch.testing.assert_close(tiles[r * 4 + 1 + c],
+                                   model.generate(text[c: c + 1], styles[r: r + 1])[0])
+
+
+def test_style_transfer_errors(run, styled, queries, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    line = one_error_line(invoke("style-transfer", "--run", styled, "--image", queries[0],
+                                 "--image", bad, "--text", "a red circle",
+                                 "--out", tmp_path / "x.png"))
+    assert f"{bad}: cannot read as an image" in line
+    missing = tmp_path / "nowhere.jpg"
+    line = one_error_line(invoke("style-transfer", "--run", styled, "--image", missing,
+                                 "--text", "a red circle", "--out", tmp_path / "x.png"))
+    assert str(missing) in line
+    line = one_error_line(invoke("style-transfer", "--run", run, "--image", queries[0],
+                                 "--text", "a red circle", "--out", tmp_path / "x.png"))
+    assert "no style encoder" in line and "t2i-fast train-style" in line
+    assert not (tmp_path / "x.png").exists()
+
+
+# -- the disentangling study ------------------------------------------------------------------
+def test_roc_auc_hand_computed():
+    # Positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of 4 pairs ordered right.
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert roc_auc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.1], [0, 0, 1]) == 0.0
+    # A tie between a positive and a negative counts half: (1 + 0.5 + 1 + 1) / 4.
+    assert roc_auc([0.2, 0.5, 0.5, 0.9], [0, 1, 0, 1]) == 0.875
+    assert roc_auc([3.0, 3.0, 3.0, 3.0], [0, 1, 0, 1]) == 0.5
+    # Positives 1, 1, 2 against negatives 1, 2: (0.5 + 0) + (0.5 + 0) + (1 + 0.5) = 2.5 of 6.
+    assert roc_auc([1, 2, 1, 1, 2], [1, 0, 0, 1, 1]) == pytest.approx(2.5 / 6, abs=1e-15)
+    with pytest.raises(ValueError, match="both"):
+        roc_auc([0.1, 0.2], [1, 1])
+
+
+def test_roc_auc_matches_counting_pairs_with_many_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 200).astype(float)
+    labels = rng.random(200) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert roc_auc(scores, labels) == pytest.approx(wins / (len(pos) * len(neg)), abs=1e-12)
+
+
+def test_position_cells_split_the_visible_window_in_thirds():
+    # The 76-pixel shapes images keep pixels [12, 64) in every crop: cells 52 / 3 pixels wide.
+    centres = [(13, 13), (30, 13), (47, 13), (13, 29), (13, 30), (63, 63), (5, 70)]
+    assert position_cells(np.array(centres), low=12, high=64).tolist() == [0, 1, 2, 0, 3, 8, 6]
+
+
+def test_eval_disentangle_json(styled):
+    args = ("eval", "disentangle", "--run", styled, "--n", 64, "--pairs", 800, "--json")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert set(scores) == {"background_auc", "position_auc", "n_pairs"}
+    assert scores["n_pairs"] == 800
+    assert all(0 <= scores[key] <= 1 for key in ("background_auc", "position_auc"))
+    assert json.loads(invoke(*args).output) == scores  # the seed fixes everything
+    table = invoke("eval", "disentangle", "--run", styled, "--n", 64, "--pairs", 800)
+    assert [line.split()[0] for line in table.output.splitlines()] == [
+        "factor", "background", "position", "pairs"]
+
+
+def _truth(shapes, n):
+    with Dataset(shapes) as ds:
+        records = [ds[i].attributes for i in range(n)]
+    backgrounds = np.array([r["background_id"] for r in records])
+    # The study's documented grid, computed here independently: thirds of [12, 64).
+    x, y = (np.clip((np.array([r["position"] for r in records]) - 12) * 3 // 52, 0, 2).T
+            .astype(int))
+    return backgrounds, y * 3 + x
+
+
+@pytest.mark.parametrize("factor", ["background", "position"])
+def test_a_perfect_style_predictor_scores_one(styled, shapes, monkeypatch, factor):
+    backgrounds, cells = _truth(shapes, 64)
+    truth = backgrounds if factor == "background" else cells
+    monkeypatch.setattr(disentangle, "predict_styles",
+                        lambda encoder, images, **_: np.eye(9)[truth[:len(images)]])
+    result = invoke("eval", "disentangle", "--run", styled, "--n", 64, "--pairs", 2000,
+                    "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores[f"{factor}_auc"] == 1.0
+    other = "position" if factor == "background" else "background"
+    assert 0.35 < scores[f"{other}_auc"] < 0.65  # the two factors are drawn independently
+
+
+def test_eval_disentangle_errors(run, styled, tmp_path):
+    line = one_error_line(invoke("eval", "disentangle", "--run", run))
+    assert "no style encoder" in line and "train-style" in line
+    random = write_random_dataset(tmp_path / "random.lmdb", n=4, size=20)
+    line = one_error_line(invoke("eval", "disentangle", "--run", styled, "--data", random))
+    assert "no background or position" in line
