@@ -67,3 +67,21 @@ def tiny_run(data: Path, run: Path, **options) -> Path:
     settings = {"preset": "small", "batch_size": 8, "max_steps": 1, "train_text_encoder": True,
                 **options}
     return train(config=TrainConfig(data=str(data), run=str(run), **settings))
+
+
+def draw_shape(size, shape, radius, rgb, centre=None):
+    """A hard-edged shape drawn independently of the generator, on a grey background."""
+    cy, cx = centre or (size / 2, size / 2)
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    x, y = xs - cx, ys - cy
+    arm = 0.38 * radius
+    inside = {
+        "circle": np.hypot(x, y) <= radius,
+        "square": (np.abs(x) <= radius) & (np.abs(y) <= radius),
+        "triangle": (y <= radius) & (2 * np.abs(x) <= y + radius),
+        "cross": (((np.abs(x) <= radius) & (np.abs(y) <= arm))
+                  | ((np.abs(x) <= arm) & (np.abs(y) <= radius))),
+    }[shape]
+    image = np.full((size, size, 3), 140, dtype=np.uint8)
+    image[inside] = rgb
+    return image

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_run, write_random_dataset
+from conftest import draw_shape, tiny_run, write_random_dataset
 
 from t2i_fast.cli import main
 from t2i_fast.data import Dataset
@@ -118,24 +118,6 @@ def test_no_shape_scores_none_and_counts_as_wrong():
                                          "n": 1}
 
 
-def _draw(size, shape, radius, rgb, centre=None):
-    """A hard-edged shape drawn independently of the generator, on a grey background."""
-    cy, cx = centre or (size / 2, size / 2)
-    ys, xs = np.mgrid[0:size, 0:size] + 0.5
-    x, y = xs - cx, ys - cy
-    arm = 0.38 * radius
-    inside = {
-        "circle": np.hypot(x, y) <= radius,
-        "square": (np.abs(x) <= radius) & (np.abs(y) <= radius),
-        "triangle": (y <= radius) & (2 * np.abs(x) <= y + radius),
-        "cross": (((np.abs(x) <= radius) & (np.abs(y) <= arm))
-                  | ((np.abs(x) <= arm) & (np.abs(y) <= radius))),
-    }[shape]
-    image = np.full((size, size, 3), 140, dtype=np.uint8)
-    image[inside] = rgb
-    return image
-
-
 @pytest.mark.parametrize(("size", "shape", "radius", "rgb", "expected"), [
     (64, "circle", 18, (230, 20, 20), ("red", "large")),
     (32, "circle", 9, (230, 20, 20), ("red", "large")),
@@ -145,13 +127,13 @@ def _draw(size, shape, radius, rgb, centre=None):
 ])
 def test_hand_drawn_shapes(size, shape, radius, rgb, expected):
     color, size_class = expected
-    assert score_image(_draw(size, shape, radius, rgb)) == {
+    assert score_image(draw_shape(size, shape, radius, rgb)) == {
         "color": color, "shape": shape, "size": size_class}
 
 
 def test_two_shapes_report_the_larger():
-    image = _draw(64, "square", 7, (30, 60, 240), centre=(14, 14))
-    big = _draw(64, "circle", 12, (230, 20, 20), centre=(40, 40))
+    image = draw_shape(64, "square", 7, (30, 60, 240), centre=(14, 14))
+    big = draw_shape(64, "circle", 12, (230, 20, 20), centre=(40, 40))
     image[big[..., 1] != 140] = big[big[..., 1] != 140]
     assert score_image(image) == {"color": "red", "shape": "circle", "size": "medium"}
 

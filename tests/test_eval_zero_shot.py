@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_run
+from conftest import draw_shape, tiny_run
 
 from t2i_fast.cli import main
 from t2i_fast.data import Dataset
@@ -112,18 +112,7 @@ class DrawingModel:
         color = self.swap.get(f"{shape['color']} {shape['shape']}", shape["color"])
         radius = {"small": 7, "medium": 12, "large": 18}[shape["size"]]
         rgb = colorsys.hsv_to_rgb(_HUES[COLORS.index(color)] / 360, 0.9, 0.9)
-        ys, xs = np.mgrid[0:64, 0:64] + 0.5
-        x, y = xs - 32, ys - 32
-        arm = 0.38 * radius
-        inside = {
-            "circle": np.hypot(x, y) <= radius,
-            "square": (np.abs(x) <= radius) & (np.abs(y) <= radius),
-            "triangle": (y <= radius) & (2 * np.abs(x) <= y + radius),
-            "cross": (((np.abs(x) <= radius) & (np.abs(y) <= arm))
-                      | ((np.abs(x) <= arm) & (np.abs(y) <= radius))),
-        }[shape["shape"]]
-        image = np.full((64, 64, 3), 140, dtype=np.uint8)
-        image[inside] = np.array(rgb) * 255
+        image = draw_shape(64, shape["shape"], radius, np.array(rgb) * 255)
         return torch.from_numpy(image).permute(2, 0, 1)
 
 
