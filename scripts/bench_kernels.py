@@ -166,7 +166,14 @@ def scaled_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
                for a, b in zip(got, want, strict=True))
 
 
-def bench_conv(args, ceilings: dict) -> tuple[list[dict], list[dict]]:
+def first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def bench_conv(args, ceilings: dict, report) -> tuple[list[dict], list[dict]]:
+    """Rows and dispatch decisions; both so far also go to ``report`` after each layer (a
+    run cut off by a time limit keeps the layers it finished)."""
     dtype = getattr(torch, args.dtype)
     tolerance = 5e-2 if dtype == torch.bfloat16 else 2e-2  # float32 convolutions may use TF32
     rows, decisions = [], []
@@ -177,9 +184,13 @@ def bench_conv(args, ceilings: dict) -> tuple[list[dict], list[dict]]:
             stats = {k: t[k] for k in ("x", "weight", "bias", "bn_weight", "bn_bias",
                                        "running_mean", "running_var")}
             for training in (True, False):
-                decision = cba.measure_dispatch(
-                    **stats, kind=layer.kind, stride=layer.stride, padding=layer.padding,
-                    slope=layer.slope, training=training)
+                try:
+                    decision = cba.measure_dispatch(
+                        **stats, kind=layer.kind, stride=layer.stride, padding=layer.padding,
+                        slope=layer.slope, training=training)
+                except Exception as exc:  # one layer failing must not hide the others
+                    decision = {"impl": "?", "key": f"{'train' if training else 'eval'}",
+                                "error": first_line(exc)}
                 decisions.append({"model": model, "layer": layer.name, "batch": batch,
                                   **decision})
             for leaf in ("x", "weight", "bn_weight", "bn_bias"):
@@ -201,7 +212,12 @@ def bench_conv(args, ceilings: dict) -> tuple[list[dict], list[dict]]:
                            "shape": describe(layer), "batch": batch, "dtype": args.dtype,
                            "layout": "channels_last" if args.channels_last else "nchw",
                            "mode": mode, "variant": variant}
-                    error = scaled_error(run_step(fn, t, mode, grad_y), expected)
+                    try:
+                        error = scaled_error(run_step(fn, t, mode, grad_y), expected)
+                    except Exception as exc:
+                        row["check"] = f"error: {first_line(exc)}"
+                        rows.append(row)
+                        continue
                     row["max_scaled_error"] = error
                     if error > tolerance:
                         row["check"] = "MISMATCH"
@@ -214,6 +230,7 @@ def bench_conv(args, ceilings: dict) -> tuple[list[dict], list[dict]]:
                     row["tflops_pct"] = 100 * row["tflops"] / ceilings["bf16_matmul_tflops"]
                     row["gbps_pct"] = 100 * row["gbps"] / ceilings["copy_gbps"]
                     rows.append(row)
+            report(rows, decisions)
     return rows, decisions
 
 
@@ -326,14 +343,20 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     print(f"{device}: bf16 matmul {ceilings['bf16_matmul_tflops']} TFLOP/s, "
           f"copy {ceilings['copy_gbps']} GB/s")
-    conv_rows, decisions = bench_conv(args, ceilings)
+    result = {"device": device, "torch": torch.__version__, "ceilings": ceilings, "conv": [],
+              "loss": [], "dispatch": []}
+
+    def report(conv_rows: list[dict], decisions: list[dict]) -> None:
+        result.update(conv=conv_rows, dispatch=decisions)
+        write_outputs(args, result)
+
+    # The losses first: they take seconds, the layers minutes.
+    result["loss"] = bench_matching_loss(args.batch)
+    print_loss_table(result["loss"])
+    conv_rows, decisions = bench_conv(args, ceilings, report)
     print_conv_table(conv_rows, decisions)
-    loss_rows = bench_matching_loss(args.batch)
-    print_loss_table(loss_rows)
     print(f"dispatch decisions recorded in {cba.dispatch_file()}")
-    write_outputs(args, {"device": device, "torch": torch.__version__,
-                         "ceilings": ceilings, "conv": conv_rows, "loss": loss_rows,
-                         "dispatch": decisions})
+    write_outputs(args, result)
     return 0
 
 

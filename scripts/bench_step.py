@@ -133,7 +133,10 @@ def forever(batches):
         yield from batches
 
 
-def measure(name: str, batch_size: int, data: Path, args, device: torch.device) -> dict:
+def measure(name: str, batch_size: int, data: Path, args, device: torch.device,
+            report) -> dict:
+    """Each backend's row, also given to ``report`` as soon as it is measured (a run cut off
+    by a time limit keeps the rows it finished)."""
     dry = args.dry_run
     weights = initial_weights(name)
     config = TrainConfig(data=str(data), run="-", preset=name, batch_size=batch_size,
@@ -206,6 +209,7 @@ def measure(name: str, batch_size: int, data: Path, args, device: torch.device) 
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             row.setdefault("finite", False)
         rows.append(row)
+        report(row)
         del engine, step
         torch._dynamo.reset()  # its compiled code holds the networks
     loader.close()
@@ -249,6 +253,11 @@ def main() -> None:
         "torch": torch.__version__, "commit": commit(),
         "date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
         "steps": 1 if args.dry_run else args.steps, "rows": [], "flops_per_step": {}}
+
+    def report(row: dict) -> None:
+        results["rows"].append(row)
+        if args.json:  # rewritten after every row
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
     with tempfile.TemporaryDirectory(prefix="bench_step_") as scratch:
         data = Path(scratch) / "shapes.lmdb"
         # 76-px records (64-px crops); enough batches an epoch that the loader's epoch
@@ -256,8 +265,7 @@ def main() -> None:
         make_shapes(out=data, n=max(16 * max(sizes), 16) if not args.dry_run else 16)
         for name in presets:
             for batch_size in sizes:
-                got = measure(name, batch_size, data, args, device)
-                results["rows"] += got["rows"]
+                got = measure(name, batch_size, data, args, device, report)
                 results["flops_per_step"][f"{name}/{batch_size}"] = got["flops_per_step"]
     print(f"{'preset':<8}{'batch':>6}  {'backend':<14}{'img/s':>10}{'TFLOP/s':>9}"
           f"{'peak GiB':>10}{'loader/GPU':>11}")

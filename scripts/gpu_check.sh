@@ -9,7 +9,7 @@
 #   bash scripts/gpu_check.sh RESULTS_DIR
 #
 # Environment: T2I_OFFLINE (default offline/), PYTHON (python3), T2I_DEADLINE (seconds for
-# the whole run, 480), T2I_TESTS (the pytest arguments), T2I_COMMIT (when the tree has no
+# the whole run, 450), T2I_TESTS (the pytest arguments), T2I_COMMIT (when the tree has no
 # .git), T2I_KEEP_LOGS=1 (leave the logs unpacked; the device tool returns only 8 files).
 # Without CUDA it stops after the build and import check, with exit status 3.
 # Stage commands are single-quoted on purpose: the stage's own bash expands them.
@@ -29,7 +29,7 @@ logs=$results/logs
 stages=$logs/stages.tsv
 : >"$stages"
 export PYTHON=${PYTHON:-python3} RESULTS=$results LOGS=$logs OFFLINE=$offline PYTHONUNBUFFERED=1
-deadline=$(($(date +%s) + ${T2I_DEADLINE:-480}))
+deadline=$(($(date +%s) + ${T2I_DEADLINE:-450}))
 # Compiled kernels on the GPU, never the interpreter that CPU-only test runs use.
 unset TRITON_INTERPRET
 
@@ -103,17 +103,19 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
   echo "no CUDA device: the GPU stages (tests, benchmarks, profile) are skipped"
 else
   no_cuda=0
-  export T2I_TESTS=${T2I_TESTS:-tests/test_op_*.py tests/test_loader.py tests/test_losses.py}
-  stage tests 240 '"$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$LOGS/pytest.xml" $T2I_TESTS'
-  if [ -f scripts/bench_kernels.py ]; then
-    stage bench_kernels 150 '"$PYTHON" scripts/bench_kernels.py --json "$RESULTS/bench_kernels.json"'
-  fi
-  stage profile_step 150 '"$PYTHON" scripts/profile_step.py --preset reed --batch-size 64 --json "$RESULTS/profile_step.json" --trace "$LOGS/profile_trace.json"'
-  if [ -f scripts/bench_step.py ]; then  # added by a later change
-    stage bench_step 150 '"$PYTHON" scripts/bench_step.py --json "$RESULTS/bench_step.json"'
-  fi
+  export T2I_TESTS=${T2I_TESTS:-tests/test_op_*.py tests/test_engine_cuda.py tests/test_loader.py tests/test_losses.py}
+  # Triton compiles each kernel variant in the process that first needs it: workers
+  # compile in parallel (pytest-xdist, when installed).
+  workers=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
+  export T2I_WORKERS=${workers:-}
+  stage tests 150 '"$PYTHON" -m pytest -q -rfE --durations=10 -p no:cacheprovider $T2I_WORKERS --junitxml="$LOGS/pytest.xml" $T2I_TESTS'
+  # The whole step first, then the layers; each writes its JSON after every row, so a
+  # stage cut off by its limit keeps what it measured.
+  stage bench_step 170 '"$PYTHON" scripts/bench_step.py --presets reed --batch-sizes 64 --steps 30 --warmup 6 --json "$RESULTS/bench_step.json"'
+  stage bench_kernels 120 '"$PYTHON" scripts/bench_kernels.py --batch 64 --no-compile --json "$RESULTS/bench_kernels.json"'
+  stage profile_step 90 '"$PYTHON" scripts/profile_step.py --preset reed --batch-size 64 --json "$RESULTS/profile_step.json" --trace "$LOGS/profile_trace.json"'
   # Its last line of output is its JSON; 3000 images and 2 epochs keep it near a minute.
-  stage bench_loader 150 '"$PYTHON" scripts/bench_loader.py --n 3000 --epochs 2 >"$LOGS/bench_loader.out" && tail -n 1 "$LOGS/bench_loader.out" >"$RESULTS/bench_loader.json"'
+  stage bench_loader 60 '"$PYTHON" scripts/bench_loader.py --n 3000 --epochs 2 >"$LOGS/bench_loader.out" && tail -n 1 "$LOGS/bench_loader.out" >"$RESULTS/bench_loader.json"'
 fi
 
 commit=${T2I_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
