@@ -108,10 +108,10 @@ else
   # compile in parallel (pytest-xdist, when installed).
   workers=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
   export T2I_WORKERS=${workers:-}
-  stage tests 150 '"$PYTHON" -m pytest -q -rfE --durations=10 -p no:cacheprovider $T2I_WORKERS --junitxml="$LOGS/pytest.xml" $T2I_TESTS'
-  # The whole step first, then the layers; each writes its JSON after every row, so a
-  # stage cut off by its limit keeps what it measured.
+  # The whole step first, then the tests, then the layers; the benchmarks write their JSON
+  # after every row, so a stage cut off by its limit keeps what it measured.
   stage bench_step 170 '"$PYTHON" scripts/bench_step.py --presets reed --batch-sizes 64 --steps 30 --warmup 6 --json "$RESULTS/bench_step.json"'
+  stage tests 150 '"$PYTHON" -m pytest -v -rfE --durations=10 -p no:cacheprovider $T2I_WORKERS --junitxml="$LOGS/pytest.xml" $T2I_TESTS'
   stage bench_kernels 120 '"$PYTHON" scripts/bench_kernels.py --batch 64 --no-compile --json "$RESULTS/bench_kernels.json"'
   stage profile_step 90 '"$PYTHON" scripts/profile_step.py --preset reed --batch-size 64 --json "$RESULTS/profile_step.json" --trace "$LOGS/profile_trace.json"'
   # Its last line of output is its JSON; 3000 images and 2 epochs keep it near a minute.

@@ -15,7 +15,7 @@ from t2i_fast.models import (
     TextEncoderConfig,
     preset,
 )
-from t2i_fast.models.generator import ResidualBlock
+from t2i_fast.models.generator import ProjectTo4x4, ResidualBlock
 
 L = 201
 
@@ -219,3 +219,22 @@ def test_preset_and_config_errors():
         ModelConfig(image=ImageEncoderConfig(embedding_dim=128))
     assert preset("reed").gan == GANConfig()  # the paper's numbers are the defaults
     assert preset("small").gan.image_size == 32
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_project_to_4x4_is_the_transposed_convolution(memory_format):
+    """G's first layer as a matrix product: output and both gradients equal those of the
+    4×4 transposed convolution with its weight, and the output is channels_last."""
+    layer = ProjectTo4x4(7, 5).double().to(memory_format=memory_format)
+    x = torch.randn(3, 7, 1, 1, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    want = torch.nn.functional.conv_transpose2d(x, layer.weight)
+    torch.testing.assert_close(y, want)
+    assert y.shape == (3, 5, 4, 4) and y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.weight), grad)
+    expected = torch.autograd.grad(want, (x, layer.weight), grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="1×1 map"):
+        layer(torch.randn(3, 7, 2, 2, dtype=torch.float64))

@@ -64,6 +64,10 @@ class Discriminator(nn.Module):
         h = self.project(text_embedding)  # [B, P]
         conv, norm, act = self.joint
         w_image, w_text = conv.weight.split([x.shape[1], h.shape[1]], dim=1)
-        text = F.linear(h, w_text.flatten(1))[:, :, None, None]  # [B, C, 1, 1]
-        x = act(norm(F.conv2d(x, w_image) + text))  # [B, C, 4, 4]
+        # The 1×1 convolution as a matrix product over channels, in channels_last: a
+        # convolution with this slice of the weight (strided in neither layout) made
+        # torch.compile (2.11, CUDA) predict one output layout where cuDNN gave the other.
+        pixels = x.permute(0, 2, 3, 1)  # [B, 4, 4, C]
+        joint = F.linear(pixels, w_image.flatten(1)) + F.linear(h, w_text.flatten(1))[:, None, None]
+        x = act(norm(joint.permute(0, 3, 1, 2)))  # [B, C, 4, 4], channels_last
         return self.logit(x).flatten()  # [B]

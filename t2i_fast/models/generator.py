@@ -27,6 +27,25 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+class ProjectTo4x4(nn.ConvTranspose2d):
+    """G's first layer, a 4×4 transposed convolution of the 1×1 map [z, φ(t)], computed as
+    one matrix product whose output [B, C, 4, 4] is channels_last. As a convolution, its
+    [B, C_in, 1, 1] input is both contiguous and channels_last: torch.compile (2.11, CUDA)
+    predicted one output layout where cuDNN returned the other, and failed on a stride
+    assertion. Same parameters as the ``nn.ConvTranspose2d`` it is."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 4):
+        super().__init__(in_channels, out_channels, kernel_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (1, 1):
+            raise ValueError(f"ProjectTo4x4 takes a 1×1 map, got {tuple(x.shape)}")
+        # out[b, :, i, j] = Σ_c x[b, c] · W[c, :, i, j]: no overlap, no flip at stride 1.
+        w = self.weight.permute(0, 2, 3, 1).flatten(1)  # [C_in, kH·kW·C_out]
+        y = x.flatten(1) @ w  # [B, kH·kW·C_out]
+        return y.view(len(x), *self.kernel_size, self.out_channels).permute(0, 3, 1, 2)
+
+
 def bottleneck(channels: int) -> int:
     """Reed's bottleneck width: a quarter of the block's width."""
     return max(channels // 4, 1)
@@ -53,8 +72,7 @@ class Generator(nn.Module):
             nn.BatchNorm1d(config.projected_dim),
             nn.LeakyReLU(0.2),
         )
-        stages = [self._stage(nn.ConvTranspose2d(config.z_dim + config.projected_dim,
-                                                 widths[0], 4, bias=False),
+        stages = [self._stage(ProjectTo4x4(config.z_dim + config.projected_dim, widths[0]),
                               widths[0], config.residual)]
         for i in range(1, n):
             stages.append(self._stage(nn.ConvTranspose2d(widths[i - 1], widths[i], 4, 2, 1,
