@@ -59,6 +59,16 @@ def random_dataset(tmp_path_factory) -> Path:
     return write_random_dataset(tmp_path_factory.mktemp("data") / "random.lmdb")
 
 
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """A 40-image shapes dataset for short training runs (tests may define their own)."""
+    from t2i_fast.prepare.shapes import make_shapes
+
+    path = tmp_path_factory.mktemp("shapes") / "shapes.lmdb"
+    make_shapes(out=path, n=40)
+    return path
+
+
 def tiny_run(data: Path, run: Path, **options) -> Path:
     """A `small` run of a step or two on ``data``, made in seconds: batch 8 and a text
     encoder trained with D from scratch unless ``options`` say otherwise."""

@@ -9,16 +9,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from t2i_fast.cli import main
-from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.train import TrainConfig, train
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
-
-
-@pytest.fixture(scope="session")
-def shapes(tmp_path_factory):
-    path = tmp_path_factory.mktemp("train") / "shapes.lmdb"
-    make_shapes(out=path, n=40)
-    return path
 
 
 def config(shapes, run, **changes) -> TrainConfig:

@@ -21,6 +21,7 @@ from t2i_fast.train.config import (
     resolve_device,
     resolve_precision,
 )
+from t2i_fast.train.distributed import process_group
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 CPU_EPOCHS = 10  # the small preset on 2 cores: about six minutes on the built-in dataset
@@ -56,7 +57,8 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
               help="Continue this run exactly from its last checkpoint.")
 @_preset("Model sizes: auto is reed on a GPU, small on the CPU.")
 @click.option("--variant", type=click.Choice(VARIANTS), default="int-cls")
-@click.option("--batch-size", type=click.IntRange(min=2), default=64)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64,
+              help="The global batch: under torchrun each process takes its share.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help=f"[default: 600 (the paper); {CPU_EPOCHS} with the small preset]")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
@@ -91,9 +93,14 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="bf16: bfloat16 autocast (losses in float32); auto is bf16 for the compiled "
                    "backend on a GPU, fp32 otherwise.")
+@click.option("--sync-bn", is_flag=True,
+              help="Under torchrun: BatchNorm statistics over the global batch "
+                   "(SyncBatchNorm) rather than over each GPU's share (the default, per-GPU "
+                   "BatchNorm). See docs/distributed.md.")
 @click.pass_context
 def train_command(ctx: click.Context, **options) -> None:
-    """Train a text-to-image GAN (GAN, GAN-CLS, GAN-INT or GAN-INT-CLS)."""
+    """Train a text-to-image GAN (GAN, GAN-CLS, GAN-INT or GAN-INT-CLS); under torchrun, on
+    every process with DistributedDataParallel (docs/distributed.md)."""
     resume = options.pop("resume")
     if resume is not None:
         given = {name for name in options
@@ -104,8 +111,11 @@ def train_command(ctx: click.Context, **options) -> None:
                            "given)")
         config = TrainConfig.load(Path(resume) / "config.json")
         changes = {k: options[k] for k in ("epochs", "max_steps") if k in given}
-        run = train(config=dataclasses.replace(config, **changes), resume=True)
-        click.echo(f"{run}: resumed and finished")
+        config = dataclasses.replace(config, **changes)
+        with process_group(config.device) as world:
+            run = train(config=config, resume=True, world=world)
+        if world.main:
+            click.echo(f"{run}: resumed and finished")
         return
     options["preset"] = _auto_preset(options["preset"], options["device"])
     try:
@@ -120,13 +130,15 @@ def train_command(ctx: click.Context, **options) -> None:
         options["epochs"] = CPU_EPOCHS if small else 600
     if options["pretrain_epochs"] is None:
         options["pretrain_epochs"] = 8 if small else 20
-    if options["run"] is None:
-        options["run"] = _next_run(Path("runs"), options["variant"], options["preset"])
-    ensure_built_in(options["data"])
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    config = TrainConfig(**options)
-    run = train(config=config)
-    click.echo(f"{run}: done; samples in {run}/samples, metrics in {run}/metrics.jsonl")
+    with process_group(options["device"]) as world:
+        if options["run"] is None:  # rank 0 chooses it for all
+            options["run"] = world.main_first(
+                lambda: _next_run(Path("runs"), options["variant"], options["preset"]))
+        world.main_first(lambda: ensure_built_in(options["data"]))
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+        run = train(config=TrainConfig(**options), world=world)
+    if world.main:
+        click.echo(f"{run}: done; samples in {run}/samples, metrics in {run}/metrics.jsonl")
 
 
 @click.command(name="pretrain-text")

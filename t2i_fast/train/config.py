@@ -68,6 +68,7 @@ class TrainConfig:
     loader_threads: int | None = None
     backend: str = "auto"  # eager, compiled, or auto (compiled on a GPU)
     precision: str = "auto"  # fp32, bf16, or auto (bf16 for compiled on a GPU)
+    sync_bn: bool = False  # under torchrun: BatchNorm over the global batch, not each GPU's
 
     def __post_init__(self) -> None:
         if not 0 <= self.ema_decay < 1:

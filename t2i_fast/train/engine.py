@@ -6,10 +6,11 @@ noise drawn from a CPU generator, and a resumed run bit-identical to an uninterr
 
 ``compiled`` runs the same step with:
 
-- three parts under ``torch.compile(fullgraph=True)``: G's forward (the fake images), D's
-  forward and loss on (real, right), (real, wrong), (fake, right), and G's loss (GAN-INT's
-  interpolated batch and D on the fakes). Backward goes through AOTAutograd's compiled
-  graphs. The text encoder (a GRU, which Dynamo does not trace) stays eager.
+- three parts under ``torch.compile(fullgraph=True)``: G's forward (the fake images and
+  GAN-INT's batch of interpolated embeddings), D's forward and loss on (real, right), (real,
+  wrong), (fake, right), and G's loss (D on both fake batches). Backward goes through
+  AOTAutograd's compiled graphs. The text encoder (a GRU, which Dynamo does not trace) stays
+  eager.
 - channels_last parameters and images, bfloat16 autocast (``precision="bf16"``; the losses
   are taken in float32), fused Adam, the fused GAN-CLS/GAN-INT loss kernels when
   ``t2i_fast.ops.matching_loss`` imports (they fall back to the plain losses on the CPU).
@@ -32,6 +33,13 @@ capture falls back the same way, to compiled parts launched one by one.
 On CUDA the compiled engine draws the noise from the device's default generator (inside the
 graph), so a resumed run repeats the schedule exactly (data, learning rates, steps) but not
 every bit of the noise; on the CPU both backends draw it from the same CPU generator.
+
+Under torch.distributed (``world``), each part that trains weights (the generator forward,
+the discriminator step, and the text encoder when it trains) is one DistributedDataParallel
+module: D's three evaluations are one DDP forward, and the G update's D is not under DDP and
+is frozen. Buffers are not broadcast (per-GPU BatchNorm, or SyncBatchNorm made by the
+trainer). With CUDA graphs the gradients' all-reduce is captured in the graph, after the
+warm-up that DDP needs (``DDP_WARMUP_STEPS``).
 """
 
 from __future__ import annotations
@@ -47,21 +55,33 @@ from torch import nn
 
 from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embeddings
 from t2i_fast.train.config import TrainConfig
+from t2i_fast.train.distributed import World
 
 # Steps run without a graph before the capture: by then every part is compiled, Adam's
 # state exists and cuDNN/cuBLAS have made their workspaces, none of which may happen while
 # a graph is being captured.
 WARMUP_STEPS = 3
+# Under DDP: its reducer records timings in its first 10 iterations, which a capture must not
+# contain (torch.cuda's notes on graphs ask for 11 warm-up iterations).
+DDP_WARMUP_STEPS = 11
 
 
-class _Part:
-    """One piece of the compiled step: ``fn`` and, once tried, what runs in its place."""
+class _Part(nn.Module):
+    """One piece of the step: ``fn`` and, in the compiled engine once tried, what runs in
+    its place. A module holding the networks ``fn`` trains, so that DDP can wrap it: one
+    DDP forward per backward, however many times ``fn`` calls them."""
 
-    def __init__(self, name: str, fn: Callable):
+    def __init__(self, name: str, fn: Callable, **networks: nn.Module):
+        super().__init__()
         self.name = name
         self.fn = fn
         self.impl: Callable | None = None  # torch.compile(fn) if it worked, else fn
         self.compiled = False
+        for key, network in networks.items():
+            self.add_module(key, network)
+
+    def forward(self, *args):
+        return (self.impl or self.fn)(*args)
 
 
 class StepEngine:
@@ -76,7 +96,8 @@ class StepEngine:
     def __init__(self, *, G: nn.Module, D: nn.Module, text_encoder: nn.Module,
                  G_ema: nn.Module | None, config: TrainConfig, device: torch.device,
                  noise: torch.Generator, backend: str, precision: str,
-                 graphs: bool | None = None, fused_layers: bool = False):
+                 graphs: bool | None = None, fused_layers: bool = False,
+                 world: World | None = None):
         if backend not in ("eager", "compiled"):
             raise ValueError(f"backend must be 'eager' or 'compiled', got {backend!r}")
         if precision not in ("fp32", "bf16"):
@@ -90,6 +111,7 @@ class StepEngine:
         self.config = config
         self.G, self.D, self.text_encoder, self.G_ema = G, D, text_encoder, G_ema
         self.device = device
+        self.world = world if world is not None else World(device=device)
         self.noise = noise
         self.backend = backend
         self.precision = precision
@@ -111,13 +133,21 @@ class StepEngine:
         self.opt_d = torch.optim.Adam(d_params, lr=lr, betas=betas, **self._adam_flags)
         self.opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas, **self._adam_flags)
         self._ema_weight = torch.zeros((), device=device) if compiled else None
-        self._parts: dict[str, _Part] = {}
-        if compiled:
-            self._d_loss, self._g_loss = _losses()
-            self._parts = {name: _Part(name, fn) for name, fn in (
-                ("generator forward", self._generate),
-                ("discriminator step", self._discriminator_step),
-                ("generator step", self._generator_step))}
+        self._d_loss, self._g_loss = _losses() if compiled else (discriminator_loss,
+                                                                 generator_loss)
+        self._parts = {
+            "generator forward": _Part("generator forward", self._generate, G=G),
+            "discriminator step": _Part("discriminator step", self._discriminator_step, D=D),
+            # D is frozen for G's loss: the gradient reaches G through the generator forward.
+            "generator step": _Part("generator step", self._generator_step)}
+        # Under DDP, the forward of each part that trains weights averages their gradients
+        # across ranks; the text encoder trains through the discriminator step's backward.
+        self._calls = {name: self.world.wrap(part) if name != "generator step" else part
+                       for name, part in self._parts.items()}
+        self._encode = text_encoder.encode_mean
+        if config.joint_text_encoder and self.world.distributed:
+            self._encode = self.world.wrap(_Part("text encoder", text_encoder.encode_mean,
+                                                 text_encoder=text_encoder))
         self._static: tuple[torch.Tensor, ...] | None = None  # the graph's input buffers
         self._graph: torch.cuda.CUDAGraph | None = None
         self._outputs: dict[str, torch.Tensor] | None = None  # the graph's output buffers
@@ -151,6 +181,8 @@ class StepEngine:
     @property
     def compiled_parts(self) -> dict[str, bool]:
         """Each compiled part's name → whether it runs compiled (False: fell back)."""
+        if self.backend != "compiled":
+            return {}
         return {name: part.compiled for name, part in self._parts.items()}
 
     # -- one step ----------------------------------------------------------------------------
@@ -181,52 +213,62 @@ class StepEngine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     # -- eager: the reference ----------------------------------------------------------------
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        """The loader's crop resized to the model's resolution when they differ."""
-        images = images.to(self.device, non_blocking=True)
-        if images.shape[-1] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size,) * 2, mode="area")
-        return images
-
     def _z(self, n: int) -> torch.Tensor:
-        z = torch.randn(n, self.z_dim, generator=self.noise, device=self.noise.device)
-        return z.to(self.device, non_blocking=True)
+        """Noise for this rank's ``n`` samples: its rows of the global batch's."""
+        z = torch.randn(n * self.world.size, self.z_dim, generator=self.noise,
+                        device=self.noise.device)
+        return self.world.take(z).to(self.device, non_blocking=True)
 
     def _eager_step(self, batch, decay: float) -> dict[str, torch.Tensor]:
-        config = self.config
-        images, wrong = self._images(batch.images), self._images(batch.wrong_images)
-        captions = batch.captions.to(self.device, non_blocking=True)
-        with torch.set_grad_enabled(config.joint_text_encoder):
-            text = self.text_encoder.encode_mean(captions)  # [B, E]
-        fake = self.G(self._z(len(images)), text.detach())
+        images, wrong, captions = (t.to(self.device, non_blocking=True) for t in
+                                   (batch.images, batch.wrong_images, batch.captions))
+        return self._updates(images, wrong, captions, decay)
 
-        real_right = self.D(images, text)
-        real_wrong = self.D(wrong, text) if config.matching_aware else None
-        fake_right = self.D(fake.detach(), text)
-        d_loss = discriminator_loss(real_right, real_wrong, fake_right,
-                                    matching_aware=config.matching_aware)
+    def _updates(self, images: torch.Tensor, wrong: torch.Tensor, captions: torch.Tensor,
+                 decay: float | None) -> dict[str, torch.Tensor]:
+        """The D update, the G update, then G's average (by ``decay``; None: by the device
+        tensor the compiled engine fills)."""
+        config = self.config
+        n = images.shape[0]
+        with self._autocast():
+            with torch.set_grad_enabled(config.joint_text_encoder):
+                text = self._encode(captions)  # [B, E]
+            fixed = text.detach()
+            # GAN-INT's generator batch is made here with the other: G does not change in
+            # the D update, and one generator forward per step is what DDP expects.
+            mixed = self._mix(fixed) if config.interpolate else None
+            z = self._noise(n)
+            z_mixed = self._noise(n) if config.interpolate else None
+            fake, interp = self._run("generator forward", z, fixed, z_mixed, mixed)
+            d_loss, scores = self._run("discriminator step", images, wrong, text,
+                                       fake.detach())
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
 
-        text = text.detach()
-        interp_logits = None
-        if config.interpolate:
-            mixed = interpolate_embeddings(text, beta=config.interp_beta)
-            interp_logits = self.D(self.G(self._z(len(images)), mixed), mixed)
-        g_loss = generator_loss(self.D(fake, text), interp_logits,
-                                interp_weight=config.interp_weight)
-        self.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
+        # G's loss needs no gradient for D's weights: D's grads are not computed at all (and
+        # under DDP, D's gradient hooks must not fire outside its own forward's backward).
+        self.D.requires_grad_(False)
+        try:
+            with self._autocast():
+                g_loss = self._run("generator step", fake, fixed, interp, mixed)
+            self.opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+        finally:
+            self.D.requires_grad_(True)
         self.opt_g.step()
         if self.G_ema is not None:
-            self._update_ema(decay)
-        metrics = {"d_loss": d_loss, "g_loss": g_loss,
-                   "d_real": torch.sigmoid(real_right).mean(),
-                   "d_fake": torch.sigmoid(fake_right).mean()}
-        if real_wrong is not None:
-            metrics["d_wrong"] = torch.sigmoid(real_wrong).mean()
-        return {k: v.detach() for k, v in metrics.items()}
+            if decay is None:
+                self._average()
+            else:
+                self._update_ema(decay)
+        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), **scores}
+
+    def _mix(self, text: torch.Tensor) -> torch.Tensor:
+        """GAN-INT's interpolated embeddings, mixed across the global batch (this rank's
+        rows): as one process with the global batch mixes them."""
+        whole = self.world.gather(text)
+        return self.world.take(interpolate_embeddings(whole, beta=self.config.interp_beta))
 
     @torch.no_grad()
     def _update_ema(self, decay: float) -> None:
@@ -235,9 +277,12 @@ class StepEngine:
         for average, current in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
             average.copy_(current)  # BatchNorm statistics follow G's
 
-    # -- compiled: the parts -----------------------------------------------------------------
-    def _generate(self, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.G(z, text)  # [B, 3, S, S]
+    # -- the parts ----------------------------------------------------------------------------
+    def _generate(self, z: torch.Tensor, text: torch.Tensor, z_mixed: torch.Tensor | None,
+                  mixed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fake images [B, 3, S, S] and, with GAN-INT, those of the mixed embeddings."""
+        fake = self.G(z, text)
+        return fake, (self.G(z_mixed, mixed) if mixed is not None else None)
 
     def _discriminator_step(self, images: torch.Tensor, wrong: torch.Tensor,
                             text: torch.Tensor, fake: torch.Tensor
@@ -259,32 +304,25 @@ class StepEngine:
         return loss, scores
 
     def _generator_step(self, fake: torch.Tensor, text: torch.Tensor,
-                        z: torch.Tensor | None) -> torch.Tensor:
-        """G's loss (the G update's) for ``fake`` and, with GAN-INT, a batch made from ``z``
-        and interpolated embeddings."""
-        config = self.config
-        interp_logits = None
-        if config.interpolate:
-            mixed = interpolate_embeddings(text, beta=config.interp_beta)
-            interp_logits = self.D(self.G(z, mixed), mixed)
+                        interp: torch.Tensor | None, mixed: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """G's loss (the G update's): D on ``fake`` and, with GAN-INT, on ``interp``, the
+        images of the ``mixed`` embeddings."""
+        interp_logits = self.D(interp, mixed) if interp is not None else None
         return self._g_loss(self.D(fake, text), interp_logits,
-                            interp_weight=config.interp_weight)
+                            interp_weight=self.config.interp_weight)
 
     def _run(self, name: str, *args):
         part = self._parts[name]
-        if part.impl is None:
-            if name == "generator step" and not self._parts["generator forward"].compiled:
-                # An eager G forward saves G's running statistics for its backward, and the
-                # compiled G step would write them (a new version) before that backward.
-                part.impl = part.fn
-            else:
-                self._try_compile(part, args)
-        return part.impl(*args)
+        if self.backend == "compiled" and part.impl is None:
+            self._try_compile(part, args)
+        return self._calls[name](*args)
 
     def _try_compile(self, part: _Part, args: tuple) -> None:
         """Compiles ``part`` and runs it forward and backward once on copies of ``args``;
         on any failure the part stays eager. BatchNorm statistics the trial moved are put
-        back, so the step itself is the first to count."""
+        back, so the step itself is the first to count. The trial calls the part directly,
+        not through DDP, whose gradient hooks it must not arm."""
         buffers = [b for module in (self.G, self.D) for b in module.buffers()]
         saved = [b.clone() for b in buffers]
         trial = [a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
@@ -292,17 +330,17 @@ class StepEngine:
         try:
             compiled = torch.compile(part.fn, fullgraph=True, dynamic=False)
             out = compiled(*trial)
-            loss = out[0] if isinstance(out, tuple) else out
+            outputs = out if isinstance(out, tuple) else (out,)
+            loss = sum(o.float().sum() for o in outputs
+                       if torch.is_tensor(o) and o.requires_grad)
             wanted = [t for t in (*trial, *self.G.parameters(), *self.D.parameters())
                       if torch.is_tensor(t) and t.requires_grad]
-            torch.autograd.grad(loss.float().sum(), wanted, allow_unused=True)
+            torch.autograd.grad(loss, wanted, allow_unused=True)
         except Exception as exc:  # whatever Dynamo, AOTAutograd or Inductor raise
             lines = [line for line in str(exc).splitlines() if line.strip()]
             reason = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
-            also = (" (so does the generator step, which writes G's statistics before this "
-                    "part's backward)" if part.name == "generator forward" else "")
             warnings.warn(f"torch.compile failed for the {part.name} ({reason}); that part "
-                          f"runs eagerly{also}", RuntimeWarning, stacklevel=2)
+                          f"runs eagerly", RuntimeWarning, stacklevel=2)
             part.impl, part.compiled = part.fn, False
         else:
             part.impl, part.compiled = compiled, True
@@ -314,39 +352,15 @@ class StepEngine:
 
     # -- compiled: the step ------------------------------------------------------------------
     def _noise(self, n: int) -> torch.Tensor:
-        if self.device.type == "cuda":  # on the device, inside the graph: no host copy
-            return torch.randn(n, self.z_dim, device=self.device)
+        if self.backend == "compiled" and self.device.type == "cuda":
+            # On the device, inside the graph: no host copy.
+            z = torch.randn(n * self.world.size, self.z_dim, device=self.device)
+            return self.world.take(z)
         return self._z(n)
 
     def _compiled_step(self, images: torch.Tensor, wrong: torch.Tensor,
                        captions: torch.Tensor) -> dict[str, torch.Tensor]:
-        config = self.config
-        n = images.shape[0]
-        with self._autocast():
-            with torch.set_grad_enabled(config.joint_text_encoder):
-                text = self.text_encoder.encode_mean(captions)  # [B, E]
-            fake = self._run("generator forward", self._noise(n), text.detach())
-            d_loss, scores = self._run("discriminator step", images, wrong, text,
-                                       fake.detach())
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.opt_d.step()
-
-        text = text.detach()
-        z = self._noise(n) if config.interpolate else None
-        # G's loss needs no gradient for D's weights: D's grads are not computed at all.
-        self.D.requires_grad_(False)
-        try:
-            with self._autocast():
-                g_loss = self._run("generator step", fake, text, z)
-            self.opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-        finally:
-            self.D.requires_grad_(True)
-        self.opt_g.step()
-        if self.G_ema is not None:
-            self._average()
-        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), **scores}
+        return self._updates(images, wrong, captions, None)
 
     @torch.no_grad()
     def _average(self) -> None:
@@ -375,7 +389,7 @@ class StepEngine:
             self._graph.replay()
             return self._outputs
         current = torch.cuda.current_stream(self.device)
-        if self._uncaptured < WARMUP_STEPS:
+        if self._uncaptured < (DDP_WARMUP_STEPS if self.world.distributed else WARMUP_STEPS):
             self._uncaptured += 1
             # Lazy initialisations happen on a side stream, as the capture itself will.
             side = torch.cuda.Stream(self.device)

@@ -1,8 +1,10 @@
 """The training loop: one discriminator and one generator update per batch (Reed et al.,
-ICML 2016, Algorithm 1), with the GAN-CLS and GAN-INT terms by variant."""
+ICML 2016, Algorithm 1), with the GAN-CLS and GAN-INT terms by variant. Under torchrun every
+process runs it on its share of each batch (``distributed``); rank 0 alone writes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -20,12 +22,8 @@ from t2i_fast.errors import T2IError
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from t2i_fast.train.config import (
-    TrainConfig,
-    resolve_backend,
-    resolve_device,
-    resolve_precision,
-)
+from t2i_fast.train.config import TrainConfig, resolve_backend, resolve_precision
+from t2i_fast.train.distributed import World, process_group, single, sync_batchnorm
 from t2i_fast.train.engine import MetricsReader, StepEngine
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
@@ -33,15 +31,19 @@ SAMPLE_ROWS, SAMPLE_COLUMNS = 6, 8
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, *, world: World | None = None):
         self.config = config
+        self.world = world if world is not None else single(config.device)
         self.run = Path(config.run)
-        self.device = resolve_device(config.device)
+        self.device = self.world.device
         self.models = preset(config.preset)
         gan = self.models.gan
-        self.loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,
-                             captions_per_sample=config.captions_per_sample,
+        # The epoch's order sharded by rank: rank r's batch b holds samples r, r + w, ... of
+        # the global batch b, so the loader's position means the same on any number of ranks.
+        self.loader = Loader(config.data, batch_size=self.world.split_batch(config.batch_size),
+                             seed=config.seed, captions_per_sample=config.captions_per_sample,
                              dtype=torch.float32, layout="nhwc",
+                             rank=self.world.rank, world_size=self.world.size,
                              num_threads=config.loader_threads,
                              device=self.device if self.device.type == "cuda" else None)
         torch.manual_seed(config.seed)
@@ -51,6 +53,9 @@ class Trainer:
         # of GAN training; the updates themselves are the paper's.
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) \
             if config.ema_decay else None
+        if config.sync_bn and self.world.size > 1:
+            self.G = sync_batchnorm(self.G, self.device)
+            self.D = sync_batchnorm(self.D, self.device)
         self.text_encoder = TextEncoder(self.models.text).to(self.device)
         if config.text_encoder is not None:
             self._load_text_encoder(Path(config.text_encoder))
@@ -60,11 +65,12 @@ class Trainer:
         self.engine = StepEngine(
             G=self.G, D=self.D, text_encoder=self.text_encoder, G_ema=self.G_ema,
             config=config, device=self.device, noise=self.noise, backend=backend,
-            precision=resolve_precision(config.precision, backend, self.device))
+            precision=resolve_precision(config.precision, backend, self.device),
+            world=self.world)
         self.opt_d, self.opt_g = self.engine.opt_d, self.engine.opt_g
         self.step = 0
         self.history: list[dict] = []
-        self._fixed = self._sample_inputs()
+        self._fixed = self._sample_inputs() if self.world.main else None
 
     # -- state ------------------------------------------------------------------------------
     def _load_text_encoder(self, path: Path) -> None:
@@ -75,6 +81,9 @@ class Trainer:
         self.text_encoder.load_state_dict(state["text_encoder"])
 
     def state(self) -> dict:
+        """What a checkpoint keeps, taken on rank 0: every rank has the same weights,
+        optimizer states and random states (all draw the global batch's noise); only per-GPU
+        BatchNorm statistics differ between ranks, and rank 0's are kept."""
         return {
             "step": self.step, "loader": self.loader.state_dict(),
             "model_config": dataclasses.asdict(self.models), "preset": self.config.preset,
@@ -174,32 +183,40 @@ class Trainer:
     def fit(self) -> None:
         config = self.config
         total = self.total_steps()
-        metrics_file = (self.run / "metrics.jsonl").open("a")
+        main = self.world.main
         # Metrics come back from the GPU while it works on: waiting for them at each log step
         # would drain its queue.
         reader = MetricsReader()
         tick, images_done = time.perf_counter(), 0
         shown = {"rate": ""}
-        bar = click.progressbar(length=total, label="training", file=sys.stderr,
-                                item_show_func=lambda _: shown["rate"])
-        with bar, metrics_file:
-            bar.update(self.step)
+        with contextlib.ExitStack() as stack:
+            if main:
+                metrics_file = stack.enter_context((self.run / "metrics.jsonl").open("a"))
+                bar = stack.enter_context(click.progressbar(
+                    length=total, label="training", file=sys.stderr,
+                    item_show_func=lambda _: shown["rate"]))
+                bar.update(self.step)
             while self.step < total:
                 epoch = self.loader.epoch
                 lr = self._set_lr(epoch)
                 for batch in self.loader:
                     values = self.train_step(batch)
                     self.step += 1
-                    images_done += len(batch)
-                    bar.update(1)
+                    images_done += len(batch) * self.world.size
+                    if main:
+                        bar.update(1)
                     if self.step % config.log_every == 0 or self.step == total:
+                        values = self.world.mean(values)  # every rank takes part
                         rate = round(images_done / (time.perf_counter() - tick), 1)
                         tick, images_done = time.perf_counter(), 0
                         shown["rate"] = f"{rate:.0f} img/s"
-                        reader.submit(({"step": self.step, "epoch": epoch, "lr": lr}, rate),
-                                      values)
-                    sample = self.step % config.sample_every == 0 or self.step == total
-                    keep = self.step % config.checkpoint_every == 0 or self.step == total
+                        if main:
+                            reader.submit(({"step": self.step, "epoch": epoch, "lr": lr},
+                                           rate), values)
+                    sample = main and (self.step % config.sample_every == 0
+                                       or self.step == total)
+                    keep = main and (self.step % config.checkpoint_every == 0
+                                     or self.step == total)
                     # The curves and each checkpoint's metrics.jsonl hold every row so far.
                     for (head, rate), read in reader.collect(wait=sample or keep):
                         row = {**head, **{k: round(v, 5) for k, v in read.items()},
@@ -217,40 +234,59 @@ class Trainer:
                         break
 
 
-def train(*, config: TrainConfig, resume: bool = False) -> Path:
-    """Train into ``config.run`` (a new folder), or continue it exactly (``resume``)."""
+def train(*, config: TrainConfig, resume: bool = False, world: World | None = None) -> Path:
+    """Train into ``config.run`` (a new folder), or continue it exactly (``resume``), as this
+    process of ``world`` (by default torchrun's, else a single process)."""
+    if world is None:
+        with process_group(config.device) as world:
+            return train(config=config, resume=resume, world=world)
+    world.split_batch(config.batch_size)  # before anything is made
     run = Path(config.run)
     if resume:
         checkpoint = latest_checkpoint(run)
         if checkpoint is None:
             raise T2IError(f"{run}: no checkpoint to resume from")
-        trainer = Trainer(config)
+        trainer = Trainer(config, world=world)
         trainer.restore(checkpoint)
-        _trim_metrics(run / "metrics.jsonl", trainer.step)
-        trainer.history = _read_metrics(run / "metrics.jsonl")
+        if world.main:
+            _trim_metrics(run / "metrics.jsonl", trainer.step)
+            trainer.history = _read_metrics(run / "metrics.jsonl")
     else:
-        if run.exists():
-            raise T2IError(f"{run}: run folder exists (pass --resume {run} to continue it, "
-                           "or choose another --run)")
-        with Dataset(config.data):
-            pass  # a bad dataset fails before the run folder exists
-        run.mkdir(parents=True)
+        config = world.main_first(lambda: _start(config))
         try:
-            if config.text_encoder is None and not config.train_text_encoder:
-                checkpoint = pretrain_text(config=PretrainConfig(
-                    data=config.data, out=str(run / "text"), preset=config.preset,
-                    # G must render every class: the encoder sees them all (pretrain-text
-                    # alone holds classes out to measure zero-shot accuracy).
-                    holdout=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
-                    seed=config.seed, device=config.device))
-                config = dataclasses.replace(config, text_encoder=str(checkpoint))
-            config.save(run / "config.json")
-            trainer = Trainer(config)
+            trainer = Trainer(config, world=world)
         except BaseException:
-            shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
+            if world.main:
+                shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
             raise
     trainer.fit()
     return run
+
+
+def _start(config: TrainConfig) -> TrainConfig:
+    """Makes the run folder with its config.json, pretraining the text encoder there first
+    when the run has none; on failure no folder is left. Returns the run's configuration."""
+    run = Path(config.run)
+    if run.exists():
+        raise T2IError(f"{run}: run folder exists (pass --resume {run} to continue it, "
+                       "or choose another --run)")
+    with Dataset(config.data):
+        pass  # a bad dataset fails before the run folder exists
+    run.mkdir(parents=True)
+    try:
+        if config.text_encoder is None and not config.train_text_encoder:
+            checkpoint = pretrain_text(config=PretrainConfig(
+                data=config.data, out=str(run / "text"), preset=config.preset,
+                # G must render every class: the encoder sees them all (pretrain-text
+                # alone holds classes out to measure zero-shot accuracy).
+                holdout=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
+                seed=config.seed, device=config.device))
+            config = dataclasses.replace(config, text_encoder=str(checkpoint))
+        config.save(run / "config.json")
+    except BaseException:
+        shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
+        raise
+    return config
 
 
 def _read_metrics(path: Path) -> list[dict]:
