@@ -15,6 +15,7 @@ from t2i_fast.models import (
     TextEncoderConfig,
     preset,
 )
+from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.models.generator import ProjectTo4x4, ResidualBlock
 
 L = 201
@@ -238,3 +239,30 @@ def test_project_to_4x4_is_the_transposed_convolution(memory_format):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="1×1 map"):
         layer(torch.randn(3, 7, 2, 2, dtype=torch.float64))
+
+
+def test_recomputed_batchnorm_stats_average_the_batches():
+    """The running mean is the mean of the batches' means, the running variance the mean of
+    their unbiased variances; weights, momentum, mode and batch count are left alone, and
+    the statistics are written into the same tensors."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.3))
+    model.eval()
+    bn = model[1]
+    mean_before, count = bn.running_mean, bn.num_batches_tracked.clone()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    batches = [(torch.randn(5, 3, 2, 3) * (i + 1),) for i in range(3)]
+    recompute_batchnorm_stats(model, batches)
+    with torch.no_grad():
+        features = [model[0](x) for (x,) in batches]
+    means = torch.stack([f.mean(dim=(0, 2, 3)) for f in features])
+    variances = torch.stack([f.transpose(0, 1).flatten(1).var(dim=1) for f in features])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    torch.testing.assert_close(bn.running_var, variances.mean(0))
+    assert bn.running_mean is mean_before and bn.momentum == 0.3 and not model.training
+    assert torch.equal(bn.num_batches_tracked, count)
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v)
+    with pytest.raises(ValueError, match="at least one batch"):
+        recompute_batchnorm_stats(model, [])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))  # untouched by the refusal

@@ -272,10 +272,10 @@ class StepEngine:
 
     @torch.no_grad()
     def _update_ema(self, decay: float) -> None:
+        # Weights only: the trainer gives the average BatchNorm statistics of its own weights
+        # before it samples (G's would not fit it: t2i_fast/models/batchnorm_stats.py).
         torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()),
                              1 - decay)
-        for average, current in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
-            average.copy_(current)  # BatchNorm statistics follow G's
 
     # -- the parts ----------------------------------------------------------------------------
     def _generate(self, z: torch.Tensor, text: torch.Tensor, z_mixed: torch.Tensor | None,
@@ -369,8 +369,6 @@ class StepEngine:
         delta = torch._foreach_sub(current, average)
         torch._foreach_mul_(delta, self._ema_weight)
         torch._foreach_add_(average, delta)
-        for kept, value in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
-            kept.copy_(value)  # BatchNorm statistics follow G's
 
     def _graph_step(self, batch) -> dict[str, torch.Tensor]:
         if self._static is None:

@@ -20,6 +20,7 @@ from t2i_fast.data import Dataset, Loader
 from t2i_fast.data.alphabet import encode
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
+from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2i_fast.train.config import TrainConfig, resolve_backend, resolve_precision
@@ -28,6 +29,9 @@ from t2i_fast.train.engine import MetricsReader, StepEngine
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 SAMPLE_ROWS, SAMPLE_COLUMNS = 6, 8
+# Batches of training-like inputs over which G's average gets its own BatchNorm statistics
+# before it samples or is saved (t2i_fast/models/batchnorm_stats.py says why).
+CALIBRATION_BATCHES = 8
 
 
 class Trainer:
@@ -71,6 +75,9 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._fixed = self._sample_inputs() if self.world.main else None
+        self._calibration = self._calibration_inputs() \
+            if self.world.main and self.G_ema is not None else None
+        self._calibrated_at: int | None = None  # the step G_ema's statistics were made at
 
     # -- state ------------------------------------------------------------------------------
     def _load_text_encoder(self, path: Path) -> None:
@@ -146,9 +153,40 @@ class Trainer:
         z = torch.randn(SAMPLE_COLUMNS, self.models.gan.z_dim, generator=noise)
         return indices[:, None], z, captions  # [rows, 1, L], [cols, Z]
 
+    def _calibration_inputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(caption indices [b, k, L], noise [b, Z]) batches as training draws them, fixed
+        for the run: the loader's first batches at another seed, and noise of their own."""
+        batches = []
+        with Loader(self.config.data, batch_size=self.loader.batch_size,
+                    seed=self.config.seed + 3, caption_format="indices",
+                    captions_per_sample=self.config.captions_per_sample,
+                    num_threads=1) as loader:
+            for batch in loader:
+                batches.append(batch.captions)
+                if len(batches) == CALIBRATION_BATCHES:
+                    break
+        noise = torch.Generator().manual_seed(self.config.seed + 4)
+        return [(captions, torch.randn(len(captions), self.models.gan.z_dim, generator=noise))
+                for captions in batches]
+
+    @torch.no_grad()
+    def calibrate_average(self) -> None:
+        """Gives G's moving average the BatchNorm statistics of its own weights (the engine
+        leaves it G's) before it samples or is saved; once a step."""
+        if self.G_ema is None or self._calibrated_at == self.step:
+            return
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        inputs = [(z.to(self.device), self.text_encoder.encode_mean(captions.to(self.device)))
+                  for captions, z in self._calibration]
+        self.text_encoder.train(was_training)
+        recompute_batchnorm_stats(self.G_ema, inputs)
+        self._calibrated_at = self.step
+
     @torch.no_grad()
     def write_samples(self) -> Path:
         indices, z, captions = self._fixed
+        self.calibrate_average()
         generator = self.G_ema if self.G_ema is not None else self.G
         was_training = generator.training
         generator.eval()
@@ -228,6 +266,7 @@ class Trainer:
                         self.write_samples()
                         self.write_curves()
                     if keep:
+                        self.calibrate_average()
                         save_checkpoint(self.run, self.step, self.state(),
                                         keep=config.keep_checkpoints)
                     if self.step >= total:
