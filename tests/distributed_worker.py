@@ -1,0 +1,48 @@
+"""The body of each process that tests/test_distributed.py starts with
+torch.multiprocessing: a module importable by its own name in those processes."""
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from t2i_fast.train import TrainConfig, train
+
+
+def watched_run(rank: int, store: str, config: TrainConfig, backend: str) -> None:
+    """One of two processes (torch.multiprocessing): trains ``config`` with the gloo
+    backend and fails if this process, not being rank 0, writes anything under the run's
+    folder, or if a part of the compiled engine fell back to eager."""
+    torch.set_num_threads(1)
+    watched = str(Path(config.run).parent)
+    writes = []
+
+    def audit(event, args):
+        if event == "open" and str(args[0]).startswith(watched):
+            mode, flags = args[1], args[2]
+            if (mode and set(mode) & set("wax+")) or (mode is None and flags & (
+                    os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+                writes.append((event, str(args[0])))
+        elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree") \
+                and str(args[0]).startswith(watched):
+            writes.append((event, str(args[0])))
+
+    if backend == "compiled":
+        # Dynamo and AOTAutograd as on a GPU, without Inductor's compile time.
+        compile_ = torch.compile
+        torch.compile = lambda fn, **options: compile_(fn, backend="aot_eager", **options)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=2)
+    try:
+        sys.addaudithook(audit)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(config=config)
+    finally:
+        torch.distributed.destroy_process_group()
+    failed = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert not failed, failed
+    assert rank == 0 or not writes, f"rank {rank} wrote {writes}"
+    assert rank != 0 or writes, "the watch saw nothing"
