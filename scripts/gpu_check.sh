@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU machine's checks in one run: build t2i-fast from this tree against the packages
 # that scripts/offline_packages.sh gathered (that machine has no network and no liblmdb),
-# then the GPU tests, the kernel benchmarks, the training-step profile and benchmark, and the
-# loader benchmark. Each stage runs under a time limit with its log kept; a failed stage does
-# not stop the later ones. RESULTS_DIR gets each benchmark's JSON, summary.json (every
+# then the training-step benchmark, the GPU tests, DDP on one GPU, the kernel benchmarks, the
+# training-step profile and the loader benchmark. Each stage runs under a time limit with its
+# log kept; a failed stage does not stop the later ones. RESULTS_DIR gets each benchmark's JSON, summary.json (every
 # stage's exit code and seconds, the GPU, versions, commit) and logs.tar.gz.
 #
 #   bash scripts/gpu_check.sh RESULTS_DIR
@@ -112,6 +112,8 @@ else
   # after every row, so a stage cut off by its limit keeps what it measured.
   stage bench_step 170 '"$PYTHON" scripts/bench_step.py --presets reed --batch-sizes 64 --steps 30 --warmup 6 --json "$RESULTS/bench_step.json"'
   stage tests 150 '"$PYTHON" -m pytest -v -rfE --durations=10 -p no:cacheprovider $T2I_WORKERS --junitxml="$LOGS/pytest.xml" $T2I_TESTS'
+  # DDP (NCCL, one process) against a plain run: the CUDA graph with DDP's all-reduce in it.
+  stage check_ddp 150 '"$PYTHON" scripts/check_ddp.py --nproc 1 --steps 40 --json "$RESULTS/check_ddp.json"'
   stage bench_kernels 120 '"$PYTHON" scripts/bench_kernels.py --batch 64 --no-compile --json "$RESULTS/bench_kernels.json"'
   stage profile_step 90 '"$PYTHON" scripts/profile_step.py --preset reed --batch-size 64 --json "$RESULTS/profile_step.json" --trace "$LOGS/profile_trace.json"'
   # Its last line of output is its JSON; 3000 images and 2 epochs keep it near a minute.
