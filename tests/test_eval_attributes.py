@@ -13,15 +13,14 @@ from t2i_fast.data import Dataset
 from t2i_fast.errors import DataError
 from t2i_fast.eval import evaluate, evaluate_dataset, parse_caption, score_image
 from t2i_fast.eval.attributes import _view
-from t2i_fast.prepare.shapes import (
-    _ONE,
-    _SIZE_WORDS,
-    _TWO,
+from t2i_fast.prepare.shapes import draw_captions, make_shapes
+from t2i_fast.shapes_spec import (
     COLORS,
+    ONE_SHAPE_TEMPLATES,
     SHAPES,
+    SIZE_WORDS,
     SIZES,
-    _captions,
-    make_shapes,
+    TWO_SHAPE_TEMPLATES,
 )
 
 
@@ -45,8 +44,8 @@ def _styled(text, upper, period):
 def test_parse_recovers_every_one_shape_template_and_size_word():
     rng = np.random.default_rng(0)
     for template, size, upper, period in itertools.product(
-            _ONE, SIZES, (False, True), (False, True)):
-        for word in _SIZE_WORDS[size]:
+            ONE_SHAPE_TEMPLATES, SIZES, (False, True), (False, True)):
+        for word in SIZE_WORDS[size]:
             truth = {**_random_shape(rng), "size": size}
             text = _styled(template.format(**{**truth, "size": word}), upper, period)
             assert parse_caption(text) == [truth], text
@@ -54,10 +53,11 @@ def test_parse_recovers_every_one_shape_template_and_size_word():
 
 def test_parse_keeps_caption_order_in_every_two_shape_template():
     rng = np.random.default_rng(1)
-    for template, upper, period in itertools.product(_TWO, (False, True), (False, True)):
+    for template, upper, period in itertools.product(
+            TWO_SHAPE_TEMPLATES, (False, True), (False, True)):
         for _ in range(20):
             truth = [_random_shape(rng) for _ in range(2)]
-            phrases = [f"{rng.choice(_SIZE_WORDS[s['size']])} {s['color']} {s['shape']}"
+            phrases = [f"{rng.choice(SIZE_WORDS[s['size']])} {s['color']} {s['shape']}"
                        for s in truth]
             text = _styled(template.format(a=phrases[0], b=phrases[1]), upper, period)
             assert parse_caption(text) == truth, text
@@ -67,7 +67,7 @@ def test_parse_reads_the_generators_own_captions():
     rng = np.random.default_rng(2)
     for count in (1, 2) * 300:
         shapes = [_random_shape(rng) for _ in range(count)]
-        for text in _captions(rng, shapes):
+        for text in draw_captions(rng, shapes):
             parsed = parse_caption(text)
             # Two-shape captions name the shapes in either order.
             assert parsed in (shapes, shapes[::-1]), text

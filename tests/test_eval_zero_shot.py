@@ -15,7 +15,8 @@ from t2i_fast.data import Dataset
 from t2i_fast.errors import DataError
 from t2i_fast.eval import parse_caption
 from t2i_fast.eval.attributes import _held_out_prompts, evaluate_generated
-from t2i_fast.prepare.shapes import _HUES, CLASSES, COLORS, SIZES, Canvas, make_shapes
+from t2i_fast.prepare.shapes import Canvas, make_shapes
+from t2i_fast.shapes_spec import CLASSES, COLORS, HUES, SIZES
 
 HOLDOUT = ["blue square", "Red  Circle"]  # any order, case and spacing
 
@@ -111,7 +112,7 @@ class DrawingModel:
     def _draw(self, shape):
         color = self.swap.get(f"{shape['color']} {shape['shape']}", shape["color"])
         radius = {"small": 7, "medium": 12, "large": 18}[shape["size"]]
-        rgb = colorsys.hsv_to_rgb(_HUES[COLORS.index(color)] / 360, 0.9, 0.9)
+        rgb = colorsys.hsv_to_rgb(HUES[COLORS.index(color)] / 360, 0.9, 0.9)
         image = draw_shape(64, shape["shape"], radius, np.array(rgb) * 255)
         return torch.from_numpy(image).permute(2, 0, 1)
 

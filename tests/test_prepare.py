@@ -18,7 +18,8 @@ from t2i_fast.prepare.cub import make_cub
 from t2i_fast.prepare.flowers import make_flowers
 from t2i_fast.prepare.folder import make_folder
 from t2i_fast.prepare.images import load_image
-from t2i_fast.prepare.shapes import CLASSES, make_shapes
+from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.shapes_spec import CLASSES
 
 SIZE_WORDS = {"small": {"small", "tiny", "little"},
               "medium": {"medium", "medium-sized", "mid-sized"},

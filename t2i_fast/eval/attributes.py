@@ -23,19 +23,23 @@ from t2i_fast.data.dataset import Dataset, Sample
 from t2i_fast.errors import DataError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.pictures import to_uint8
-from t2i_fast.prepare.shapes import (
-    _HUES,
-    _RADII,
-    _SIZE_WORDS,
+from t2i_fast.shapes_spec import (
     COLORS,
+    CROSS_ARM,
+    HUES,
+    RADII,
+    RADIUS_JITTER,
+    REFERENCE_SIZE,
     SHAPES,
+    SIZE_WORDS,
     SIZES,
+    TRAINING_CROP,
     one_shape_captions,
 )
 
 ATTRIBUTES = ("color", "shape", "size")
 
-_SIZE_OF_WORD = {word: size for size, words in _SIZE_WORDS.items() for word in words}
+_SIZE_OF_WORD = {word: size for size, words in SIZE_WORDS.items() for word in words}
 _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 
 # Foreground is what has more chroma (max - min channel) than any background: beige, the most
@@ -50,19 +54,21 @@ _MIN_AGREEMENT = 0.9
 # Cores are what has this share of its blob's peak chroma; edges reach _EDGE pixels beyond.
 _CORE, _EDGE = 0.7, 3
 # Areas of each shape with a bounding box of side 2: turns alpha into the generator's radius.
+# A cross is two 2 × 2·CROSS_ARM bars that share their middle square.
 _UNIT_AREA = {"circle": np.pi, "square": 4.0, "triangle": 2.0,
-              "cross": 2 * 2 * 0.76 - 0.76**2}
+              "cross": 2 * 2 * (2 * CROSS_ARM) - (2 * CROSS_ARM)**2}
 # Only the apex-up triangle is lopsided (vertical skewness -0.57); the others have none.
 _TRIANGLE_SKEW = -0.25
 # Four-fold moment over area cubed: 0 for a circle, -1/60 for a square (mass in the corners),
 # 0.022 for the generator's cross (mass along the axes); thresholds halfway.
 _SQUARE_BELOW, _CROSS_ABOVE = -1 / 120, 0.011
-# The generator jitters radii by up to 8% around _RADII (at 76 pixels); an image may be the
-# full 76-pixel record or a 64-pixel crop of it at any resolution, so a radius over the image
-# side spans [r * 0.92 / 76, r * 1.08 / 64]. Each threshold is the geometric mean of the gap.
-_JITTER = 0.08
-_SIZE_LIMITS = tuple(np.sqrt(small * (1 + _JITTER) / 64 * large * (1 - _JITTER) / 76)
-                     for small, large in pairwise(_RADII))
+# The generator jitters radii by up to RADIUS_JITTER around RADII (at REFERENCE_SIZE pixels);
+# an image may be the whole record or its TRAINING_CROP crop at any resolution, so a radius
+# over the image side spans [r (1 - jitter) / REFERENCE_SIZE, r (1 + jitter) / TRAINING_CROP].
+# Each threshold is the geometric mean of the gap between neighbouring sizes.
+_SIZE_LIMITS = tuple(np.sqrt(small * (1 + RADIUS_JITTER) / TRAINING_CROP
+                             * large * (1 - RADIUS_JITTER) / REFERENCE_SIZE)
+                     for small, large in pairwise(RADII))
 # (pixels, their 4-neighbours) as index pairs: each pixel paired with the one above, below,
 # left and right of it, without wrapping around the border.
 _NEIGHBOURS = (
@@ -211,7 +217,7 @@ def _colour(vector: np.ndarray) -> str:
     # shape's own hue.
     red, green, blue = (vector - vector.min()) / max(float(np.ptp(vector)), 1e-6)
     hue = colorsys.rgb_to_hsv(red, green, blue)[0] * 360
-    distance = [abs((hue - ref + 180) % 360 - 180) for ref in _HUES]
+    distance = [abs((hue - ref + 180) % 360 - 180) for ref in HUES]
     return COLORS[int(np.argmin(distance))]
 
 

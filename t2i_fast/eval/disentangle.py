@@ -8,10 +8,10 @@ AUC says how well that score tells pairs that share a style factor from pairs th
 - background: same ``background_id`` (one of 8 kinds) or not;
 - position: the first shape's centre falls in the same cell of a 3×3 grid or not. The grid
   divides the visible window (the part of the stored image that every training crop keeps,
-  ``Canvas.low`` to ``Canvas.high`` on both axes) into equal thirds.
+  ``shapes_spec.visible_window``, where the generator places shapes) into equal thirds.
 
-Images are seen as the generator learnt them: the centred training crop (64/76 of the stored
-side), resized to the model's resolution.
+Images are seen as the generator learnt them: the centred training crop
+(``shapes_spec.training_crop`` of the stored side), resized to the model's resolution.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from t2i_fast.data.dataset import Dataset
 from t2i_fast.errors import DataError, T2IError
 from t2i_fast.models.style_encoder import StyleEncoder
-from t2i_fast.prepare.shapes import Canvas
+from t2i_fast.shapes_spec import training_crop, visible_window
 
 POSITION_CELLS = 3  # per axis
 
@@ -63,8 +63,8 @@ def read_records(dataset: str | Path, n: int) -> tuple[np.ndarray, np.ndarray, n
     position cells [N]."""
     with Dataset(dataset) as ds:
         count = min(n, len(ds))
-        canvas = Canvas(min(ds.meta["image_size"]))
-        crop = round(canvas.size * 64 / 76)
+        stored = min(ds.meta["image_size"])
+        crop = training_crop(stored)
         views, backgrounds, positions = [], [], []
         for i in range(count):
             sample = ds[i]
@@ -78,7 +78,8 @@ def read_records(dataset: str | Path, n: int) -> tuple[np.ndarray, np.ndarray, n
             views.append(sample.image[top:top + crop, left:left + crop])
             backgrounds.append(truth["background_id"])
             positions.append(truth["position"])
-    cells = position_cells(np.array(positions), low=canvas.low, high=canvas.high)
+    low, high = visible_window(stored)
+    cells = position_cells(np.array(positions), low=low, high=high)
     return np.stack(views), np.array(backgrounds), cells
 
 

@@ -5,6 +5,9 @@ Background and position are "style": no caption mentions them, so a conditional 
 to take them from its noise input. Every image is a pure function of (seed, index) and the
 held-out colour-shape combinations (none by default), so a dataset is reproducible and its
 first k images do not depend on how many were asked for.
+
+The words, templates, hues, radii and visible window are ``t2i_fast.shapes_spec``, which the
+scorers read too; this module draws images and captions from them.
 """
 
 from __future__ import annotations
@@ -20,57 +23,23 @@ from t2i_fast.data.alphabet import DEFAULT_DOC_LENGTH
 from t2i_fast.data.writer import DatasetWriter
 from t2i_fast.errors import DataError
 from t2i_fast.prepare import progress
-
-COLORS = ("red", "yellow", "green", "cyan", "blue", "purple")
-# Hues (degrees) spread so that no two colours are confused after jitter and JPEG.
-_HUES = (0.0, 58.0, 120.0, 185.0, 230.0, 285.0)
-SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = ("small", "medium", "large")
-_RADII = (7.0, 12.0, 18.0)  # half the bounding-box side, at the 76-pixel stored size
-CLASSES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
-BACKGROUNDS = ("light grey", "dark grey", "beige", "slate", "vertical gradient",
-               "horizontal gradient", "noise", "stripes")
-
-_SIZE_WORDS = {
-    "small": ("small", "tiny", "little"),
-    "medium": ("medium", "medium-sized", "mid-sized"),
-    "large": ("large", "big", "huge"),
-}
-_ONE = (
-    "a {size} {color} {shape}",
-    "there is a {size} {color} {shape} in the picture",
-    "this image shows a {size} {color} {shape}",
-    "a picture of a {size} {color} {shape}",
-    "the image contains a {size} {color} {shape}",
-    "a {color} {shape} that is {size}",
-    "a {size} {shape} colored {color}",
-    "one {size} {color} {shape}",
-    "a {size} {shape} in {color}",
-    "here we see a {size} {color} {shape}",
-    "a single {size} {color} {shape}",
-    "an image with a {size} {color} {shape}",
-    "this is a {size} {color} {shape}",
-    "a {shape} that is {color} and {size}",
-    "the picture shows one {size} {color} {shape}",
-    "a {size} {color} {shape} is drawn here",
-    "{size} {color} {shape}",
+from t2i_fast.shapes_spec import (
+    BACKGROUNDS,
+    CLASSES,
+    COLORS,
+    CROSS_ARM,
+    HUES,
+    ONE_SHAPE_TEMPLATES,
+    RADII,
+    RADIUS_JITTER,
+    REFERENCE_SIZE,
+    SHAPES,
+    SIZE_WORDS,
+    SIZES,
+    TWO_SHAPE_TEMPLATES,
+    visible_window,
 )
-_TWO = (
-    "a {a} and a {b}",
-    "there is a {a} and a {b} in the picture",
-    "this image shows a {a} and a {b}",
-    "two shapes: a {a} and a {b}",
-    "a {a} together with a {b}",
-    "a {a} with a {b}",
-    "the picture contains a {a} and a {b}",
-    "a {a} plus a {b}",
-    "two objects, a {a} and a {b}",
-    "here we see a {a} and a {b}",
-    "an image with a {a} and a {b}",
-    "this is a {a} and a {b}",
-    "one {a} and one {b}",
-    "a {a} as well as a {b}",
-)
+
 CAPTIONS_PER_IMAGE = 10
 _TWO_SHAPES = 0.6  # chance of a second shape where the first leaves room for one
 _CANDIDATES = 32  # position pairs tried at once for two shapes before falling back to one
@@ -115,14 +84,6 @@ def held_out_classes(combos: Iterable[str]) -> list[int]:
     return sorted(held)
 
 
-def one_shape_captions(color: str, shape: str, size: str) -> list[str]:
-    """Every one-shape caption template filled with this shape, its size words taken in
-    turn: the captions a record of it could have, before case and punctuation vary."""
-    words = _SIZE_WORDS[size]
-    return [template.format(size=words[k % len(words)], color=color, shape=shape)
-            for k, template in enumerate(_ONE)]
-
-
 class Canvas:
     """Draws samples at one image size; holds the pixel grid shared by all of them."""
 
@@ -132,18 +93,16 @@ class Canvas:
         # every image is what it was before held-out combinations existed.
         held = set(holdout)
         self.kinds = [k for k in range(len(CLASSES)) if k not in held]
-        self.scale = image_size / 76
-        # Training crops round(S·64/76) pixels at any offset, so only [margin, S - margin) is
-        # always visible; shapes stay inside it.
-        crop = round(image_size * 64 / 76)
-        self.low, self.high = image_size - crop, crop
+        self.scale = image_size / REFERENCE_SIZE
+        # Shapes stay inside the part of the image that every training crop keeps.
+        self.low, self.high = visible_window(image_size)
         self.pad = max(1.0, self.scale)  # room for the anti-aliased edge
         # Cap the radius so that even a large shape fits the window at tiny image sizes.
         self.max_radius = (self.high - self.low) / 2 - self.pad
         # Sizes a second, no larger shape can have beside each first size: those that leave
         # room for both when pushed to opposite sides, 2·(r1 + r2) + 3·pad <= window.
         self.companions = [
-            [b for b in range(a + 1) if 2 * (_RADII[a] + _RADII[b]) * self.scale + 3 * self.pad
+            [b for b in range(a + 1) if 2 * (RADII[a] + RADII[b]) * self.scale + 3 * self.pad
              <= self.high - self.low]
             for a in range(len(SIZES))
         ]
@@ -169,7 +128,7 @@ class Canvas:
         }
         first = shapes[0]
         class_id = COLORS.index(first["color"]) * len(SHAPES) + SHAPES.index(first["shape"])
-        return image, _captions(rng, shapes), class_id, attributes
+        return image, draw_captions(rng, shapes), class_id, attributes
 
     def _layout(self, rng: np.random.Generator) -> list[dict]:
         count = len(self.kinds)
@@ -180,7 +139,8 @@ class Canvas:
         companions = self.companions[sizes[0]]
         if companions and rng.random() < _TWO_SHAPES:
             sizes.append(companions[rng.integers(len(companions))])
-        radii = [min(_RADII[s] * self.scale * rng.uniform(0.92, 1.08), self.max_radius)
+        jitter = (1 - RADIUS_JITTER, 1 + RADIUS_JITTER)
+        radii = [min(RADII[s] * self.scale * rng.uniform(*jitter), self.max_radius)
                  for s in sizes]
         # Equal size classes only: the jitter keeps classes apart.
         radii.sort(reverse=True)
@@ -198,7 +158,7 @@ class Canvas:
         layout = zip(kinds[:count], sizes[:count], radii[:count], centres, strict=True)
         for kind, size, radius, (cx, cy) in layout:
             color = kind // len(SHAPES)
-            hue = (_HUES[color] + rng.uniform(-5, 5)) / 360 % 1.0
+            hue = (HUES[color] + rng.uniform(-5, 5)) / 360 % 1.0
             rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0))
             shapes.append({
                 "color": COLORS[color], "shape": SHAPES[kind % len(SHAPES)],
@@ -226,7 +186,7 @@ class Canvas:
             # Apex up, base at the bottom of the bounding box; the largest of the three edge
             # distances is exact near the edges, which is all the anti-aliasing needs.
             return np.maximum(y - r, (np.abs(2 * x) - (y + r)) / 5**0.5)
-        arm = 0.38 * r
+        arm = CROSS_ARM * r
         return np.minimum(_box(x, y, r, arm), _box(x, y, arm, r))
 
     def _background(self, rng: np.random.Generator, kind: int) -> np.ndarray:
@@ -263,13 +223,15 @@ def _box(x: np.ndarray, y: np.ndarray, half_w: float, half_h: float) -> np.ndarr
 
 
 def _phrase(rng: np.random.Generator, shape: dict) -> dict:
-    words = _SIZE_WORDS[shape["size"]]
+    words = SIZE_WORDS[shape["size"]]
     return {"size": words[rng.integers(len(words))], "color": shape["color"],
             "shape": shape["shape"]}
 
 
-def _captions(rng: np.random.Generator, shapes: list[dict]) -> list[str]:
-    templates = _ONE if len(shapes) == 1 else _TWO
+def draw_captions(rng: np.random.Generator, shapes: list[dict]) -> list[str]:
+    """CAPTIONS_PER_IMAGE captions of an image of ``shapes`` (one or two {"color", "shape",
+    "size"}), each from a different template, drawn from ``rng``."""
+    templates = ONE_SHAPE_TEMPLATES if len(shapes) == 1 else TWO_SHAPE_TEMPLATES
     captions = []
     for t in rng.choice(len(templates), CAPTIONS_PER_IMAGE, replace=False):
         if len(shapes) == 1:
