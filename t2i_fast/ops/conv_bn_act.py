@@ -45,9 +45,8 @@ The operators ``torch.ops.t2i_fast.conv_bn_act_train`` (which mutates the runnin
 statistics), ``conv_bn_act_backward`` and ``conv_bn_act_eval`` are ``torch.library``
 custom ops with fake implementations, tied together for autograd by an autograd.Function,
 so ``torch.compile(fullgraph=True)`` traces them without a graph break. They are opaque
-custom ops rather than ``triton_op``: the measured dispatch (file I/O, timing on real
-tensors at the first call) cannot run inside the body Inductor traces with fake tensors,
-and a mutating op cannot carry ``register_autograd``.
+custom ops rather than ``triton_op`` (``_common.register_op``; the reason is written where
+they are registered).
 
 On a machine without a GPU the kernels run in Triton's interpreter when TRITON_INTERPRET=1
 is set before this module is imported (Triton picks compile or interpret when ``@triton.jit``
@@ -69,7 +68,16 @@ import triton
 import triton.language as tl
 from torch import nn
 from triton.runtime.errors import OutOfResources
-from triton.runtime.jit import JITFunction
+
+from t2i_fast.ops._common import (
+    INTERPRETED,
+    device_refusal,
+    dot,
+    emulate_bf16,
+    register_op,
+    resolve_impl,
+    store,
+)
 
 KINDS = ("conv", "conv_transpose")
 IMPLS = ("auto", "triton", "cudnn_fused", "ref")
@@ -79,31 +87,6 @@ _INT32_MAX = 2**31 - 1
 
 
 # -- kernels --------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    if EMULATE_BF16:
-        # Triton 3.9's interpreter multiplies bfloat16 bit patterns as integers; products of
-        # bfloat16 values are exact in float32, so upcasting gives the tensor-core result.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _store(ptrs, v, mask, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        # Triton 3.9's interpreter truncates float32 → bfloat16 where GPUs round to nearest
-        # even: round here so that the interpreter's results are the GPU's.
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        v = bits.to(tl.float32, bitcast=True)
-    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
-
-
 @triton.jit
 def _tile_stats(v, ok):
     """(count, per-column sum, per-column sum of squared deviations from the column mean) of
@@ -190,7 +173,7 @@ def _conv_bn_act_fwd_kernel(
                             mask=a_ok[:, None] & ci_ok[None, :], other=0.0)  # [M, K]
                 w = tl.load(w_tap + ci[:, None] * C_out + co[None, :],
                             mask=ci_ok[:, None] & co_ok[None, :], other=0.0)  # [K, N]
-                acc = _dot(a, w, acc, IEEE, EMULATE_BF16)
+                acc = dot(a, w, acc, IEEE, EMULATE_BF16)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
@@ -212,7 +195,7 @@ def _conv_bn_act_fwd_kernel(
     if HAS_ACT:
         acc = tl.where(acc > 0, acc, acc * slope)
     out = out_ptr + b[:, None] * sob + co[None, :] * soc + (oh * soh + ow * sow)[:, None]
-    _store(out, acc, row_ok[:, None] & co_ok[None, :], EMULATE_BF16)
+    store(out, acc, row_ok[:, None] & co_ok[None, :], EMULATE_BF16)
 
 
 @triton.jit
@@ -299,7 +282,7 @@ def _bn_act_fwd_kernel(z_ptr, y_ptr, mean_ptr, spread_ptr, gamma_ptr, beta_ptr, 
     y = z * scale[None, :] + shift[None, :]
     if HAS_ACT:
         y = tl.where(y > 0, y, y * slope)
-    _store(y_ptr + (b * syb + hw * syp)[:, None] + c[None, :] * syc, y, ok, EMULATE_BF16)
+    store(y_ptr + (b * syb + hw * syp)[:, None] + c[None, :] * syc, y, ok, EMULATE_BF16)
 
 
 @triton.jit
@@ -380,11 +363,7 @@ def _bn_act_bwd_dx_kernel(g_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_pt
         ga - (dbeta[None, :] + xhat * dgamma[None, :]) * inv_count)
     b = p // HW
     hw = p % HW
-    _store(dz_ptr + (b * sdb + hw * sdp)[:, None] + c[None, :] * sdc, dz, ok, EMULATE_BF16)
-
-
-# With TRITON_INTERPRET=1, @triton.jit made interpreter functions rather than JIT ones.
-INTERPRETED = not isinstance(_conv_bn_act_fwd_kernel, JITFunction)
+    store(dz_ptr + (b * sdb + hw * sdp)[:, None] + c[None, :] * sdc, dz, ok, EMULATE_BF16)
 
 
 # -- geometry and launch configuration -----------------------------------------------------
@@ -516,11 +495,6 @@ def _pc_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=_memory_format(like))
 
 
-def _emulate_bf16(t: torch.Tensor) -> bool:
-    """Whether kernels on t must work around the interpreter's bfloat16 arithmetic."""
-    return INTERPRETED and t.dtype == torch.bfloat16
-
-
 def _ieee(x: torch.Tensor) -> bool:
     """Exact float32 products, unless torch lets cuDNN convolutions use TF32 too."""
     return x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cudnn.allow_tf32)
@@ -557,7 +531,7 @@ def _conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         KH=g.kh, KW=g.kw, STRIDE=g.stride, PAD=g.padding, TAPS_H=taps[0], TAPS_W=taps[1],
         TRANSPOSED=g.transposed, BATCH_INNER=g.height * g.width == 1,
         HAS_BIAS=bias is not None, STATS=stats, FOLD_BN=bn is not None,
-        HAS_ACT=slope is not None, IEEE=_ieee(x), EMULATE_BF16=_emulate_bf16(x),
+        HAS_ACT=slope is not None, IEEE=_ieee(x), EMULATE_BF16=emulate_bf16(x),
         BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return (out, cnt, psum, pm2) if stats else out
@@ -597,7 +571,7 @@ def _bn_act(z: torch.Tensor, mean, spread, gamma, beta, slope: float | None, eps
     _bn_act_fwd_kernel[grid](
         z, y, mean, spread, gamma, beta, b * h * w, c, h * w, *_pc_strides(z),
         *_pc_strides(y), eps, 0.0 if slope is None else slope, FROM_RUNNING=from_running,
-        HAS_ACT=slope is not None, EMULATE_BF16=_emulate_bf16(y), BLOCK_P=block_p,
+        HAS_ACT=slope is not None, EMULATE_BF16=emulate_bf16(y), BLOCK_P=block_p,
         BLOCK_C=block_c)
     return y
 
@@ -758,13 +732,11 @@ def _train_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     return y, z, mean, invstd
 
 
-@torch.library.custom_op("t2i_fast::conv_bn_act_train",
-                         mutates_args=("running_mean", "running_var"))
-def _train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
-              running_var: torch.Tensor, kind: str, stride: int, padding: int,
-              slope: float | None, momentum: float, eps: float, impl: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _train_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
+                running_var: torch.Tensor, kind: str, stride: int, padding: int,
+                slope: float | None, momentum: float, eps: float, impl: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, z = the convolution's output, batch mean, batch 1/σ); updates the running stats."""
     g = _geometry(x, weight, kind, stride, padding)
     run = _runner(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, slope,
@@ -774,21 +746,19 @@ def _train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           slope, momentum, eps, choice, tiling)
 
 
-@_train_op.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kind, stride, padding,
-      slope, momentum, eps, impl):
+def _train_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kind, stride,
+                padding, slope, momentum, eps, impl):
     shape = _output_shape(x, weight, kind, stride, padding)
     y = _empty_like_layout(shape, x)
     stat = x.new_empty(shape[1], dtype=torch.float32)
     return y, torch.empty_like(y), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("t2i_fast::conv_bn_act_backward", mutates_args=())
-def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                 bn_weight: torch.Tensor, bn_bias: torch.Tensor, z: torch.Tensor,
-                 mean: torch.Tensor, invstd: torch.Tensor, kind: str, stride: int,
-                 padding: int, slope: float | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   bn_weight: torch.Tensor, bn_bias: torch.Tensor, z: torch.Tensor,
+                   mean: torch.Tensor, invstd: torch.Tensor, kind: str, stride: int,
+                   padding: int, slope: float | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dγ, dβ) of the training forward."""
     grad_y = _pc_view(grad_y, z)
     block_p, block_c = _elementwise_blocks(z)
@@ -809,7 +779,7 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dz = torch.empty_like(z)
     _bn_act_bwd_dx_kernel[grid](grad_y, z, mean, invstd, bn_weight, bn_bias, dbeta, dgamma,
                                 dz, p, c, h * w, 1.0 / p, *strides, *_pc_strides(dz), slope,
-                                HAS_ACT=has_act, EMULATE_BF16=_emulate_bf16(dz),
+                                HAS_ACT=has_act, EMULATE_BF16=emulate_bf16(dz),
                                 BLOCK_P=block_p, BLOCK_C=block_c)
     dx, dw, _ = torch.ops.aten.convolution_backward(
         dz, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], kind == "conv_transpose",
@@ -818,8 +788,8 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             dgamma.to(bn_weight.dtype), dbeta.to(bn_bias.dtype))
 
 
-@_backward_op.register_fake
-def _(grad_y, x, weight, bn_weight, bn_bias, z, mean, invstd, kind, stride, padding, slope):
+def _backward_fake(grad_y, x, weight, bn_weight, bn_bias, z, mean, invstd, kind, stride,
+                   padding, slope):
     return (_empty_like_layout(x.shape, x), weight.new_empty(weight.shape),
             torch.empty_like(bn_weight), torch.empty_like(bn_bias))
 
@@ -835,11 +805,10 @@ def _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
                    from_running=True)
 
 
-@torch.library.custom_op("t2i_fast::conv_bn_act_eval", mutates_args=())
-def _eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
-             running_var: torch.Tensor, kind: str, stride: int, padding: int,
-             slope: float | None, eps: float, impl: str) -> torch.Tensor:
+def _eval_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
+               running_var: torch.Tensor, kind: str, stride: int, padding: int,
+               slope: float | None, eps: float, impl: str) -> torch.Tensor:
     g = _geometry(x, weight, kind, stride, padding)
     run = _runner(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, slope,
                   0.0, eps, training=False)
@@ -847,10 +816,19 @@ def _eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return run(choice, tiling)
 
 
-@_eval_op.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kind, stride, padding,
-      slope, eps, impl):
+def _eval_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kind, stride,
+               padding, slope, eps, impl):
     return _empty_like_layout(_output_shape(x, weight, kind, stride, padding), x)
+
+
+# Opaque custom ops, not triton_ops as matching_loss's: a triton_op's body is traced with fake
+# tensors, and these bodies look up, and at a shape's first call measure, the dispatch (file
+# I/O, timing real tensors); and a mutating op (the running statistics) cannot carry
+# register_autograd, hence _ConvBNActTrain.
+register_op("conv_bn_act_train", _train_body, _train_fake,
+            mutates_args=("running_mean", "running_var"), traceable=False)
+register_op("conv_bn_act_backward", _backward_body, _backward_fake, traceable=False)
+register_op("conv_bn_act_eval", _eval_body, _eval_fake, traceable=False)
 
 
 class _ConvBNActTrain(torch.autograd.Function):
@@ -895,11 +873,9 @@ def _refusal(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, 
     """Why the kernels cannot take this call, or None if they can."""
     tensors = [t for t in (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
                if t is not None]
-    if not (all(t.is_cuda for t in tensors) or INTERPRETED):
-        return ("they need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                "t2i_fast.ops.conv_bn_act is imported")
-    if len({t.device for t in tensors}) > 1:
-        return "the tensors must share one device"
+    refusal = device_refusal(tensors, op="conv_bn_act")
+    if refusal is not None:
+        return refusal
     if x.dtype not in DTYPES or weight.dtype != x.dtype or (bias is not None
                                                             and bias.dtype != x.dtype):
         return f"x, weight and bias must share one dtype of {DTYPES}"
@@ -941,18 +917,11 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if training and momentum is None:
         raise ValueError("momentum=None (a cumulative average) is not supported")
     args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
     options = {"kind": kind, "stride": stride, "padding": padding}
-    if impl != "ref":
-        refusal = _refusal(*args, **options, training=training)
-        if impl != "auto" and refusal is not None:
-            raise ValueError(f"impl={impl!r}: {refusal}")
-        if impl == "auto" and (refusal is not None or not x.is_cuda):
-            impl = "ref"
+    impl = resolve_impl(impl, IMPLS, x, lambda: _refusal(*args, **options, training=training))
     if impl == "ref":
         return conv_bn_act_ref(*args, **options, slope=slope, training=training,
                                momentum=momentum, eps=eps)
