@@ -44,6 +44,7 @@ from t2i_fast.models.config import preset
 from t2i_fast.models.discriminator import Discriminator
 from t2i_fast.models.generator import Generator
 from t2i_fast.ops import conv_bn_act as cba
+from t2i_fast.ops import dispatch
 
 VARIANTS = ("triton", "cudnn_fused", "eager", "compile")
 MODES = ("train fwd", "train fwd+bwd", "eval fwd")
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     print_loss_table(result["loss"])
     conv_rows, decisions = bench_conv(args, ceilings, report)
     print_conv_table(conv_rows, decisions)
-    print(f"dispatch decisions recorded in {cba.dispatch_file()}")
+    print(f"dispatch decisions recorded in {dispatch.dispatch_file()}")
     write_outputs(args, result)
     return 0
 

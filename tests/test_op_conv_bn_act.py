@@ -27,6 +27,7 @@ from t2i_fast.models.config import preset  # noqa: E402
 from t2i_fast.models.discriminator import Discriminator  # noqa: E402
 from t2i_fast.models.generator import Generator  # noqa: E402
 from t2i_fast.ops import conv_bn_act as cba  # noqa: E402
+from t2i_fast.ops import dispatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,35 +330,35 @@ def test_impl_choice(monkeypatch):
 def test_dispatch_table_is_recorded_and_merged(tmp_path, monkeypatch):
     path = tmp_path / "dispatch.json"
     monkeypatch.setenv("T2I_FAST_DISPATCH", str(path))
-    assert cba.dispatch_file() == path and cba.dispatch_table() == {}
+    assert dispatch.dispatch_file() == path and dispatch.dispatch_table() == {}
     entry = {"impl": "triton", "tiling": [64, 64, 32, 4, 4], "ms": {"cudnn_fused": 1.0}}
-    cba._record("layer a", entry)
+    dispatch.record("layer a", entry)
     # Another process records meanwhile; a fresh process reads both.
     other = json.loads(path.read_text())
     other["layer b"] = {"impl": "cudnn_fused", "tiling": None, "ms": {}}
     path.write_text(json.dumps(other))
-    cba._record("layer c", entry)
-    monkeypatch.setattr(cba, "_TABLES", {})
-    assert set(cba.dispatch_table()) == {"layer a", "layer b", "layer c"}
-    assert cba.dispatch_table()["layer a"] == entry
+    dispatch.record("layer c", entry)
+    monkeypatch.setattr(dispatch, "_TABLES", {})
+    assert set(dispatch.dispatch_table()) == {"layer a", "layer b", "layer c"}
+    assert dispatch.dispatch_table()["layer a"] == entry
     path.write_text("{not json")
-    monkeypatch.setattr(cba, "_TABLES", {})
+    monkeypatch.setattr(dispatch, "_TABLES", {})
     with pytest.warns(UserWarning, match="not valid JSON"):
-        assert cba.dispatch_table() == {}
+        assert dispatch.dispatch_table() == {}
 
 
 @cuda_only
 def test_auto_measures_once_and_reuses(monkeypatch):
     inputs = _inputs("conv4s2", "channels_last")
     first = _run("auto", inputs)
-    table = cba.dispatch_table()
+    table = dispatch.dispatch_table()
     assert len(table) == 1
     (entry,) = table.values()
     assert entry["impl"] in ("triton", "cudnn_fused") and "cudnn_fused" in entry["ms"]
     monkeypatch.setattr(cba, "_measure", lambda *a: pytest.fail("measured twice"))
     again = _run("auto", inputs)
     torch.testing.assert_close(again["y"], first["y"])
-    monkeypatch.setattr(cba, "_TABLES", {})  # a new process reads the file
+    monkeypatch.setattr(dispatch, "_TABLES", {})  # a new process reads the file
     _run("auto", inputs)
 
 

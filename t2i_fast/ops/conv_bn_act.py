@@ -33,11 +33,10 @@ make them) followed by LeakyReLU: one kernel per layer. Eval has no backward; wi
 recording, ``impl="auto"`` takes the reference.
 
 ``impl="auto"`` takes the PyTorch reference for tensors that are not on a GPU. On a GPU it
-looks the layer up in a JSON dispatch table (``~/.cache/t2i_fast/dispatch.json``, or
-``$T2I_FAST_DISPATCH``) keyed by device, torch and Triton versions, layer kind and shapes,
-dtype, layout and train/eval. On a miss it runs the forward once per candidate GEMM tiling
-and once through ``cudnn_fused``, checks they agree, times each with
-``triton.testing.do_bench`` (median), and records the fastest: so each layer shape is
+looks the layer up in the dispatch table (``t2i_fast.ops.dispatch``) keyed by device, torch
+and Triton versions, layer kind and shapes, dtype, layout and train/eval. On a miss it runs
+the forward once per candidate GEMM tiling and once through ``cudnn_fused``, checks they
+agree, times each (``dispatch.fastest``), and records the fastest: so each layer shape is
 measured once and the decision reused. ``impl="triton"`` takes the recorded tiling if there
 is one, else a default.
 
@@ -55,11 +54,8 @@ decorates a function); ``impl="triton"`` or ``"cudnn_fused"`` then work on CPU t
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -67,8 +63,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
-from triton.runtime.errors import OutOfResources
 
+from t2i_fast.ops import dispatch
 from t2i_fast.ops._common import (
     INTERPRETED,
     device_refusal,
@@ -585,89 +581,29 @@ def _conv_aten(x, weight, bias, g: _Geometry) -> torch.Tensor:
 
 
 # -- the measured dispatch ------------------------------------------------------------------
-def dispatch_file() -> Path:
-    """Where ``impl="auto"`` records its per-layer decisions."""
-    env = os.environ.get("T2I_FAST_DISPATCH")
-    return Path(env) if env else Path.home() / ".cache" / "t2i_fast" / "dispatch.json"
-
-
-_TABLES: dict[Path, dict[str, dict]] = {}
-
-
-def _read_table(path: Path) -> dict[str, dict]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError:
-        warnings.warn(f"{path} is not valid JSON; its dispatch decisions are measured again",
-                      stacklevel=3)
-        return {}
-
-
-def dispatch_table() -> dict[str, dict]:
-    """The recorded decisions: {layer key: {"impl", "tiling", "ms", ...}}."""
-    path = dispatch_file()
-    if path not in _TABLES:
-        _TABLES[path] = _read_table(path)
-    return _TABLES[path]
-
-
-def _record(key: str, entry: dict) -> None:
-    path = dispatch_file()
-    table = _read_table(path)  # keep what other processes recorded meanwhile
-    table[key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # readers see the old table or the new one, never half of one
-    _TABLES[path] = table
-
-
 def _layer_key(x: torch.Tensor, weight: torch.Tensor, g: _Geometry, *, training: bool) -> str:
     dtype = str(x.dtype).removeprefix("torch.")
     if x.dtype == torch.float32:
         dtype += "-ieee" if _ieee(x) else "-tf32"
-    return " | ".join([
-        torch.cuda.get_device_name(x.device), f"torch {torch.__version__}",
-        f"triton {triton.__version__}", "conv_transpose" if g.transposed else "conv",
+    return dispatch.key(
+        x.device, "conv_transpose" if g.transposed else "conv",
         "x " + "x".join(map(str, x.shape)), "w " + "x".join(map(str, weight.shape)),
         f"stride {g.stride} pad {g.padding}", dtype,
-        "channels_last" if _is_channels_last(x) else "nchw", "train" if training else "eval",
-    ])
-
-
-def _scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0))
+        "channels_last" if _is_channels_last(x) else "nchw", "train" if training else "eval")
 
 
 def _measure(run, g: _Geometry, x: torch.Tensor) -> dict:
     """Time run(impl, tiling) → output for cudnn_fused and each candidate tiling (forward
     only: the backward is the same code for both) and pick the fastest that agrees."""
-    from triton.testing import do_bench
-
-    def bench(fn) -> float:
-        return round(float(do_bench(fn, warmup=10, rep=40, return_mode="median")), 5)
-
-    expected = run("cudnn_fused", None)
-    ms = {"cudnn_fused": bench(lambda: run("cudnn_fused", None))}
-    tolerance = 1e-4 if _ieee(x) else 3e-2
-    best, best_name, disagreed = None, "cudnn_fused", {}
-    for tiling in _candidate_tilings(g):
-        name = "triton " + "/".join(map(str, tiling))  # BM/BN/BK/warps/stages
-        try:
-            error = _scaled_error(run("triton", tiling), expected)
-        except OutOfResources:  # a tiling too large for this GPU's shared memory
-            continue
-        if error > tolerance:
-            disagreed[name] = error
-            continue
-        ms[name] = bench(lambda tiling=tiling: run("triton", tiling))
-        if ms[name] < ms[best_name]:
-            best, best_name = tiling, name
+    tilings = {"triton " + "/".join(map(str, t)): t  # BM/BN/BK/warps/stages
+               for t in _candidate_tilings(g)}
+    best, ms, disagreed = dispatch.fastest(
+        lambda name: run("cudnn_fused", None) if name == "cudnn_fused"
+        else run("triton", tilings[name]),
+        list(tilings), reference="cudnn_fused", tolerance=1e-4 if _ieee(x) else 3e-2)
     entry = {"impl": "cudnn_fused", "tiling": None, "ms": ms, "timed": "forward"}
-    if best is not None:
-        entry.update(impl="triton", tiling=list(best))
+    if best != "cudnn_fused":
+        entry.update(impl="triton", tiling=list(tilings[best]))
     if disagreed:
         entry["disagreed"] = disagreed
         warnings.warn(f"Triton conv_bn_act disagreed with cuDNN (scaled max error "
@@ -684,10 +620,10 @@ def _resolve(impl: str, x: torch.Tensor, weight: torch.Tensor, g: _Geometry, *,
     if not x.is_cuda:  # the interpreter: nothing to measure
         return "triton", _default_tiling(g)
     key = _layer_key(x, weight, g, training=training)
-    entry = dispatch_table().get(key)
+    entry = dispatch.dispatch_table().get(key)
     if impl == "auto" and entry is None:
         entry = _measure(run, g, x)
-        _record(key, entry)
+        dispatch.record(key, entry)
     if impl == "auto" and entry["impl"] == "cudnn_fused":
         return "cudnn_fused", None
     tiling = entry.get("tiling") if entry is not None else None
@@ -952,7 +888,7 @@ def measure_dispatch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         key = _layer_key(x, weight, g, training=training)
         entry = _measure(_runner(*args, g, None if slope is None else float(slope),
                                  float(momentum), float(eps), training=training), g, x)
-    _record(key, entry)
+    dispatch.record(key, entry)
     return {"key": key, **entry}
 
 
