@@ -436,7 +436,7 @@ def fuse_conv_bn_act(model: nn.Module, *inputs: torch.Tensor, impl: str,
     stay where they are (the BatchNorm and activation then pass their input through), so
     parameters, state-dict keys and checkpoints do not change. Returns the fused
     convolutions' names. In eval mode a fused layer runs the PyTorch reference."""
-    from t2i_fast.ops.conv_bn_act import conv_bn_act_layers
+    from t2i_fast.ops.fused_layers import conv_bn_act_layers
 
     seen: dict[nn.Module, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda module, args: seen.setdefault(module, args[0]))
