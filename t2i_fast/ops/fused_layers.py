@@ -1,15 +1,19 @@
 """conv → BatchNorm2d (→ activation) as modules: ``ConvBNAct``, one layer computed by
-``t2i_fast.ops.conv_bn_act``; ``conv_bn_act_layers``, the triples of a model that qualify.
+``t2i_fast.ops.conv_bn_act``; ``conv_bn_act_layers``, the triples of a model that qualify;
+``fuse_conv_bn_act``, which makes chosen triples of a model fused layers in place, its
+parameters, buffers and state-dict keys unchanged (``FusedSequential``).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from t2i_fast.ops.conv_bn_act import IMPLS, KINDS, conv_bn_act
+from t2i_fast.ops.conv_bn_act import IMPLS, KINDS, conv_bn_act, measure_dispatch
 
 
 # -- one layer ------------------------------------------------------------------------------
@@ -42,7 +46,8 @@ class ConvBNAct(nn.Module):
     ``conv_bn_act`` call. Holds an ``nn.Conv2d``/``nn.ConvTranspose2d`` as ``conv`` and an
     ``nn.BatchNorm2d`` as ``bn``; ``from_modules`` wraps existing ones, sharing their
     parameters and buffers. Training counts batches in ``bn.num_batches_tracked`` as
-    BatchNorm2d does."""
+    BatchNorm2d does. The convolution's weight and bias are cast to the input's dtype, as
+    autocast would cast them for an unfused convolution."""
 
     def __init__(self, kind: str, in_channels: int, out_channels: int, kernel_size: int, *,
                  stride: int = 1, padding: int = 0, bias: bool = False,
@@ -82,7 +87,11 @@ class ConvBNAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.bn.num_batches_tracked.add_(1)
-        return conv_bn_act(x, self.conv.weight, self.conv.bias, self.bn.weight, self.bn.bias,
+        # The kernels take x, weight and bias in one dtype, and autocast does not cast for a
+        # custom op: under bfloat16 autocast the input is bfloat16, the weights float32.
+        weight = self.conv.weight.to(x.dtype)
+        bias = self.conv.bias.to(x.dtype) if self.conv.bias is not None else None
+        return conv_bn_act(x, weight, bias, self.bn.weight, self.bn.bias,
                            self.bn.running_mean, self.bn.running_var, kind=self.kind,
                            stride=self.stride, padding=self.padding, slope=self.slope,
                            training=self.training, momentum=self.bn.momentum, eps=self.bn.eps,
@@ -164,3 +173,106 @@ def conv_bn_act_layers(model: nn.Module, *inputs: torch.Tensor) -> list[LayerSha
                                      _square(conv.padding, "padding"), *sizes[conv],
                                      candidates[conv][1]))
     return layers
+
+
+
+# -- fusing the layers of a model -----------------------------------------------------------
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` some of whose conv → BatchNorm2d (→ activation) runs are, in
+    training, one ``ConvBNAct`` call each: ``fused`` maps the index of such a run's
+    convolution to its layer. The layers share the children's parameters and buffers but are
+    not registered, so parameters, buffers and state-dict keys are the children's alone. In
+    eval mode the children run one by one, as in a plain ``nn.Sequential`` (the reference)."""
+
+    def __init__(self, *args, fused: dict[int, ConvBNAct] | None = None):
+        super().__init__(*args)
+        self.fused = dict(fused or {})
+
+    def train(self, mode: bool = True) -> FusedSequential:
+        super().train(mode)
+        for layer in self.fused.values():  # unregistered: Module.train does not reach them
+            layer.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        children = list(self)
+        i = 0
+        while i < len(children):
+            layer = self.fused.get(i)
+            if layer is None:
+                x = children[i](x)
+                i += 1
+            else:
+                x = layer(x)
+                i += 2 if layer.slope is None else 3  # past the BatchNorm and activation
+        return x
+
+
+def fuse_conv_bn_act(model: nn.Module, *inputs: torch.Tensor, impl: str,
+                     wanted: Callable[[nn.Module, nn.Module, float | None, torch.Tensor], bool]
+                     ) -> list[str]:
+    """Makes each conv → BatchNorm2d (→ activation) of ``model`` found by
+    ``conv_bn_act_layers`` that ``ConvBNAct`` takes one ``ConvBNAct(impl=impl)`` call in
+    training where ``wanted(conv, bn, slope, x)`` is true, x an input the convolution gets in
+    ``model(*inputs)``: the ``nn.Sequential`` holding it becomes a ``FusedSequential`` of the
+    same modules, so parameters, state-dict keys and checkpoints do not change. Returns the
+    fused convolutions' names. In eval mode the fused layers run unfused."""
+    seen: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda module, args: seen.setdefault(module, args[0]))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    was_training = model.training
+    model.eval()  # finding the layers runs the model: its statistics must not move
+    try:
+        layers = conv_bn_act_layers(model, *inputs)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    chosen: dict[str, dict[int, ConvBNAct]] = {}  # the Sequential's name → its fused layers
+    names = []
+    for layer in layers:
+        parent = layer.name.rpartition(".")[0]
+        if not parent:
+            raise ValueError("the model is itself the nn.Sequential to fuse: wrap it in a "
+                             "module that holds it")
+        conv = model.get_submodule(layer.name)
+        children = list(model.get_submodule(parent))
+        position = next(i for i, child in enumerate(children) if child is conv)
+        bn = children[position + 1]
+        try:
+            fused = ConvBNAct.from_modules(conv, bn, layer.slope, impl=impl)
+        except ValueError:  # a convolution or BatchNorm the op does not take
+            continue
+        if not wanted(conv, bn, layer.slope, seen[conv]):
+            continue
+        chosen.setdefault(parent, {})[position] = fused.train(was_training)
+        names.append(layer.name)
+    for name, fused in chosen.items():
+        block = model.get_submodule(name)
+        owner, _, attribute = name.rpartition(".")
+        earlier = block.fused if isinstance(block, FusedSequential) else {}
+        replacement = FusedSequential(OrderedDict(block.named_children()),
+                                      fused={**earlier, **fused})
+        replacement.train(block.training)
+        model.get_submodule(owner).register_module(attribute, replacement)
+    return names
+
+
+def triton_wins(conv: nn.Module, bn: nn.Module, slope: float | None, x: torch.Tensor) -> bool:
+    """Whether conv_bn_act's measured dispatch picks its Triton GEMM for this layer (over
+    cuDNN followed by its BatchNorm kernels, no better than Inductor's own fusion); a
+    ``wanted`` for ``fuse_conv_bn_act``."""
+    bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+    try:
+        # Outside autocast: cuDNN must run in x's dtype, as the Triton GEMM does.
+        with torch.autocast(x.device.type, enabled=False):
+            entry = measure_dispatch(
+                x, conv.weight.to(x.dtype), bias, bn.weight, bn.bias, bn.running_mean,
+                bn.running_var, kind="conv_transpose" if isinstance(conv, nn.ConvTranspose2d)
+                else "conv", stride=conv.stride[0], padding=conv.padding[0], slope=slope,
+                training=True, momentum=bn.momentum, eps=bn.eps)
+    except ValueError:  # a layer the kernels do not take
+        return False
+    return entry["impl"] == "triton"
