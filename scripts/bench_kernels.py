@@ -44,23 +44,25 @@ from t2i_fast.models.config import preset
 from t2i_fast.models.discriminator import Discriminator
 from t2i_fast.models.generator import Generator
 from t2i_fast.ops import conv_bn_act as cba
+from t2i_fast.ops import dispatch
+from t2i_fast.ops.fused_layers import LayerShape, conv_bn_act_layers
 
 VARIANTS = ("triton", "cudnn_fused", "eager", "compile")
 MODES = ("train fwd", "train fwd+bwd", "eval fwd")
 
 
-def reed_layers() -> list[tuple[str, cba.LayerShape]]:
+def reed_layers() -> list[tuple[str, LayerShape]]:
     """("G" or "D", layer) for every conv → BatchNorm layer of the reed models."""
     gan = preset("reed").gan
     with torch.device("meta"):
         text = torch.empty(2, gan.embedding_dim)
-        g = cba.conv_bn_act_layers(Generator(gan).eval(), torch.empty(2, gan.z_dim), text)
-        d = cba.conv_bn_act_layers(Discriminator(gan).eval(),
-                                   torch.empty(2, 3, gan.image_size, gan.image_size), text)
+        g = conv_bn_act_layers(Generator(gan).eval(), torch.empty(2, gan.z_dim), text)
+        d = conv_bn_act_layers(Discriminator(gan).eval(),
+                               torch.empty(2, 3, gan.image_size, gan.image_size), text)
     return [("G", layer) for layer in g] + [("D", layer) for layer in d]
 
 
-def describe(layer: cba.LayerShape) -> str:
+def describe(layer: LayerShape) -> str:
     return (f"{layer.kind} {layer.in_channels}->{layer.out_channels} k{layer.kernel_size} "
             f"s{layer.stride} p{layer.padding} in {layer.height}x{layer.width} "
             f"slope={layer.slope}")
@@ -92,7 +94,7 @@ def measure_ceilings() -> dict[str, float]:
     return {"bf16_matmul_tflops": round(tflops, 1), "copy_gbps": round(gbps, 1)}
 
 
-def conv_work(layer: cba.LayerShape, batch: int, dtype: torch.dtype) -> dict[str, dict]:
+def conv_work(layer: LayerShape, batch: int, dtype: torch.dtype) -> dict[str, dict]:
     """{mode: {"flop", "bytes"}}: multiply-adds ×2, and the compulsory traffic."""
     k2 = layer.kernel_size**2
     if layer.kind == "conv_transpose":
@@ -114,7 +116,7 @@ def conv_work(layer: cba.LayerShape, batch: int, dtype: torch.dtype) -> dict[str
             "eval fwd": {"flop": flop, "bytes": forward}}
 
 
-def make_tensors(layer: cba.LayerShape, batch: int, dtype: torch.dtype,
+def make_tensors(layer: LayerShape, batch: int, dtype: torch.dtype,
                  channels_last: bool) -> dict:
     x = torch.randn(batch, layer.in_channels, layer.height, layer.width, device="cuda",
                     dtype=dtype)
@@ -135,7 +137,7 @@ def make_tensors(layer: cba.LayerShape, batch: int, dtype: torch.dtype,
     }
 
 
-def layer_fn(variant: str, layer: cba.LayerShape, *, training: bool):
+def layer_fn(variant: str, layer: LayerShape, *, training: bool):
     options = {"kind": layer.kind, "stride": layer.stride, "padding": layer.padding,
                "slope": layer.slope, "training": training}
     if variant in ("triton", "cudnn_fused"):
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     print_loss_table(result["loss"])
     conv_rows, decisions = bench_conv(args, ceilings, report)
     print_conv_table(conv_rows, decisions)
-    print(f"dispatch decisions recorded in {cba.dispatch_file()}")
+    print(f"dispatch decisions recorded in {dispatch.dispatch_file()}")
     write_outputs(args, result)
     return 0
 

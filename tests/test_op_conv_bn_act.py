@@ -27,6 +27,8 @@ from t2i_fast.models.config import preset  # noqa: E402
 from t2i_fast.models.discriminator import Discriminator  # noqa: E402
 from t2i_fast.models.generator import Generator  # noqa: E402
 from t2i_fast.ops import conv_bn_act as cba  # noqa: E402
+from t2i_fast.ops import dispatch  # noqa: E402
+from t2i_fast.ops.fused_layers import ConvBNAct, conv_bn_act_layers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +214,7 @@ def test_module_from_modules_shares_state():
     conv = nn.ConvTranspose2d(5, 3, 4, 2, 1, bias=False).to(DEVICE)
     bn = nn.BatchNorm2d(3).to(DEVICE)
     eager = nn.Sequential(conv, bn, nn.LeakyReLU(0.2))
-    fused = cba.ConvBNAct.from_modules(conv, bn, 0.2, impl="triton")
+    fused = ConvBNAct.from_modules(conv, bn, 0.2, impl="triton")
     assert fused.conv is conv and fused.bn is bn
     assert [p is q for p, q in zip(fused.parameters(), eager.parameters(), strict=True)] == [
         True] * 3
@@ -232,27 +234,27 @@ def test_module_from_modules_shares_state():
 
 
 def test_module_constructor_and_checks():
-    layer = cba.ConvBNAct("conv", 4, 6, 3, stride=1, padding=1, slope=None, momentum=0.3)
+    layer = ConvBNAct("conv", 4, 6, 3, stride=1, padding=1, slope=None, momentum=0.3)
     assert isinstance(layer.conv, nn.Conv2d) and layer.conv.bias is None
     assert layer.bn.momentum == 0.3 and layer.slope is None
     assert "kind=conv" in repr(layer)
     with pytest.raises(ValueError, match="output_padding"):
-        cba.ConvBNAct.from_modules(nn.ConvTranspose2d(2, 2, 4, 2, 1, output_padding=1),
-                                   nn.BatchNorm2d(2), 0.2)
+        ConvBNAct.from_modules(nn.ConvTranspose2d(2, 2, 4, 2, 1, output_padding=1),
+                               nn.BatchNorm2d(2), 0.2)
     with pytest.raises(ValueError, match="momentum"):
-        cba.ConvBNAct.from_modules(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2, momentum=None), 0.2)
+        ConvBNAct.from_modules(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2, momentum=None), 0.2)
     with pytest.raises(ValueError, match="square"):
-        cba.ConvBNAct.from_modules(nn.Conv2d(2, 2, 3, stride=(1, 2)), nn.BatchNorm2d(2), 0.2)
+        ConvBNAct.from_modules(nn.Conv2d(2, 2, 3, stride=(1, 2)), nn.BatchNorm2d(2), 0.2)
     with pytest.raises(TypeError):
-        cba.ConvBNAct.from_modules(nn.Conv2d(2, 2, 3), nn.BatchNorm1d(2), 0.2)
+        ConvBNAct.from_modules(nn.Conv2d(2, 2, 3), nn.BatchNorm1d(2), 0.2)
 
 
 @needs_kernels
 def test_compile_fullgraph():
     def layer():
         torch.manual_seed(1)
-        return cba.ConvBNAct("conv_transpose", 5, 3, 4, stride=2, padding=1, slope=0.2,
-                             impl="triton").to(DEVICE)
+        return ConvBNAct("conv_transpose", 5, 3, 4, stride=2, padding=1, slope=0.2,
+                         impl="triton").to(DEVICE)
 
     eager, compiled_layer = layer(), layer()
     counter = CompileCounterWithBackend("aot_eager" if DEVICE == "cpu" else "inductor")
@@ -329,35 +331,35 @@ def test_impl_choice(monkeypatch):
 def test_dispatch_table_is_recorded_and_merged(tmp_path, monkeypatch):
     path = tmp_path / "dispatch.json"
     monkeypatch.setenv("T2I_FAST_DISPATCH", str(path))
-    assert cba.dispatch_file() == path and cba.dispatch_table() == {}
+    assert dispatch.dispatch_file() == path and dispatch.dispatch_table() == {}
     entry = {"impl": "triton", "tiling": [64, 64, 32, 4, 4], "ms": {"cudnn_fused": 1.0}}
-    cba._record("layer a", entry)
+    dispatch.record("layer a", entry)
     # Another process records meanwhile; a fresh process reads both.
     other = json.loads(path.read_text())
     other["layer b"] = {"impl": "cudnn_fused", "tiling": None, "ms": {}}
     path.write_text(json.dumps(other))
-    cba._record("layer c", entry)
-    monkeypatch.setattr(cba, "_TABLES", {})
-    assert set(cba.dispatch_table()) == {"layer a", "layer b", "layer c"}
-    assert cba.dispatch_table()["layer a"] == entry
+    dispatch.record("layer c", entry)
+    monkeypatch.setattr(dispatch, "_TABLES", {})
+    assert set(dispatch.dispatch_table()) == {"layer a", "layer b", "layer c"}
+    assert dispatch.dispatch_table()["layer a"] == entry
     path.write_text("{not json")
-    monkeypatch.setattr(cba, "_TABLES", {})
+    monkeypatch.setattr(dispatch, "_TABLES", {})
     with pytest.warns(UserWarning, match="not valid JSON"):
-        assert cba.dispatch_table() == {}
+        assert dispatch.dispatch_table() == {}
 
 
 @cuda_only
 def test_auto_measures_once_and_reuses(monkeypatch):
     inputs = _inputs("conv4s2", "channels_last")
     first = _run("auto", inputs)
-    table = cba.dispatch_table()
+    table = dispatch.dispatch_table()
     assert len(table) == 1
     (entry,) = table.values()
     assert entry["impl"] in ("triton", "cudnn_fused") and "cudnn_fused" in entry["ms"]
     monkeypatch.setattr(cba, "_measure", lambda *a: pytest.fail("measured twice"))
     again = _run("auto", inputs)
     torch.testing.assert_close(again["y"], first["y"])
-    monkeypatch.setattr(cba, "_TABLES", {})  # a new process reads the file
+    monkeypatch.setattr(dispatch, "_TABLES", {})  # a new process reads the file
     _run("auto", inputs)
 
 
@@ -367,8 +369,8 @@ def _reed_layers():
         g, d = Generator(gan), Discriminator(gan)
         z = torch.empty(2, gan.z_dim)
         text = torch.empty(2, gan.embedding_dim)
-        g_layers = cba.conv_bn_act_layers(g.eval(), z, text)
-        d_layers = cba.conv_bn_act_layers(d.eval(), torch.empty(2, 3, 64, 64), text)
+        g_layers = conv_bn_act_layers(g.eval(), z, text)
+        d_layers = conv_bn_act_layers(d.eval(), torch.empty(2, 3, 64, 64), text)
     return g_layers, d_layers
 
 
@@ -402,11 +404,11 @@ def test_model_layers():
 def test_every_preset_layer_is_accepted(name):
     gan = preset(name).gan
     with torch.device("meta"):
-        layers = cba.conv_bn_act_layers(Generator(gan).eval(), torch.empty(2, gan.z_dim),
-                                        torch.empty(2, gan.embedding_dim))
-        layers += cba.conv_bn_act_layers(Discriminator(gan).eval(),
-                                         torch.empty(2, 3, gan.image_size, gan.image_size),
-                                         torch.empty(2, gan.embedding_dim))
+        layers = conv_bn_act_layers(Generator(gan).eval(), torch.empty(2, gan.z_dim),
+                                    torch.empty(2, gan.embedding_dim))
+        layers += conv_bn_act_layers(Discriminator(gan).eval(),
+                                     torch.empty(2, 3, gan.image_size, gan.image_size),
+                                     torch.empty(2, gan.embedding_dim))
     for la in layers:
         x = torch.empty(2, la.in_channels, la.height, la.width, dtype=torch.bfloat16,
                         device=DEVICE)

@@ -4,40 +4,19 @@ transposed convolution (1×1 → 4×4, stride 1, pad 0), 1×1 and 3×3 pad-1 con
 LeakyReLU slope (0 is ReLU) or none (``slope=None``, for BatchNorms followed by a residual
 sum); float32 and bfloat16 (accumulation in float32); NCHW and channels_last.
 
-Training forward, ``impl="triton"`` (three launches after packing the weight):
-
-1. ``_conv_bn_act_fwd_kernel``: an implicit-GEMM convolution. Its epilogue writes each tile's
-   per-channel count, sum and sum of squared deviations from the tile mean, so the batch
-   statistics cost no pass over the output. Transposed convolutions are split into
-   stride² sub-pixel classes, each an ordinary GEMM over the kernel taps that reach it.
-2. ``_bn_stats_finalize_kernel``: merges the tiles' statistics (Chan's parallel formula: no
-   cancellation, deterministic), writes the batch mean and 1/σ, and updates the running
-   mean and (unbiased) variance in place, as ``nn.BatchNorm2d`` with a float momentum does.
-3. ``_bn_act_fwd_kernel``: normalisation, affine and LeakyReLU in one pass.
-
-``impl="cudnn_fused"`` runs the convolution in aten (cuDNN) and then the same kernels with a
-statistics pass (``_bn_stats_partial_kernel``) in place of the GEMM epilogue.
-
-Backward (both impls): ``_bn_act_bwd_reduce_kernel`` computes per-tile sums of the gradient
-through LeakyReLU and of its product with x̂, ``_bn_act_bwd_finalize_kernel`` gives dβ and
-dγ, and ``_bn_act_bwd_dx_kernel`` the gradient w.r.t. the convolution's output. BatchNorm and
-LeakyReLU backward are one fused computation, but a grid-wide reduction separates the sums
-from the elementwise pass, hence two kernels and a tiny one between them. The convolution's
-input and weight gradients come from aten's ``convolution_backward`` (cuDNN on a GPU), not
-from Triton. The convolution bias gets a zero gradient: training BatchNorm subtracts the
-batch mean, so the output does not depend on it.
-
-Eval: BatchNorm with the running statistics is folded into the GEMM's epilogue as a
-per-channel scale and shift (mathematically the folded weights and bias, without a pass to
-make them) followed by LeakyReLU: one kernel per layer. Eval has no backward; with autograd
+The kernels, their tiling and what each computes are in ``conv_bn_act_kernels``; this module
+launches them (``impl="triton"``: the implicit-GEMM convolution with the batch statistics in
+its epilogue; ``impl="cudnn_fused"``: aten's convolution, then a statistics pass), registers
+the operators and gives the public function. The backward of both impls is the fused
+BatchNorm/LeakyReLU backward kernels and aten's ``convolution_backward``; eval folds
+BatchNorm into the GEMM's epilogue (one kernel per layer) and has no backward: with autograd
 recording, ``impl="auto"`` takes the reference.
 
 ``impl="auto"`` takes the PyTorch reference for tensors that are not on a GPU. On a GPU it
-looks the layer up in a JSON dispatch table (``~/.cache/t2i_fast/dispatch.json``, or
-``$T2I_FAST_DISPATCH``) keyed by device, torch and Triton versions, layer kind and shapes,
-dtype, layout and train/eval. On a miss it runs the forward once per candidate GEMM tiling
-and once through ``cudnn_fused``, checks they agree, times each with
-``triton.testing.do_bench`` (median), and records the fastest: so each layer shape is
+looks the layer up in the dispatch table (``t2i_fast.ops.dispatch``) keyed by device, torch
+and Triton versions, layer kind and shapes, dtype, layout and train/eval. On a miss it runs
+the forward once per candidate GEMM tiling and once through ``cudnn_fused``, checks they
+agree, times each (``dispatch.fastest``), and records the fastest: so each layer shape is
 measured once and the decision reused. ``impl="triton"`` takes the recorded tiling if there
 is one, else a default.
 
@@ -45,9 +24,8 @@ The operators ``torch.ops.t2i_fast.conv_bn_act_train`` (which mutates the runnin
 statistics), ``conv_bn_act_backward`` and ``conv_bn_act_eval`` are ``torch.library``
 custom ops with fake implementations, tied together for autograd by an autograd.Function,
 so ``torch.compile(fullgraph=True)`` traces them without a graph break. They are opaque
-custom ops rather than ``triton_op``: the measured dispatch (file I/O, timing on real
-tensors at the first call) cannot run inside the body Inductor traces with fake tensors,
-and a mutating op cannot carry ``register_autograd``.
+custom ops rather than ``triton_op`` (``_common.register_op``; the reason is written where
+they are registered).
 
 On a machine without a GPU the kernels run in Triton's interpreter when TRITON_INTERPRET=1
 is set before this module is imported (Triton picks compile or interpret when ``@triton.jit``
@@ -56,20 +34,31 @@ decorates a function); ``impl="triton"`` or ``"cudnn_fused"`` then work on CPU t
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
-from torch import nn
-from triton.runtime.errors import OutOfResources
-from triton.runtime.jit import JITFunction
+
+from t2i_fast.ops import dispatch
+from t2i_fast.ops._common import INTERPRETED as INTERPRETED  # whether the kernels interpret
+from t2i_fast.ops._common import device_refusal, emulate_bf16, register_op, resolve_impl
+from t2i_fast.ops.conv_bn_act_kernels import (
+    Geometry,
+    Tiling,
+    bn_act_bwd_dx_kernel,
+    bn_act_bwd_finalize_kernel,
+    bn_act_bwd_reduce_kernel,
+    bn_act_fwd_kernel,
+    bn_stats_finalize_kernel,
+    bn_stats_partial_kernel,
+    candidate_tilings,
+    conv_bn_act_fwd_kernel,
+    default_tiling,
+    elementwise_blocks,
+    geometry,
+    pow2_clamp,
+)
 
 KINDS = ("conv", "conv_transpose")
 IMPLS = ("auto", "triton", "cudnn_fused", "ref")
@@ -78,417 +67,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 
 
-# -- kernels --------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    if EMULATE_BF16:
-        # Triton 3.9's interpreter multiplies bfloat16 bit patterns as integers; products of
-        # bfloat16 values are exact in float32, so upcasting gives the tensor-core result.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _store(ptrs, v, mask, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        # Triton 3.9's interpreter truncates float32 → bfloat16 where GPUs round to nearest
-        # even: round here so that the interpreter's results are the GPU's.
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        v = bits.to(tl.float32, bitcast=True)
-    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _tile_stats(v, ok):
-    """(count, per-column sum, per-column sum of squared deviations from the column mean) of
-    v [R, N] over the rows where ok [R]."""
-    n = tl.sum(ok.to(tl.float32), axis=0)
-    s = tl.sum(tl.where(ok[:, None], v, 0.0), axis=0)  # [N]
-    d = tl.where(ok[:, None], v - (s / tl.maximum(n, 1.0))[None, :], 0.0)
-    return n, s, tl.sum(d * d, axis=0)
-
-
-@triton.jit
-def _conv_bn_act_fwd_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr,
-        gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,  # FOLD_BN: BatchNorm on running statistics
-        cnt_ptr, sum_ptr, m2_ptr,  # STATS: per-tile statistics, [T], [C_out, T], [C_out, T]
-        B, C_in, H, W, C_out, OH, OW,
-        sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-        RH, RW, tiles_per_class, slope, eps,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        TAPS_H: tl.constexpr, TAPS_W: tl.constexpr, TRANSPOSED: tl.constexpr,
-        BATCH_INNER: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
-        FOLD_BN: tl.constexpr, HAS_ACT: tl.constexpr, IEEE: tl.constexpr,
-        EMULATE_BF16: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # x [B, C_in, H, W] (any strides); w packed [KH, KW, C_in, C_out] contiguous;
-    # out [B, C_out, OH, OW]. A transposed convolution's outputs fall in STRIDE² classes by
-    # (oh + PAD) mod STRIDE: within one, output (i, j) of the class's RH×RW grid takes the
-    # taps kh = class_h + STRIDE·t (t < KH / STRIDE; the kernel size is a multiple of the
-    # stride), a plain GEMM with no structurally-zero products.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    cls = pid_m // tiles_per_class
-    r = (pid_m % tiles_per_class) * BLOCK_M + tl.arange(0, BLOCK_M)  # row in the class
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < C_out
-    npix = RH * RW
-    if BATCH_INNER:
-        # A 1×1 input reaches each output pixel through one tap: rows that share a pixel
-        # share the tap, so the tap loop below skips the other taps for the whole tile.
-        b = r % B
-        pix = r // B
-    else:
-        b = r // npix
-        pix = r % npix
-    i = pix // RW
-    j = pix % RW
-    row_ok = r < B * npix
-    if TRANSPOSED:
-        ch = cls // STRIDE
-        cw = cls % STRIDE
-        # The class's first output row is (ch - PAD) mod STRIDE, kept non-negative.
-        oh = (ch + PAD * (STRIDE - 1)) % STRIDE + STRIDE * i
-        ow = (cw + PAD * (STRIDE - 1)) % STRIDE + STRIDE * j
-        row_ok = row_ok & (oh < OH) & (ow < OW)
-        qh = (oh + PAD) // STRIDE
-        qw = (ow + PAD) // STRIDE
-    else:
-        oh = i
-        ow = j
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(TAPS_H * TAPS_W):
-        th = tap // TAPS_W
-        tw = tap % TAPS_W
-        if TRANSPOSED:
-            kh = ch + STRIDE * th
-            kw = cw + STRIDE * tw
-            ih = qh - th
-            iw = qw - tw
-        else:
-            kh = th
-            kw = tw
-            ih = oh * STRIDE - PAD + kh
-            iw = ow * STRIDE - PAD + kw
-        a_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        # Taps that no row of the tile reaches (borders, the 1×1-input layer) cost nothing.
-        if tl.max(a_ok.to(tl.int32), axis=0) > 0:
-            x_rows = x_ptr + b * sxb + ih * sxh + iw * sxw  # [BLOCK_M]
-            w_tap = w_ptr + (kh * KW + kw) * C_in * C_out
-            for c0 in range(0, C_in, BLOCK_K):
-                ci = c0 + tl.arange(0, BLOCK_K)
-                ci_ok = ci < C_in
-                a = tl.load(x_rows[:, None] + ci[None, :] * sxc,
-                            mask=a_ok[:, None] & ci_ok[None, :], other=0.0)  # [M, K]
-                w = tl.load(w_tap + ci[:, None] * C_out + co[None, :],
-                            mask=ci_ok[:, None] & co_ok[None, :], other=0.0)  # [K, N]
-                acc = _dot(a, w, acc, IEEE, EMULATE_BF16)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if STATS:
-        # Taken from the float32 accumulator, before the output is rounded to its dtype.
-        T = tl.num_programs(0)
-        n, s, m2 = _tile_stats(acc, row_ok)
-        tl.store(sum_ptr + co * T + pid_m, s, mask=co_ok)
-        tl.store(m2_ptr + co * T + pid_m, m2, mask=co_ok)
-        if pid_n == 0:
-            tl.store(cnt_ptr + pid_m, n)
-    if FOLD_BN:
-        gamma = tl.load(gamma_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
-        beta = tl.load(beta_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-        rmean = tl.load(rmean_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-        rvar = tl.load(rvar_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
-        scale = gamma * tl.rsqrt(rvar + eps)
-        acc = acc * scale[None, :] + (beta - rmean * scale)[None, :]
-    if HAS_ACT:
-        acc = tl.where(acc > 0, acc, acc * slope)
-    out = out_ptr + b[:, None] * sob + co[None, :] * soc + (oh * soh + ow * sow)[:, None]
-    _store(out, acc, row_ok[:, None] & co_ok[None, :], EMULATE_BF16)
-
-
-@triton.jit
-def _bn_stats_partial_kernel(z_ptr, cnt_ptr, sum_ptr, m2_ptr, P, C, HW, szb, szc, szp,
-                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # z [B, C, H, W] with h·sh + w·sw = (h·W + w)·sw (NCHW or channels_last), seen as
-    # [P = B·H·W, C]; tile statistics in the GEMM epilogue's format.
-    pid_p = tl.program_id(0)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = p < P
-    c_ok = c < C
-    ptrs = z_ptr + (p // HW * szb + p % HW * szp)[:, None] + c[None, :] * szc
-    v = tl.load(ptrs, mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    T = tl.num_programs(0)
-    n, s, m2 = _tile_stats(v, p_ok)
-    tl.store(sum_ptr + c * T + pid_p, s, mask=c_ok)
-    tl.store(m2_ptr + c * T + pid_p, m2, mask=c_ok)
-    if tl.program_id(1) == 0:
-        tl.store(cnt_ptr + pid_p, n)
-
-
-@triton.jit
-def _bn_stats_finalize_kernel(cnt_ptr, sum_ptr, m2_ptr, mean_ptr, invstd_ptr, rmean_ptr,
-                              rvar_ptr, C, T, momentum, eps,
-                              BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Tile statistics [T], [C, T], [C, T] → mean, 1/σ [C] (float32); running stats in place.
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    n = tl.zeros([BLOCK_T], dtype=tl.float32)
-    s = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < T
-        n += tl.load(cnt_ptr + t, mask=t_ok, other=0.0)
-        s += tl.load(sum_ptr + c[:, None] * T + t[None, :],
-                     mask=c_ok[:, None] & t_ok[None, :], other=0.0)
-    count = tl.sum(n, axis=0)
-    mean = tl.sum(s, axis=1) / count  # [BLOCK_C]
-    # Σ over tiles of their own M2 plus n_t·(mean_t − mean)²: no large sums of squares
-    # cancelling, whatever the channel's mean.
-    m2 = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < T
-        ok = c_ok[:, None] & t_ok[None, :]
-        n_t = tl.load(cnt_ptr + t, mask=t_ok, other=0.0)
-        s_t = tl.load(sum_ptr + c[:, None] * T + t[None, :], mask=ok, other=0.0)
-        m2_t = tl.load(m2_ptr + c[:, None] * T + t[None, :], mask=ok, other=0.0)
-        d = tl.where(n_t[None, :] > 0, s_t / tl.maximum(n_t, 1.0)[None, :] - mean[:, None], 0.0)
-        m2 += m2_t + n_t[None, :] * d * d
-    var = tl.sum(m2, axis=1) / count
-    tl.store(mean_ptr + c, mean, mask=c_ok)
-    tl.store(invstd_ptr + c, tl.rsqrt(var + eps), mask=c_ok)
-    rmean = tl.load(rmean_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    rvar = tl.load(rvar_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    tl.store(rmean_ptr + c, (1.0 - momentum) * rmean + momentum * mean, mask=c_ok)
-    unbiased = var * (count / (count - 1.0))
-    tl.store(rvar_ptr + c, (1.0 - momentum) * rvar + momentum * unbiased, mask=c_ok)
-
-
-@triton.jit
-def _bn_act_fwd_kernel(z_ptr, y_ptr, mean_ptr, spread_ptr, gamma_ptr, beta_ptr, P, C, HW,
-                       szb, szc, szp, syb, syc, syp, eps, slope,
-                       FROM_RUNNING: tl.constexpr, HAS_ACT: tl.constexpr,
-                       EMULATE_BF16: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # y = act((z − mean)·γ/σ + β) over [P, C] views of z and y; spread is 1/σ, or with
-    # FROM_RUNNING the running variance.
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    ok = (p < P)[:, None] & c_ok[None, :]
-    b = p // HW
-    hw = p % HW
-    z = tl.load(z_ptr + (b * szb + hw * szp)[:, None] + c[None, :] * szc, mask=ok,
-                other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    spread = tl.load(spread_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
-    if FROM_RUNNING:
-        spread = tl.rsqrt(spread + eps)
-    scale = tl.load(gamma_ptr + c, mask=c_ok, other=1.0).to(tl.float32) * spread
-    shift = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
-    y = z * scale[None, :] + shift[None, :]
-    if HAS_ACT:
-        y = tl.where(y > 0, y, y * slope)
-    _store(y_ptr + (b * syb + hw * syp)[:, None] + c[None, :] * syc, y, ok, EMULATE_BF16)
-
-
-@triton.jit
-def _bn_act_grads(g_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, p, c, P, C, HW,
-                  sgb, sgc, sgp, szb, szc, szp, slope, HAS_ACT: tl.constexpr):
-    """(dL/d(BN output) through LeakyReLU, x̂, validity) on a [BLOCK_P, BLOCK_C] tile."""
-    c_ok = c < C
-    ok = (p < P)[:, None] & c_ok[None, :]
-    b = p // HW
-    hw = p % HW
-    g = tl.load(g_ptr + (b * sgb + hw * sgp)[:, None] + c[None, :] * sgc, mask=ok,
-                other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + (b * szb + hw * szp)[:, None] + c[None, :] * szc, mask=ok,
-                other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
-    invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0)
-    xhat = (z - mean[None, :]) * invstd[None, :]
-    if HAS_ACT:
-        gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        a = xhat * gamma[None, :] + beta[None, :]
-        g = tl.where(a > 0, g, g * slope)
-    return g, xhat, ok
-
-
-@triton.jit
-def _bn_act_bwd_reduce_kernel(g_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                              part_ptr, P, C, HW, sgb, sgc, sgp, szb, szc, szp, slope,
-                              HAS_ACT: tl.constexpr,
-                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # part [2, C, T]: the tile's Σ dL/da and Σ dL/da·x̂ per channel (a = BN output).
-    pid_p = tl.program_id(0)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ga, xhat, ok = _bn_act_grads(g_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, p,
-                                 c, P, C, HW, sgb, sgc, sgp, szb, szc, szp, slope, HAS_ACT)
-    T = tl.num_programs(0)
-    c_ok = c < C
-    tl.store(part_ptr + c * T + pid_p, tl.sum(ga, axis=0), mask=c_ok)
-    tl.store(part_ptr + (C + c) * T + pid_p, tl.sum(tl.where(ok, ga * xhat, 0.0), axis=0),
-             mask=c_ok)
-
-
-@triton.jit
-def _bn_act_bwd_finalize_kernel(part_ptr, dbeta_ptr, dgamma_ptr, C, T,
-                                BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    # part [2, C, T] → dβ, dγ [C] (float32).
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    sb = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
-    sg = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        ok = c_ok[:, None] & (t < T)[None, :]
-        sb += tl.load(part_ptr + c[:, None] * T + t[None, :], mask=ok, other=0.0)
-        sg += tl.load(part_ptr + (C + c)[:, None] * T + t[None, :], mask=ok, other=0.0)
-    tl.store(dbeta_ptr + c, tl.sum(sb, axis=1), mask=c_ok)
-    tl.store(dgamma_ptr + c, tl.sum(sg, axis=1), mask=c_ok)
-
-
-@triton.jit
-def _bn_act_bwd_dx_kernel(g_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                          dbeta_ptr, dgamma_ptr, dz_ptr, P, C, HW, inv_count,
-                          sgb, sgc, sgp, szb, szc, szp, sdb, sdc, sdp, slope,
-                          HAS_ACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dL/dz = γ/σ · (dL/da − (dβ + x̂·dγ)/P), written in z's dtype.
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ga, xhat, ok = _bn_act_grads(g_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, p,
-                                 c, P, C, HW, sgb, sgc, sgp, szb, szc, szp, slope, HAS_ACT)
-    c_ok = c < C
-    gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0)
-    dbeta = tl.load(dbeta_ptr + c, mask=c_ok, other=0.0)
-    dgamma = tl.load(dgamma_ptr + c, mask=c_ok, other=0.0)
-    dz = (gamma * invstd)[None, :] * (
-        ga - (dbeta[None, :] + xhat * dgamma[None, :]) * inv_count)
-    b = p // HW
-    hw = p % HW
-    _store(dz_ptr + (b * sdb + hw * sdp)[:, None] + c[None, :] * sdc, dz, ok, EMULATE_BF16)
-
-
-# With TRITON_INTERPRET=1, @triton.jit made interpreter functions rather than JIT ones.
-INTERPRETED = not isinstance(_conv_bn_act_fwd_kernel, JITFunction)
-
-
-# -- geometry and launch configuration -----------------------------------------------------
-class _Geometry(NamedTuple):
-    batch: int
-    c_in: int
-    height: int
-    width: int
-    c_out: int
-    kh: int
-    kw: int
-    out_height: int
-    out_width: int
-    stride: int
-    padding: int
-    transposed: bool
-
-    @property
-    def classes(self) -> int:
-        """Sub-pixel classes of the GEMM: stride² for a transposed convolution."""
-        return self.stride**2 if self.transposed else 1
-
-    @property
-    def class_grid(self) -> tuple[int, int]:
-        """The largest class's output grid (all of the output for a convolution)."""
-        if not self.transposed:
-            return self.out_height, self.out_width
-        return triton.cdiv(self.out_height, self.stride), triton.cdiv(self.out_width, self.stride)
-
-    @property
-    def class_rows(self) -> int:
-        rh, rw = self.class_grid
-        return self.batch * rh * rw
-
-
-def _geometry(x: torch.Tensor, weight: torch.Tensor, kind: str, stride: int,
-              padding: int) -> _Geometry:
-    b, c_in, h, w = x.shape
-    transposed = kind == "conv_transpose"
-    c_out = weight.shape[1] if transposed else weight.shape[0]
-    kh, kw = weight.shape[2:]
-    if transposed:
-        oh, ow = (h - 1) * stride - 2 * padding + kh, (w - 1) * stride - 2 * padding + kw
-    else:
-        oh, ow = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    return _Geometry(b, c_in, h, w, c_out, kh, kw, oh, ow, stride, padding, transposed)
-
-
-class _Tiling(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# Candidates for the per-layer measurement on a GPU; shared memory per stage is
-# (BM + BN)·BK elements.
-_GPU_TILINGS = (
-    _Tiling(128, 128, 64, 8, 3),
-    _Tiling(128, 128, 32, 8, 4),
-    _Tiling(128, 64, 64, 4, 3),
-    _Tiling(64, 128, 64, 4, 3),
-    _Tiling(64, 64, 64, 4, 4),
-    _Tiling(64, 64, 32, 4, 4),
-)
-
-
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
-
-
-def _fits(tiling: _Tiling, g: _Geometry) -> bool:
-    # tl.dot needs every block dimension >= 16; larger blocks than the problem only add masks.
-    return (tiling.block_n <= _pow2_clamp(g.c_out, 16, 1 << 30)
-            and tiling.block_m <= _pow2_clamp(g.class_rows, 16, 1 << 30)
-            and tiling.block_k <= _pow2_clamp(g.c_in, 16, 1 << 30))
-
-
-def _candidate_tilings(g: _Geometry) -> list[_Tiling]:
-    fitting = [t for t in _GPU_TILINGS if _fits(t, g)]
-    return fitting or [_default_tiling(g)]
-
-
-def _default_tiling(g: _Geometry) -> _Tiling:
-    """The tiling when nothing was measured: the interpreter's (small blocks, few programs to
-    run one at a time in Python), or a middling GPU one."""
-    if INTERPRETED:
-        return _Tiling(_pow2_clamp(g.class_rows, 16, 64), _pow2_clamp(g.c_out, 16, 64),
-                       _pow2_clamp(g.c_in, 16, 64), 4, 1)
-    return _Tiling(_pow2_clamp(g.class_rows, 16, 128), _pow2_clamp(g.c_out, 16, 64),
-                   _pow2_clamp(g.c_in, 16, 32), 4, 3)
-
-
-def _elementwise_blocks(z: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C) for the [P, C] passes: long along the contiguous dimension."""
-    c = z.shape[1]
-    if z.stride(1) == 1:  # channels_last
-        block_c = _pow2_clamp(c, 4, 64)
-        return 4096 // block_c, block_c
-    p = z.shape[0] * z.shape[2] * z.shape[3]
-    return _pow2_clamp(p, 16, 256), _pow2_clamp(c, 4, 16)
-
-
+# -- layouts --------------------------------------------------------------------------------
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -516,11 +95,6 @@ def _pc_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=_memory_format(like))
 
 
-def _emulate_bf16(t: torch.Tensor) -> bool:
-    """Whether kernels on t must work around the interpreter's bfloat16 arithmetic."""
-    return INTERPRETED and t.dtype == torch.bfloat16
-
-
 def _ieee(x: torch.Tensor) -> bool:
     """Exact float32 products, unless torch lets cuDNN convolutions use TF32 too."""
     return x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cudnn.allow_tf32)
@@ -528,7 +102,7 @@ def _ieee(x: torch.Tensor) -> bool:
 
 # -- launchers ------------------------------------------------------------------------------
 def _conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 g: _Geometry, tiling: _Tiling, *, stats: bool,
+                 g: Geometry, tiling: Tiling, *, stats: bool,
                  bn: tuple[torch.Tensor, ...] | None = None, slope: float | None = None,
                  eps: float = 0.0):
     """The implicit-GEMM convolution into a new tensor in x's layout; with ``stats`` also the
@@ -549,7 +123,7 @@ def _conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         cnt = psum = pm2 = out  # not read
     gamma, beta, rmean, rvar = bn if bn is not None else (out,) * 4
     taps = (g.kh // g.stride, g.kw // g.stride) if g.transposed else (g.kh, g.kw)
-    _conv_bn_act_fwd_kernel[grid](
+    conv_bn_act_fwd_kernel[grid](
         x, w, bias if bias is not None else w, out, gamma, beta, rmean, rvar, cnt, psum, pm2,
         g.batch, g.c_in, g.height, g.width, g.c_out, g.out_height, g.out_width,
         *x.stride(), *out.stride(), rh, rw, tiles_per_class,
@@ -557,7 +131,7 @@ def _conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         KH=g.kh, KW=g.kw, STRIDE=g.stride, PAD=g.padding, TAPS_H=taps[0], TAPS_W=taps[1],
         TRANSPOSED=g.transposed, BATCH_INNER=g.height * g.width == 1,
         HAS_BIAS=bias is not None, STATS=stats, FOLD_BN=bn is not None,
-        HAS_ACT=slope is not None, IEEE=_ieee(x), EMULATE_BF16=_emulate_bf16(x),
+        HAS_ACT=slope is not None, IEEE=_ieee(x), EMULATE_BF16=emulate_bf16(x),
         BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return (out, cnt, psum, pm2) if stats else out
@@ -565,15 +139,15 @@ def _conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def _stats_partials(z: torch.Tensor):
     """Tile statistics of z [B, C, H, W] (dense rows), as _conv_triton's."""
-    block_p, block_c = _elementwise_blocks(z)
+    block_p, block_c = elementwise_blocks(z)
     b, c, h, w = z.shape
     p = b * h * w
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
     cnt = z.new_empty(grid[0], dtype=torch.float32)
     psum = z.new_empty((c, grid[0]), dtype=torch.float32)
     pm2 = torch.empty_like(psum)
-    _bn_stats_partial_kernel[grid](z, cnt, psum, pm2, p, c, h * w, *_pc_strides(z),
-                                   BLOCK_P=block_p, BLOCK_C=block_c)
+    bn_stats_partial_kernel[grid](z, cnt, psum, pm2, p, c, h * w, *_pc_strides(z),
+                                  BLOCK_P=block_p, BLOCK_C=block_c)
     return cnt, psum, pm2
 
 
@@ -582,27 +156,27 @@ def _finalize_stats(cnt, psum, pm2, running_mean, running_var, momentum: float, 
     mean = psum.new_empty(c)
     invstd = psum.new_empty(c)
     block_c = 4
-    _bn_stats_finalize_kernel[(triton.cdiv(c, block_c),)](
+    bn_stats_finalize_kernel[(triton.cdiv(c, block_c),)](
         cnt, psum, pm2, mean, invstd, running_mean, running_var, c, t, momentum, eps,
-        BLOCK_C=block_c, BLOCK_T=_pow2_clamp(t, 16, 512))
+        BLOCK_C=block_c, BLOCK_T=pow2_clamp(t, 16, 512))
     return mean, invstd
 
 
 def _bn_act(z: torch.Tensor, mean, spread, gamma, beta, slope: float | None, eps: float, *,
             from_running: bool) -> torch.Tensor:
     y = torch.empty_like(z)
-    block_p, block_c = _elementwise_blocks(z)
+    block_p, block_c = elementwise_blocks(z)
     b, c, h, w = z.shape
     grid = (triton.cdiv(b * h * w, block_p), triton.cdiv(c, block_c))
-    _bn_act_fwd_kernel[grid](
+    bn_act_fwd_kernel[grid](
         z, y, mean, spread, gamma, beta, b * h * w, c, h * w, *_pc_strides(z),
         *_pc_strides(y), eps, 0.0 if slope is None else slope, FROM_RUNNING=from_running,
-        HAS_ACT=slope is not None, EMULATE_BF16=_emulate_bf16(y), BLOCK_P=block_p,
+        HAS_ACT=slope is not None, EMULATE_BF16=emulate_bf16(y), BLOCK_P=block_p,
         BLOCK_C=block_c)
     return y
 
 
-def _conv_aten(x, weight, bias, g: _Geometry) -> torch.Tensor:
+def _conv_aten(x, weight, bias, g: Geometry) -> torch.Tensor:
     conv = F.conv_transpose2d if g.transposed else F.conv2d
     z = conv(x, weight, bias, stride=g.stride, padding=g.padding)
     # The operators promise x's layout (the fake implementations say so) and the [P, C]
@@ -611,89 +185,29 @@ def _conv_aten(x, weight, bias, g: _Geometry) -> torch.Tensor:
 
 
 # -- the measured dispatch ------------------------------------------------------------------
-def dispatch_file() -> Path:
-    """Where ``impl="auto"`` records its per-layer decisions."""
-    env = os.environ.get("T2I_FAST_DISPATCH")
-    return Path(env) if env else Path.home() / ".cache" / "t2i_fast" / "dispatch.json"
-
-
-_TABLES: dict[Path, dict[str, dict]] = {}
-
-
-def _read_table(path: Path) -> dict[str, dict]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError:
-        warnings.warn(f"{path} is not valid JSON; its dispatch decisions are measured again",
-                      stacklevel=3)
-        return {}
-
-
-def dispatch_table() -> dict[str, dict]:
-    """The recorded decisions: {layer key: {"impl", "tiling", "ms", ...}}."""
-    path = dispatch_file()
-    if path not in _TABLES:
-        _TABLES[path] = _read_table(path)
-    return _TABLES[path]
-
-
-def _record(key: str, entry: dict) -> None:
-    path = dispatch_file()
-    table = _read_table(path)  # keep what other processes recorded meanwhile
-    table[key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # readers see the old table or the new one, never half of one
-    _TABLES[path] = table
-
-
-def _layer_key(x: torch.Tensor, weight: torch.Tensor, g: _Geometry, *, training: bool) -> str:
+def _layer_key(x: torch.Tensor, weight: torch.Tensor, g: Geometry, *, training: bool) -> str:
     dtype = str(x.dtype).removeprefix("torch.")
     if x.dtype == torch.float32:
         dtype += "-ieee" if _ieee(x) else "-tf32"
-    return " | ".join([
-        torch.cuda.get_device_name(x.device), f"torch {torch.__version__}",
-        f"triton {triton.__version__}", "conv_transpose" if g.transposed else "conv",
+    return dispatch.key(
+        x.device, "conv_transpose" if g.transposed else "conv",
         "x " + "x".join(map(str, x.shape)), "w " + "x".join(map(str, weight.shape)),
         f"stride {g.stride} pad {g.padding}", dtype,
-        "channels_last" if _is_channels_last(x) else "nchw", "train" if training else "eval",
-    ])
+        "channels_last" if _is_channels_last(x) else "nchw", "train" if training else "eval")
 
 
-def _scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0))
-
-
-def _measure(run, g: _Geometry, x: torch.Tensor) -> dict:
+def _measure(run, g: Geometry, x: torch.Tensor) -> dict:
     """Time run(impl, tiling) → output for cudnn_fused and each candidate tiling (forward
     only: the backward is the same code for both) and pick the fastest that agrees."""
-    from triton.testing import do_bench
-
-    def bench(fn) -> float:
-        return round(float(do_bench(fn, warmup=10, rep=40, return_mode="median")), 5)
-
-    expected = run("cudnn_fused", None)
-    ms = {"cudnn_fused": bench(lambda: run("cudnn_fused", None))}
-    tolerance = 1e-4 if _ieee(x) else 3e-2
-    best, best_name, disagreed = None, "cudnn_fused", {}
-    for tiling in _candidate_tilings(g):
-        name = "triton " + "/".join(map(str, tiling))  # BM/BN/BK/warps/stages
-        try:
-            error = _scaled_error(run("triton", tiling), expected)
-        except OutOfResources:  # a tiling too large for this GPU's shared memory
-            continue
-        if error > tolerance:
-            disagreed[name] = error
-            continue
-        ms[name] = bench(lambda tiling=tiling: run("triton", tiling))
-        if ms[name] < ms[best_name]:
-            best, best_name = tiling, name
+    tilings = {"triton " + "/".join(map(str, t)): t  # BM/BN/BK/warps/stages
+               for t in candidate_tilings(g)}
+    best, ms, disagreed = dispatch.fastest(
+        lambda name: run("cudnn_fused", None) if name == "cudnn_fused"
+        else run("triton", tilings[name]),
+        list(tilings), reference="cudnn_fused", tolerance=1e-4 if _ieee(x) else 3e-2)
     entry = {"impl": "cudnn_fused", "tiling": None, "ms": ms, "timed": "forward"}
-    if best is not None:
-        entry.update(impl="triton", tiling=list(best))
+    if best != "cudnn_fused":
+        entry.update(impl="triton", tiling=list(tilings[best]))
     if disagreed:
         entry["disagreed"] = disagreed
         warnings.warn(f"Triton conv_bn_act disagreed with cuDNN (scaled max error "
@@ -701,26 +215,26 @@ def _measure(run, g: _Geometry, x: torch.Tensor) -> dict:
     return entry
 
 
-def _resolve(impl: str, x: torch.Tensor, weight: torch.Tensor, g: _Geometry, *,
-             training: bool, run) -> tuple[str, _Tiling | None]:
+def _resolve(impl: str, x: torch.Tensor, weight: torch.Tensor, g: Geometry, *,
+             training: bool, run) -> tuple[str, Tiling | None]:
     """("triton", tiling) or ("cudnn_fused", None) for impl in auto/triton/cudnn_fused;
     ``run`` is the layer's _runner, for a measurement."""
     if impl == "cudnn_fused":
         return impl, None
     if not x.is_cuda:  # the interpreter: nothing to measure
-        return "triton", _default_tiling(g)
+        return "triton", default_tiling(g)
     key = _layer_key(x, weight, g, training=training)
-    entry = dispatch_table().get(key)
+    entry = dispatch.dispatch_table().get(key)
     if impl == "auto" and entry is None:
         entry = _measure(run, g, x)
-        _record(key, entry)
+        dispatch.record(key, entry)
     if impl == "auto" and entry["impl"] == "cudnn_fused":
         return "cudnn_fused", None
     tiling = entry.get("tiling") if entry is not None else None
-    return "triton", _Tiling(*tiling) if tiling else _default_tiling(g)
+    return "triton", Tiling(*tiling) if tiling else default_tiling(g)
 
 
-def _runner(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, g: _Geometry,
+def _runner(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, g: Geometry,
             slope, momentum, eps, *, training: bool):
     """run(impl, tiling) → the layer's output. Training runs update copies of the running
     statistics, made at the first run: measuring leaves no trace."""
@@ -742,12 +256,12 @@ def _runner(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, g: _
 # -- operators ------------------------------------------------------------------------------
 def _output_shape(x: torch.Tensor, weight: torch.Tensor, kind: str, stride: int,
                   padding: int) -> tuple[int, int, int, int]:
-    g = _geometry(x, weight, kind, stride, padding)
+    g = geometry(x, weight, kind, stride, padding)
     return g.batch, g.c_out, g.out_height, g.out_width
 
 
 def _train_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                   g: _Geometry, slope, momentum, eps, impl, tiling):
+                   g: Geometry, slope, momentum, eps, impl, tiling):
     if impl == "triton":
         z, cnt, psum, pm2 = _conv_triton(x, weight, bias, g, tiling, stats=True)
     else:
@@ -758,15 +272,13 @@ def _train_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     return y, z, mean, invstd
 
 
-@torch.library.custom_op("t2i_fast::conv_bn_act_train",
-                         mutates_args=("running_mean", "running_var"))
-def _train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
-              running_var: torch.Tensor, kind: str, stride: int, padding: int,
-              slope: float | None, momentum: float, eps: float, impl: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _train_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
+                running_var: torch.Tensor, kind: str, stride: int, padding: int,
+                slope: float | None, momentum: float, eps: float, impl: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, z = the convolution's output, batch mean, batch 1/σ); updates the running stats."""
-    g = _geometry(x, weight, kind, stride, padding)
+    g = geometry(x, weight, kind, stride, padding)
     run = _runner(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, slope,
                   momentum, eps, training=True)
     choice, tiling = _resolve(impl, x, weight, g, training=True, run=run)
@@ -774,24 +286,22 @@ def _train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           slope, momentum, eps, choice, tiling)
 
 
-@_train_op.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kind, stride, padding,
-      slope, momentum, eps, impl):
+def _train_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kind, stride,
+                padding, slope, momentum, eps, impl):
     shape = _output_shape(x, weight, kind, stride, padding)
     y = _empty_like_layout(shape, x)
     stat = x.new_empty(shape[1], dtype=torch.float32)
     return y, torch.empty_like(y), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("t2i_fast::conv_bn_act_backward", mutates_args=())
-def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                 bn_weight: torch.Tensor, bn_bias: torch.Tensor, z: torch.Tensor,
-                 mean: torch.Tensor, invstd: torch.Tensor, kind: str, stride: int,
-                 padding: int, slope: float | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   bn_weight: torch.Tensor, bn_bias: torch.Tensor, z: torch.Tensor,
+                   mean: torch.Tensor, invstd: torch.Tensor, kind: str, stride: int,
+                   padding: int, slope: float | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dγ, dβ) of the training forward."""
     grad_y = _pc_view(grad_y, z)
-    block_p, block_c = _elementwise_blocks(z)
+    block_p, block_c = elementwise_blocks(z)
     b, c, h, w = z.shape
     p = b * h * w
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
@@ -799,18 +309,18 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     strides = (*_pc_strides(grad_y), *_pc_strides(z))
     has_act = slope is not None
     slope = 0.0 if slope is None else slope
-    _bn_act_bwd_reduce_kernel[grid](grad_y, z, mean, invstd, bn_weight, bn_bias, part, p, c,
-                                    h * w, *strides, slope, HAS_ACT=has_act,
-                                    BLOCK_P=block_p, BLOCK_C=block_c)
+    bn_act_bwd_reduce_kernel[grid](grad_y, z, mean, invstd, bn_weight, bn_bias, part, p, c,
+                                   h * w, *strides, slope, HAS_ACT=has_act,
+                                   BLOCK_P=block_p, BLOCK_C=block_c)
     dbeta = mean.new_empty(c)
     dgamma = mean.new_empty(c)
-    _bn_act_bwd_finalize_kernel[(triton.cdiv(c, 4),)](
-        part, dbeta, dgamma, c, grid[0], BLOCK_C=4, BLOCK_T=_pow2_clamp(grid[0], 16, 512))
+    bn_act_bwd_finalize_kernel[(triton.cdiv(c, 4),)](
+        part, dbeta, dgamma, c, grid[0], BLOCK_C=4, BLOCK_T=pow2_clamp(grid[0], 16, 512))
     dz = torch.empty_like(z)
-    _bn_act_bwd_dx_kernel[grid](grad_y, z, mean, invstd, bn_weight, bn_bias, dbeta, dgamma,
-                                dz, p, c, h * w, 1.0 / p, *strides, *_pc_strides(dz), slope,
-                                HAS_ACT=has_act, EMULATE_BF16=_emulate_bf16(dz),
-                                BLOCK_P=block_p, BLOCK_C=block_c)
+    bn_act_bwd_dx_kernel[grid](grad_y, z, mean, invstd, bn_weight, bn_bias, dbeta, dgamma,
+                               dz, p, c, h * w, 1.0 / p, *strides, *_pc_strides(dz), slope,
+                               HAS_ACT=has_act, EMULATE_BF16=emulate_bf16(dz),
+                               BLOCK_P=block_p, BLOCK_C=block_c)
     dx, dw, _ = torch.ops.aten.convolution_backward(
         dz, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], kind == "conv_transpose",
         [0, 0], 1, [True, True, False])
@@ -818,14 +328,14 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             dgamma.to(bn_weight.dtype), dbeta.to(bn_bias.dtype))
 
 
-@_backward_op.register_fake
-def _(grad_y, x, weight, bn_weight, bn_bias, z, mean, invstd, kind, stride, padding, slope):
+def _backward_fake(grad_y, x, weight, bn_weight, bn_bias, z, mean, invstd, kind, stride,
+                   padding, slope):
     return (_empty_like_layout(x.shape, x), weight.new_empty(weight.shape),
             torch.empty_like(bn_weight), torch.empty_like(bn_bias))
 
 
 def _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                  g: _Geometry, slope, eps, impl, tiling):
+                  g: Geometry, slope, eps, impl, tiling):
     if impl == "triton":
         return _conv_triton(x, weight, bias, g, tiling, stats=False,
                             bn=(bn_weight, bn_bias, running_mean, running_var), slope=slope,
@@ -835,22 +345,30 @@ def _eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
                    from_running=True)
 
 
-@torch.library.custom_op("t2i_fast::conv_bn_act_eval", mutates_args=())
-def _eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
-             running_var: torch.Tensor, kind: str, stride: int, padding: int,
-             slope: float | None, eps: float, impl: str) -> torch.Tensor:
-    g = _geometry(x, weight, kind, stride, padding)
+def _eval_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
+               running_var: torch.Tensor, kind: str, stride: int, padding: int,
+               slope: float | None, eps: float, impl: str) -> torch.Tensor:
+    g = geometry(x, weight, kind, stride, padding)
     run = _runner(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, slope,
                   0.0, eps, training=False)
     choice, tiling = _resolve(impl, x, weight, g, training=False, run=run)
     return run(choice, tiling)
 
 
-@_eval_op.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kind, stride, padding,
-      slope, eps, impl):
+def _eval_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kind, stride,
+               padding, slope, eps, impl):
     return _empty_like_layout(_output_shape(x, weight, kind, stride, padding), x)
+
+
+# Opaque custom ops, not triton_ops as matching_loss's: a triton_op's body is traced with fake
+# tensors, and these bodies look up, and at a shape's first call measure, the dispatch (file
+# I/O, timing real tensors); and a mutating op (the running statistics) cannot carry
+# register_autograd, hence _ConvBNActTrain.
+register_op("conv_bn_act_train", _train_body, _train_fake,
+            mutates_args=("running_mean", "running_var"), traceable=False)
+register_op("conv_bn_act_backward", _backward_body, _backward_fake, traceable=False)
+register_op("conv_bn_act_eval", _eval_body, _eval_fake, traceable=False)
 
 
 class _ConvBNActTrain(torch.autograd.Function):
@@ -895,11 +413,9 @@ def _refusal(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, 
     """Why the kernels cannot take this call, or None if they can."""
     tensors = [t for t in (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
                if t is not None]
-    if not (all(t.is_cuda for t in tensors) or INTERPRETED):
-        return ("they need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                "t2i_fast.ops.conv_bn_act is imported")
-    if len({t.device for t in tensors}) > 1:
-        return "the tensors must share one device"
+    refusal = device_refusal(tensors, op="conv_bn_act")
+    if refusal is not None:
+        return refusal
     if x.dtype not in DTYPES or weight.dtype != x.dtype or (bias is not None
                                                             and bias.dtype != x.dtype):
         return f"x, weight and bias must share one dtype of {DTYPES}"
@@ -908,7 +424,7 @@ def _refusal(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, 
     c_in = weight.shape[0] if kind == "conv_transpose" else weight.shape[1]
     if x.shape[1] != c_in:
         return f"x has {x.shape[1]} channels, the weight takes {c_in} (groups are not supported)"
-    g = _geometry(x, weight, kind, stride, padding)
+    g = geometry(x, weight, kind, stride, padding)
     if g.transposed and (g.kh % stride or g.kw % stride):
         return "a transposed convolution's kernel size must be a multiple of its stride"
     if min(g.out_height, g.out_width) < 1:
@@ -941,18 +457,11 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if training and momentum is None:
         raise ValueError("momentum=None (a cumulative average) is not supported")
     args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
     options = {"kind": kind, "stride": stride, "padding": padding}
-    if impl != "ref":
-        refusal = _refusal(*args, **options, training=training)
-        if impl != "auto" and refusal is not None:
-            raise ValueError(f"impl={impl!r}: {refusal}")
-        if impl == "auto" and (refusal is not None or not x.is_cuda):
-            impl = "ref"
+    impl = resolve_impl(impl, IMPLS, x, lambda: _refusal(*args, **options, training=training))
     if impl == "ref":
         return conv_bn_act_ref(*args, **options, slope=slope, training=training,
                                momentum=momentum, eps=eps)
@@ -979,162 +488,9 @@ def measure_dispatch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             refusal = "measuring needs CUDA tensors"
         if refusal is not None:
             raise ValueError(f"cannot measure this layer: {refusal}")
-        g = _geometry(x, weight, kind, stride, padding)
+        g = geometry(x, weight, kind, stride, padding)
         key = _layer_key(x, weight, g, training=training)
         entry = _measure(_runner(*args, g, None if slope is None else float(slope),
                                  float(momentum), float(eps), training=training), g, x)
-    _record(key, entry)
+    dispatch.record(key, entry)
     return {"key": key, **entry}
-
-
-def _square(value, what: str) -> int:
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if pair[0] != pair[1]:
-        raise ValueError(f"{what} must be square, got {pair}")
-    return int(pair[0])
-
-
-def _check_modules(conv: nn.Module, bn: nn.Module) -> None:
-    if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
-        raise TypeError(f"conv must be nn.Conv2d or nn.ConvTranspose2d, got {type(conv)}")
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"bn must be nn.BatchNorm2d, got {type(bn)}")
-    if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros":
-        raise ValueError("groups, dilation and padding modes other than zeros are not supported")
-    if isinstance(conv, nn.ConvTranspose2d) and tuple(conv.output_padding) != (0, 0):
-        raise ValueError("output_padding is not supported")
-    if isinstance(conv.padding, str):
-        raise ValueError(f"padding={conv.padding!r} is not supported; give it in pixels")
-    if not (bn.affine and bn.track_running_stats) or bn.momentum is None:
-        raise ValueError("bn needs affine=True, track_running_stats=True and a float momentum")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(f"bn has {bn.num_features} features, conv {conv.out_channels} outputs")
-
-
-class ConvBNAct(nn.Module):
-    """conv → BatchNorm2d → LeakyReLU(slope) (slope 0: ReLU; None: no activation) as one
-    ``conv_bn_act`` call. Holds an ``nn.Conv2d``/``nn.ConvTranspose2d`` as ``conv`` and an
-    ``nn.BatchNorm2d`` as ``bn``; ``from_modules`` wraps existing ones, sharing their
-    parameters and buffers. Training counts batches in ``bn.num_batches_tracked`` as
-    BatchNorm2d does."""
-
-    def __init__(self, kind: str, in_channels: int, out_channels: int, kernel_size: int, *,
-                 stride: int = 1, padding: int = 0, bias: bool = False,
-                 slope: float | None = 0.2, momentum: float = 0.1, eps: float = 1e-5,
-                 impl: str = "auto", device=None, dtype=None):
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        layer = nn.ConvTranspose2d if kind == "conv_transpose" else nn.Conv2d
-        factory = {"device": device, "dtype": dtype}
-        self._set(layer(in_channels, out_channels, kernel_size, stride, padding, bias=bias,
-                        **factory),
-                  nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
-                  slope, impl)
-
-    @classmethod
-    def from_modules(cls, conv: nn.Module, bn: nn.Module, slope: float | None, *,
-                     impl: str = "auto") -> ConvBNAct:
-        """The layer that computes ``act(bn(conv(x)))`` with these very modules."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._set(conv, bn, slope, impl)
-        return self
-
-    def _set(self, conv: nn.Module, bn: nn.Module, slope: float | None, impl: str) -> None:
-        _check_modules(conv, bn)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.conv = conv
-        self.bn = bn
-        self.kind = "conv_transpose" if isinstance(conv, nn.ConvTranspose2d) else "conv"
-        self.stride = _square(conv.stride, "stride")
-        self.padding = _square(conv.padding, "padding")
-        self.slope = slope
-        self.impl = impl
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.bn.num_batches_tracked.add_(1)
-        return conv_bn_act(x, self.conv.weight, self.conv.bias, self.bn.weight, self.bn.bias,
-                           self.bn.running_mean, self.bn.running_var, kind=self.kind,
-                           stride=self.stride, padding=self.padding, slope=self.slope,
-                           training=self.training, momentum=self.bn.momentum, eps=self.bn.eps,
-                           impl=self.impl)
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}, slope={self.slope}, impl={self.impl!r}"
-
-
-# -- the layers of a model ------------------------------------------------------------------
-@dataclass(frozen=True)
-class LayerShape:
-    """One conv → BatchNorm2d (→ activation) triple of a model, with its input size."""
-
-    name: str  # the convolution's qualified name in the model
-    kind: str
-    in_channels: int
-    out_channels: int
-    kernel_size: int
-    stride: int
-    padding: int
-    height: int
-    width: int
-    slope: float | None
-
-
-def _activation_slope(module: nn.Module | None) -> float | None:
-    if isinstance(module, nn.LeakyReLU):
-        return module.negative_slope
-    if isinstance(module, nn.ReLU):
-        return 0.0
-    return None
-
-
-def conv_bn_act_layers(model: nn.Module, *inputs: torch.Tensor) -> list[LayerShape]:
-    """Every Conv2d/ConvTranspose2d directly followed by a BatchNorm2d inside an
-    nn.Sequential of ``model`` whose BatchNorm takes that convolution's output when
-    ``model(*inputs)`` runs (meta tensors will do), with the activation after the BatchNorm
-    (LeakyReLU: its slope, ReLU: 0, anything else: None) and the input size seen."""
-    candidates = {}  # conv → (bn, slope)
-    for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq)
-        for i, conv in enumerate(children[:-1]):
-            if (isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d))
-                    and isinstance(children[i + 1], nn.BatchNorm2d)):
-                after = children[i + 2] if i + 2 < len(children) else None
-                candidates[conv] = (children[i + 1], _activation_slope(after))
-    sizes, outputs, confirmed = {}, {}, set()
-
-    def conv_input(module: nn.Module, args: tuple) -> None:
-        sizes.setdefault(module, tuple(args[0].shape[2:]))
-
-    def conv_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        outputs[candidates[module][0]] = (module, output)
-
-    def bn_input(module: nn.Module, args: tuple) -> None:
-        conv, output = outputs.get(module, (None, None))
-        if args[0] is output:
-            confirmed.add(conv)
-
-    hooks = [conv.register_forward_pre_hook(conv_input) for conv in candidates]
-    hooks += [conv.register_forward_hook(conv_output) for conv in candidates]
-    hooks += [bn.register_forward_pre_hook(bn_input) for bn, _ in candidates.values()]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    layers = []
-    for name, conv in model.named_modules():
-        if conv in confirmed:
-            kind = "conv_transpose" if isinstance(conv, nn.ConvTranspose2d) else "conv"
-            layers.append(LayerShape(name, kind, conv.in_channels, conv.out_channels,
-                                     _square(conv.kernel_size, "kernel_size"),
-                                     _square(conv.stride, "stride"),
-                                     _square(conv.padding, "padding"), *sizes[conv],
-                                     candidates[conv][1]))
-    return layers

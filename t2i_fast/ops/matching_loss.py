@@ -8,9 +8,9 @@ and any batch size works; GAN batches are small enough that one program is not t
 and a second launch to combine partial sums would cost more than it saves.
 
 The operators are registered as ``torch.ops.t2i_fast.discriminator_loss`` and
-``torch.ops.t2i_fast.generator_loss`` through ``torch.library.triton_op``, so
-``torch.compile(fullgraph=True)`` traces them (and Inductor sees the kernels). Nothing reads a
-value back to the host.
+``torch.ops.t2i_fast.generator_loss``, traceable (``_common.register_op``: ``triton_op``s on a
+GPU), so ``torch.compile(fullgraph=True)`` traces them and Inductor sees the kernels. Nothing
+reads a value back to the host.
 
 On a machine without a GPU the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is
 set before this module is imported: Triton decides between compiling and interpreting when
@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 from t2i_fast.losses import discriminator_loss, generator_loss
+from t2i_fast.ops._common import device_refusal, launcher, register_op, resolve_impl
 
 BLOCK = 1024
 IMPLS = ("auto", "triton", "ref")
@@ -89,26 +89,6 @@ def _generator_loss_fwd_kernel(fake_right_ptr, fake_interp_ptr, loss_ptr, grad_p
     tl.store(loss_ptr, total)
 
 
-# With TRITON_INTERPRET=1, @triton.jit made interpreter functions rather than JIT ones.
-INTERPRETED = not isinstance(_matching_loss_fwd_kernel, JITFunction)
-
-
-def _launcher(kernel):
-    # wrap_triton makes a launch traceable by torch.compile; an interpreted kernel cannot be
-    # traced (it reads data pointers), so under the interpreter the operators are opaque.
-    return kernel if INTERPRETED else torch.library.wrap_triton(kernel)
-
-
-def _define(name: str, body, outputs):
-    """The operator ``t2i_fast::name``: a triton_op, whose kernels torch.compile sees, or
-    under the interpreter an opaque custom_op whose shapes come from ``outputs``."""
-    if not INTERPRETED:
-        return torch.library.triton_op(f"t2i_fast::{name}", body, mutates_args=())
-    op = torch.library.custom_op(f"t2i_fast::{name}", body, mutates_args=())
-    op.register_fake(outputs)
-    return op
-
-
 # -- operators ------------------------------------------------------------------------------
 def _discriminator_outputs(real_right: torch.Tensor, real_wrong: torch.Tensor | None,
                            fake_right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +102,7 @@ def _discriminator_loss_body(real_right: torch.Tensor, real_wrong: torch.Tensor 
                              fake_right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # The logits are contiguous [B].
     loss, grads = _discriminator_outputs(real_right, real_wrong, fake_right)
-    _launcher(_matching_loss_fwd_kernel)[(1,)](
+    launcher(_matching_loss_fwd_kernel)[(1,)](
         real_right, real_wrong if real_wrong is not None else real_right, fake_right, loss,
         grads, real_right.shape[0], HAS_WRONG=real_wrong is not None, BLOCK=BLOCK)
     return loss, grads
@@ -141,16 +121,18 @@ def _generator_loss_body(fake_right: torch.Tensor, fake_interp: torch.Tensor | N
     # The logits are contiguous [B_right] and [B_interp].
     loss, grads = _generator_outputs(fake_right, fake_interp, interp_weight)
     n_right = fake_right.shape[0]
-    _launcher(_generator_loss_fwd_kernel)[(1,)](
+    launcher(_generator_loss_fwd_kernel)[(1,)](
         fake_right, fake_interp if fake_interp is not None else fake_right, loss, grads,
         n_right, grads.shape[0] - n_right, interp_weight, HAS_INTERP=fake_interp is not None,
         BLOCK=BLOCK)
     return loss, grads
 
 
-_discriminator_loss_op = _define("discriminator_loss", _discriminator_loss_body,
-                                 _discriminator_outputs)
-_generator_loss_op = _define("generator_loss", _generator_loss_body, _generator_outputs)
+# The bodies only size their outputs and launch one kernel: torch.compile may trace them.
+_discriminator_loss_op = register_op("discriminator_loss", _discriminator_loss_body,
+                                     _discriminator_outputs, traceable=True)
+_generator_loss_op = register_op("generator_loss", _generator_loss_body, _generator_outputs,
+                                 traceable=True)
 
 
 def _save_grads(ctx, inputs, output) -> None:
@@ -197,11 +179,11 @@ def generator_loss_ref(fake_right: torch.Tensor, fake_interp: torch.Tensor | Non
 
 def _refusal(logits: list[torch.Tensor], *, same_shape: bool) -> str | None:
     """Why the kernels cannot take these logits, or None if they can."""
-    if not (all(x.is_cuda for x in logits) or INTERPRETED):
-        return ("they need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                "t2i_fast.ops.matching_loss is imported")
-    if len({x.device for x in logits}) > 1 or len({x.dtype for x in logits}) > 1:
-        return "the logits must share one device and one dtype"
+    refusal = device_refusal(logits, op="matching_loss")
+    if refusal is not None:
+        return refusal
+    if len({x.dtype for x in logits}) > 1:
+        return "the logits must share one dtype"
     if logits[0].dtype not in DTYPES:
         return f"the logits must be one of {DTYPES}, got {logits[0].dtype}"
     if same_shape and len({x.shape for x in logits}) > 1:
@@ -212,16 +194,8 @@ def _refusal(logits: list[torch.Tensor], *, same_shape: bool) -> str | None:
 
 
 def _use_triton(impl: str, logits: list[torch.Tensor], *, same_shape: bool) -> bool:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "ref":
-        return False
-    refusal = _refusal(logits, same_shape=same_shape)
-    if impl == "auto":  # the interpreter is for tests: CPU tensors take the reference
-        return refusal is None and logits[0].is_cuda
-    if refusal is not None:
-        raise ValueError(f"impl='triton': {refusal}")
-    return True
+    return resolve_impl(impl, IMPLS, logits[0],
+                        lambda: _refusal(logits, same_shape=same_shape)) != "ref"
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ noise drawn from a CPU generator, and a resumed run bit-identical to an uninterr
   ``t2i_fast.ops.matching_loss`` imports (they fall back to the plain losses on the CPU).
 - with ``fused_layers`` (CUDA), the conv → BatchNorm → LeakyReLU layers for which the
   measured per-layer dispatch of ``t2i_fast.ops.conv_bn_act`` picks its Triton GEMM over
-  cuDNN become single ``conv_bn_act`` calls; elsewhere Inductor fuses BatchNorm and the
-  activation around cuDNN's convolution as usual.
+  cuDNN become single ``conv_bn_act`` calls (``t2i_fast.ops.fused_layers``); elsewhere
+  Inductor fuses BatchNorm and the activation around cuDNN's convolution as usual.
 - on CUDA, the whole step (both updates, the noise, the moving average) in one CUDA graph:
   the batch is copied into static buffers and the graph replayed. Nothing in a step waits
   for the GPU: the learning rate and the average's weight are device tensors written before
@@ -416,94 +416,17 @@ class StepEngine:
     def _fuse_layers(self, n: int) -> list[str]:
         """Fuses the layers where Triton wins, measured on inputs of batch ``n`` as the step
         will give them (autocast included)."""
+        from t2i_fast.ops.fused_layers import fuse_conv_bn_act, triton_wins
+
         z = torch.randn(n, self.z_dim, device=self.device)
         text = torch.randn(n, self.G.config.embedding_dim, device=self.device)
         images = torch.randn(n, 3, self.image_size, self.image_size, device=self.device
                              ).contiguous(memory_format=torch.channels_last)
         with self._autocast():
             return ([f"G.{name}" for name in fuse_conv_bn_act(
-                        self.G, z, text, impl="triton", wanted=_triton_wins)]
+                        self.G, z, text, impl="triton", wanted=triton_wins)]
                     + [f"D.{name}" for name in fuse_conv_bn_act(
-                        self.D, images, text, impl="triton", wanted=_triton_wins)])
-
-
-def fuse_conv_bn_act(model: nn.Module, *inputs: torch.Tensor, impl: str,
-                     wanted: Callable[[nn.Module, nn.Module, float | None, torch.Tensor], bool]
-                     ) -> list[str]:
-    """Makes each conv → BatchNorm2d (→ activation) of ``model`` found by
-    ``conv_bn_act_layers`` one ``conv_bn_act(impl=impl)`` call where ``wanted(conv, bn,
-    slope, x)`` is true, x an input the convolution gets in ``model(*inputs)``. The modules
-    stay where they are (the BatchNorm and activation then pass their input through), so
-    parameters, state-dict keys and checkpoints do not change. Returns the fused
-    convolutions' names. In eval mode a fused layer runs the PyTorch reference."""
-    from t2i_fast.ops.conv_bn_act import conv_bn_act_layers
-
-    seen: dict[nn.Module, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda module, args: seen.setdefault(module, args[0]))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    was_training = model.training
-    model.eval()  # finding the layers runs the model: its statistics must not move
-    try:
-        layers = conv_bn_act_layers(model, *inputs)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    fused = []
-    for layer in layers:
-        parent, _, index = layer.name.rpartition(".")
-        block = model.get_submodule(parent)
-        conv, bn = block[int(index)], block[int(index) + 1]
-        if not wanted(conv, bn, layer.slope, seen[conv]):
-            continue
-        conv.forward = _fused_forward(conv, bn, layer.slope, impl)
-        bn.forward = _identity
-        if layer.slope is not None:
-            block[int(index) + 2].forward = _identity
-        fused.append(layer.name)
-    return fused
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _fused_forward(conv: nn.Module, bn: nn.Module, slope: float | None, impl: str):
-    from t2i_fast.ops.conv_bn_act import conv_bn_act
-
-    kind = "conv_transpose" if isinstance(conv, nn.ConvTranspose2d) else "conv"
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if bn.training:
-            bn.num_batches_tracked.add_(1)
-        # The kernels take x, weight and bias in one dtype; autocast does not cast for them.
-        bias = conv.bias.to(x.dtype) if conv.bias is not None else None
-        return conv_bn_act(x, conv.weight.to(x.dtype), bias, bn.weight, bn.bias,
-                           bn.running_mean, bn.running_var, kind=kind, stride=conv.stride[0],
-                           padding=conv.padding[0], slope=slope, training=bn.training,
-                           momentum=bn.momentum, eps=bn.eps,
-                           impl=impl if bn.training else "ref")
-    return forward
-
-
-def _triton_wins(conv: nn.Module, bn: nn.Module, slope: float | None,
-                 x: torch.Tensor) -> bool:
-    """Whether conv_bn_act's measured dispatch picks its Triton GEMM for this layer (over
-    cuDNN followed by its BatchNorm kernels, no better than Inductor's own fusion)."""
-    from t2i_fast.ops.conv_bn_act import measure_dispatch
-
-    bias = conv.bias.to(x.dtype) if conv.bias is not None else None
-    try:
-        # Outside autocast: cuDNN must run in x's dtype, as the Triton GEMM does.
-        with torch.autocast(x.device.type, enabled=False):
-            entry = measure_dispatch(
-                x, conv.weight.to(x.dtype), bias, bn.weight, bn.bias, bn.running_mean,
-                bn.running_var, kind="conv_transpose" if isinstance(conv, nn.ConvTranspose2d)
-                else "conv", stride=conv.stride[0], padding=conv.padding[0], slope=slope,
-                training=True, momentum=bn.momentum, eps=bn.eps)
-    except ValueError:  # a layer the kernels do not take
-        return False
-    return entry["impl"] == "triton"
+                        self.D, images, text, impl="triton", wanted=triton_wins)])
 
 
 def _losses() -> tuple[Callable, Callable]:

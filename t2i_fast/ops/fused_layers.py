@@ -1,0 +1,278 @@
+"""conv → BatchNorm2d (→ activation) as modules: ``ConvBNAct``, one layer computed by
+``t2i_fast.ops.conv_bn_act``; ``conv_bn_act_layers``, the triples of a model that qualify;
+``fuse_conv_bn_act``, which makes chosen triples of a model fused layers in place, its
+parameters, buffers and state-dict keys unchanged (``FusedSequential``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from t2i_fast.ops.conv_bn_act import IMPLS, KINDS, conv_bn_act, measure_dispatch
+
+
+# -- one layer ------------------------------------------------------------------------------
+def _square(value, what: str) -> int:
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if pair[0] != pair[1]:
+        raise ValueError(f"{what} must be square, got {pair}")
+    return int(pair[0])
+
+
+def _check_modules(conv: nn.Module, bn: nn.Module) -> None:
+    if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+        raise TypeError(f"conv must be nn.Conv2d or nn.ConvTranspose2d, got {type(conv)}")
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"bn must be nn.BatchNorm2d, got {type(bn)}")
+    if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError("groups, dilation and padding modes other than zeros are not supported")
+    if isinstance(conv, nn.ConvTranspose2d) and tuple(conv.output_padding) != (0, 0):
+        raise ValueError("output_padding is not supported")
+    if isinstance(conv.padding, str):
+        raise ValueError(f"padding={conv.padding!r} is not supported; give it in pixels")
+    if not (bn.affine and bn.track_running_stats) or bn.momentum is None:
+        raise ValueError("bn needs affine=True, track_running_stats=True and a float momentum")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn has {bn.num_features} features, conv {conv.out_channels} outputs")
+
+
+class ConvBNAct(nn.Module):
+    """conv → BatchNorm2d → LeakyReLU(slope) (slope 0: ReLU; None: no activation) as one
+    ``conv_bn_act`` call. Holds an ``nn.Conv2d``/``nn.ConvTranspose2d`` as ``conv`` and an
+    ``nn.BatchNorm2d`` as ``bn``; ``from_modules`` wraps existing ones, sharing their
+    parameters and buffers. Training counts batches in ``bn.num_batches_tracked`` as
+    BatchNorm2d does. The convolution's weight and bias are cast to the input's dtype, as
+    autocast would cast them for an unfused convolution."""
+
+    def __init__(self, kind: str, in_channels: int, out_channels: int, kernel_size: int, *,
+                 stride: int = 1, padding: int = 0, bias: bool = False,
+                 slope: float | None = 0.2, momentum: float = 0.1, eps: float = 1e-5,
+                 impl: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        layer = nn.ConvTranspose2d if kind == "conv_transpose" else nn.Conv2d
+        factory = {"device": device, "dtype": dtype}
+        self._set(layer(in_channels, out_channels, kernel_size, stride, padding, bias=bias,
+                        **factory),
+                  nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
+                  slope, impl)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Module, bn: nn.Module, slope: float | None, *,
+                     impl: str = "auto") -> ConvBNAct:
+        """The layer that computes ``act(bn(conv(x)))`` with these very modules."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._set(conv, bn, slope, impl)
+        return self
+
+    def _set(self, conv: nn.Module, bn: nn.Module, slope: float | None, impl: str) -> None:
+        _check_modules(conv, bn)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.conv = conv
+        self.bn = bn
+        self.kind = "conv_transpose" if isinstance(conv, nn.ConvTranspose2d) else "conv"
+        self.stride = _square(conv.stride, "stride")
+        self.padding = _square(conv.padding, "padding")
+        self.slope = slope
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.bn.num_batches_tracked.add_(1)
+        # The kernels take x, weight and bias in one dtype, and autocast does not cast for a
+        # custom op: under bfloat16 autocast the input is bfloat16, the weights float32.
+        weight = self.conv.weight.to(x.dtype)
+        bias = self.conv.bias.to(x.dtype) if self.conv.bias is not None else None
+        return conv_bn_act(x, weight, bias, self.bn.weight, self.bn.bias,
+                           self.bn.running_mean, self.bn.running_var, kind=self.kind,
+                           stride=self.stride, padding=self.padding, slope=self.slope,
+                           training=self.training, momentum=self.bn.momentum, eps=self.bn.eps,
+                           impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, slope={self.slope}, impl={self.impl!r}"
+
+
+# -- the layers of a model ------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    """One conv → BatchNorm2d (→ activation) triple of a model, with its input size."""
+
+    name: str  # the convolution's qualified name in the model
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    padding: int
+    height: int
+    width: int
+    slope: float | None
+
+
+def _activation_slope(module: nn.Module | None) -> float | None:
+    if isinstance(module, nn.LeakyReLU):
+        return module.negative_slope
+    if isinstance(module, nn.ReLU):
+        return 0.0
+    return None
+
+
+def conv_bn_act_layers(model: nn.Module, *inputs: torch.Tensor) -> list[LayerShape]:
+    """Every Conv2d/ConvTranspose2d directly followed by a BatchNorm2d inside an
+    nn.Sequential of ``model`` whose BatchNorm takes that convolution's output when
+    ``model(*inputs)`` runs (meta tensors will do), with the activation after the BatchNorm
+    (LeakyReLU: its slope, ReLU: 0, anything else: None) and the input size seen."""
+    candidates = {}  # conv → (bn, slope)
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq)
+        for i, conv in enumerate(children[:-1]):
+            if (isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d))
+                    and isinstance(children[i + 1], nn.BatchNorm2d)):
+                after = children[i + 2] if i + 2 < len(children) else None
+                candidates[conv] = (children[i + 1], _activation_slope(after))
+    sizes, outputs, confirmed = {}, {}, set()
+
+    def conv_input(module: nn.Module, args: tuple) -> None:
+        sizes.setdefault(module, tuple(args[0].shape[2:]))
+
+    def conv_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        outputs[candidates[module][0]] = (module, output)
+
+    def bn_input(module: nn.Module, args: tuple) -> None:
+        conv, output = outputs.get(module, (None, None))
+        if args[0] is output:
+            confirmed.add(conv)
+
+    hooks = [conv.register_forward_pre_hook(conv_input) for conv in candidates]
+    hooks += [conv.register_forward_hook(conv_output) for conv in candidates]
+    hooks += [bn.register_forward_pre_hook(bn_input) for bn, _ in candidates.values()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = []
+    for name, conv in model.named_modules():
+        if conv in confirmed:
+            kind = "conv_transpose" if isinstance(conv, nn.ConvTranspose2d) else "conv"
+            layers.append(LayerShape(name, kind, conv.in_channels, conv.out_channels,
+                                     _square(conv.kernel_size, "kernel_size"),
+                                     _square(conv.stride, "stride"),
+                                     _square(conv.padding, "padding"), *sizes[conv],
+                                     candidates[conv][1]))
+    return layers
+
+
+
+# -- fusing the layers of a model -----------------------------------------------------------
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` some of whose conv → BatchNorm2d (→ activation) runs are, in
+    training, one ``ConvBNAct`` call each: ``fused`` maps the index of such a run's
+    convolution to its layer. The layers share the children's parameters and buffers but are
+    not registered, so parameters, buffers and state-dict keys are the children's alone. In
+    eval mode the children run one by one, as in a plain ``nn.Sequential`` (the reference)."""
+
+    def __init__(self, *args, fused: dict[int, ConvBNAct] | None = None):
+        super().__init__(*args)
+        self.fused = dict(fused or {})
+
+    def train(self, mode: bool = True) -> FusedSequential:
+        super().train(mode)
+        for layer in self.fused.values():  # unregistered: Module.train does not reach them
+            layer.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        children = list(self)
+        i = 0
+        while i < len(children):
+            layer = self.fused.get(i)
+            if layer is None:
+                x = children[i](x)
+                i += 1
+            else:
+                x = layer(x)
+                i += 2 if layer.slope is None else 3  # past the BatchNorm and activation
+        return x
+
+
+def fuse_conv_bn_act(model: nn.Module, *inputs: torch.Tensor, impl: str,
+                     wanted: Callable[[nn.Module, nn.Module, float | None, torch.Tensor], bool]
+                     ) -> list[str]:
+    """Makes each conv → BatchNorm2d (→ activation) of ``model`` found by
+    ``conv_bn_act_layers`` that ``ConvBNAct`` takes one ``ConvBNAct(impl=impl)`` call in
+    training where ``wanted(conv, bn, slope, x)`` is true, x an input the convolution gets in
+    ``model(*inputs)``: the ``nn.Sequential`` holding it becomes a ``FusedSequential`` of the
+    same modules, so parameters, state-dict keys and checkpoints do not change. Returns the
+    fused convolutions' names. In eval mode the fused layers run unfused."""
+    seen: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda module, args: seen.setdefault(module, args[0]))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    was_training = model.training
+    model.eval()  # finding the layers runs the model: its statistics must not move
+    try:
+        layers = conv_bn_act_layers(model, *inputs)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    chosen: dict[str, dict[int, ConvBNAct]] = {}  # the Sequential's name → its fused layers
+    names = []
+    for layer in layers:
+        parent = layer.name.rpartition(".")[0]
+        if not parent:
+            raise ValueError("the model is itself the nn.Sequential to fuse: wrap it in a "
+                             "module that holds it")
+        conv = model.get_submodule(layer.name)
+        children = list(model.get_submodule(parent))
+        position = next(i for i, child in enumerate(children) if child is conv)
+        bn = children[position + 1]
+        try:
+            fused = ConvBNAct.from_modules(conv, bn, layer.slope, impl=impl)
+        except ValueError:  # a convolution or BatchNorm the op does not take
+            continue
+        if not wanted(conv, bn, layer.slope, seen[conv]):
+            continue
+        chosen.setdefault(parent, {})[position] = fused.train(was_training)
+        names.append(layer.name)
+    for name, fused in chosen.items():
+        block = model.get_submodule(name)
+        owner, _, attribute = name.rpartition(".")
+        earlier = block.fused if isinstance(block, FusedSequential) else {}
+        replacement = FusedSequential(OrderedDict(block.named_children()),
+                                      fused={**earlier, **fused})
+        replacement.train(block.training)
+        model.get_submodule(owner).register_module(attribute, replacement)
+    return names
+
+
+def triton_wins(conv: nn.Module, bn: nn.Module, slope: float | None, x: torch.Tensor) -> bool:
+    """Whether conv_bn_act's measured dispatch picks its Triton GEMM for this layer (over
+    cuDNN followed by its BatchNorm kernels, no better than Inductor's own fusion); a
+    ``wanted`` for ``fuse_conv_bn_act``."""
+    bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+    try:
+        # Outside autocast: cuDNN must run in x's dtype, as the Triton GEMM does.
+        with torch.autocast(x.device.type, enabled=False):
+            entry = measure_dispatch(
+                x, conv.weight.to(x.dtype), bias, bn.weight, bn.bias, bn.running_mean,
+                bn.running_var, kind="conv_transpose" if isinstance(conv, nn.ConvTranspose2d)
+                else "conv", stride=conv.stride[0], padding=conv.padding[0], slope=slope,
+                training=True, momentum=bn.momentum, eps=bn.eps)
+    except ValueError:  # a layer the kernels do not take
+        return False
+    return entry["impl"] == "triton"
