@@ -69,11 +69,23 @@ PYBIND11_MODULE(_C, m) {
   });
 
   py::class_<LoaderHandle>(m, "Loader")
-      .def(py::init([](const std::string& path, int64_t count, int64_t batch_size, int size,
+      .def(py::init([](const std::string& path, int64_t count, int64_t num_classes,
+                       int image_height, int image_width, int doc_length,
+                       const std::string& encoding, int64_t batch_size, int size,
                        int captions_per_sample, bool onehot, int elem_bytes, py::bytes lut,
                        py::bytes one, bool nhwc, bool random_crop, bool flip, uint64_t seed,
                        int rank, int world_size, bool drop_last, int num_threads, bool verify) {
-             if (count < 0) throw std::invalid_argument("count must be non-negative");
+             if (encoding != "raw" && encoding != "jpeg")
+               throw std::invalid_argument("encoding must be 'raw' or 'jpeg', got '" + encoding +
+                                           "'");
+             t2i::DatasetSpec spec;
+             spec.count = count;
+             spec.num_classes = num_classes;
+             spec.height = image_height;
+             spec.width = image_width;
+             spec.doc_length = doc_length;
+             spec.encoding = encoding == "raw" ? t2i::Encoding::kRaw : t2i::Encoding::kJpeg;
+             t2i::check_spec(spec);
              t2i::LoaderOptions o;
              o.batch_size = batch_size;
              o.size = size;
@@ -93,10 +105,12 @@ PYBIND11_MODULE(_C, m) {
              o.verify = verify;
              auto handle = std::make_unique<LoaderHandle>();
              py::gil_scoped_release release;  // opening parses every record header
-             handle->core = std::make_shared<t2i::Loader>(path, count, std::move(o));
+             handle->core = std::make_shared<t2i::Loader>(path, spec, std::move(o));
              return handle;
            }),
-           py::arg("path"), py::arg("count"), py::kw_only(), py::arg("batch_size"),
+           py::arg("path"), py::kw_only(), py::arg("count"), py::arg("num_classes"),
+           py::arg("image_height"), py::arg("image_width"), py::arg("doc_length"),
+           py::arg("encoding"), py::arg("batch_size"),
            py::arg("size"), py::arg("captions_per_sample"), py::arg("onehot"),
            py::arg("elem_bytes"), py::arg("lut"), py::arg("one"), py::arg("nhwc"),
            py::arg("random_crop"), py::arg("flip"), py::arg("seed"), py::arg("rank"),

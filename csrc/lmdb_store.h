@@ -13,10 +13,11 @@ namespace t2i {
 
 class RecordStore {
  public:
-  // Opens `path` (an LMDB directory) read-only without a lock file, keeps one read
-  // transaction open for the store's life (so record pointers stay valid) and parses every
-  // record header; `count` records under keys 00000000... are expected.
-  RecordStore(const std::string& path, int64_t count);
+  // Opens `path` (an LMDB directory) read-only without a lock file, refuses a data.mdb cut
+  // short (LMDB maps the file: reading past its end is a SIGBUS), keeps one read transaction
+  // open for the store's life (so record pointers stay valid) and parses every record header
+  // against `spec`: spec.count records under keys 00000000... and the metadata record.
+  RecordStore(const std::string& path, const DatasetSpec& spec);
   ~RecordStore();
   RecordStore(const RecordStore&) = delete;
   RecordStore& operator=(const RecordStore&) = delete;

@@ -10,8 +10,6 @@
 namespace t2i {
 namespace {
 
-constexpr int kAlphabetSize = 70;
-
 size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
 
 void require(bool ok, const std::string& message) {
@@ -83,7 +81,7 @@ void crop_copy(const uint8_t* src, int width, int y0, int x0, int size, bool fli
 
 // One-hot [70, length] over a region that holds the one-hot of `previous` (all zero for a new
 // slot): clearing the old ones and setting the new ones touches 2 x length elements instead of
-// the 70 x length a full clear would.
+// the 70 x length a full clear would. Indices are at most 70: parse_record refuses others.
 template <typename T>
 void onehot(const uint8_t* chars, uint8_t* previous, int length, T one, T* out) {
   for (int l = 0; l < length; ++l) {
@@ -95,15 +93,16 @@ void onehot(const uint8_t* chars, uint8_t* previous, int length, T one, T* out) 
 
 }  // namespace
 
-Loader::Loader(const std::string& path, int64_t count, LoaderOptions options)
+Loader::Loader(const std::string& path, const DatasetSpec& spec, LoaderOptions options)
     : opt_(std::move(options)),
-      store_(path, count),
+      store_(path, spec),
       class_ids_([&] {
         std::vector<int64_t> ids(store_.size());
         for (int64_t i = 0; i < store_.size(); ++i) ids[i] = store_[i].class_id;
         return ids;
       }()),
       picker_(class_ids_) {
+  const int64_t count = spec.count;
   require(count >= 2, path + ": the loader needs at least 2 records (mismatched images)");
   require(opt_.batch_size >= 1, "batch_size must be at least 1");
   require(opt_.captions_per_sample >= 1 && opt_.captions_per_sample <= 255,
@@ -118,16 +117,10 @@ Loader::Loader(const std::string& path, int64_t count, LoaderOptions options)
 
   identity_lut_ = opt_.elem_bytes == 1;
   for (int i = 0; i < 256 && identity_lut_; ++i) identity_lut_ = opt_.lut[i] == i;
-  stored_h_ = store_[0].height;
-  stored_w_ = store_[0].width;
-  doc_length_ = store_[0].doc_length;
-  for (int64_t i = 0; i < store_.size(); ++i) {
-    const RecordView& r = store_[i];
-    if (r.height != stored_h_ || r.width != stored_w_ || r.doc_length != doc_length_ ||
-        r.encoding != store_[0].encoding)
-      throw CorruptRecord(store_.where(i) + ": image size, document length or encoding differs "
-                          "from record '00000000'");
-  }
+  // Every record has the metadata's image size and document length (parse_record checks).
+  stored_h_ = spec.height;
+  stored_w_ = spec.width;
+  doc_length_ = spec.doc_length;
   require(opt_.size >= 1 && opt_.size <= stored_h_ && opt_.size <= stored_w_,
           "size must be in [1, " + std::to_string(std::min(stored_h_, stored_w_)) +
               "] (the stored image size)");

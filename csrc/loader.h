@@ -55,7 +55,8 @@ struct ReadyBatch {
 
 class Loader {
  public:
-  Loader(const std::string& path, int64_t count, LoaderOptions options);
+  // `spec` holds the dataset's metadata: every record is checked against it when it opens.
+  Loader(const std::string& path, const DatasetSpec& spec, LoaderOptions options);
   ~Loader();
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;

@@ -2,7 +2,9 @@
 
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include "errors.h"
 
@@ -16,9 +18,26 @@ T read_le(const uint8_t* p) {
   return v;
 }
 
+const char* encoding_name(Encoding e) { return e == Encoding::kRaw ? "raw" : "jpeg"; }
+
 }  // namespace
 
-RecordView parse_record(const uint8_t* data, size_t size, const std::string& where) {
+void check_spec(const DatasetSpec& spec) {
+  auto require = [](bool ok, const char* message) {
+    if (!ok) throw std::invalid_argument(message);
+  };
+  require(spec.count >= 0, "count must be non-negative");
+  require(spec.height >= 1 && spec.height <= 65535, "image_height must be in [1, 65535]");
+  require(spec.width >= 1 && spec.width <= 65535, "image_width must be in [1, 65535]");
+  require(spec.doc_length >= 1 && spec.doc_length <= 65535, "doc_length must be in [1, 65535]");
+  require(spec.encoding == Encoding::kRaw || spec.encoding == Encoding::kJpeg,
+          "encoding must be raw or jpeg");
+  require(spec.num_classes >= 1 && spec.num_classes <= (int64_t(1) << 32),
+          "num_classes must be in [1, 2^32]");
+}
+
+RecordView parse_record(const uint8_t* data, size_t size, const DatasetSpec& spec,
+                        const std::string& where) {
   if (size < size_t(kHeaderBytes))
     throw CorruptRecord(where + ": truncated record (" + std::to_string(size) + " bytes)");
   if (std::memcmp(data, "T2IR", 4) != 0)
@@ -52,10 +71,33 @@ RecordView parse_record(const uint8_t* data, size_t size, const std::string& whe
     throw CorruptRecord(where + ": " + std::to_string(r.n_captions) +
                         " captions (the loader takes 1 to " + std::to_string(kMaxCaptions) + ")");
   r.encoding = Encoding(encoding);
+  // The messages match t2i_fast/data/format.py's, word for word.
+  if (r.encoding != spec.encoding)
+    throw CorruptRecord(where + ": " + encoding_name(r.encoding) + " pixels, the dataset's "
+                        "encoding is " + encoding_name(spec.encoding));
+  if (r.height != spec.height || r.width != spec.width)
+    throw CorruptRecord(where + ": image " + std::to_string(r.height) + "x" +
+                        std::to_string(r.width) + ", the dataset's image_size is " +
+                        std::to_string(spec.height) + "x" + std::to_string(spec.width));
+  if (r.doc_length != spec.doc_length)
+    throw CorruptRecord(where + ": document length " + std::to_string(r.doc_length) +
+                        ", the dataset's doc_length is " + std::to_string(spec.doc_length));
+  if (r.class_id >= spec.num_classes)
+    throw CorruptRecord(where + ": class id " + std::to_string(r.class_id) +
+                        " outside the dataset's " + std::to_string(spec.num_classes) +
+                        " classes");
   if (r.encoding == Encoding::kRaw && r.pixel_bytes != uint64_t(r.height) * r.width * 3)
     throw CorruptRecord(where + ": raw pixel bytes do not match " + std::to_string(r.height) +
                         "x" + std::to_string(r.width) + "x3");
   r.chars = data + kHeaderBytes;
+  // The one-hot writer indexes channels by these bytes: one bound check here keeps the hot
+  // path free of checks. A max-reduction, which the compiler vectorises.
+  uint8_t largest = 0;
+  for (uint64_t i = 0; i < char_bytes; ++i) largest = std::max(largest, r.chars[i]);
+  if (largest > kAlphabetSize)
+    throw CorruptRecord(where + ": character index " + std::to_string(largest) +
+                        " outside the alphabet (1 to " + std::to_string(kAlphabetSize) +
+                        ", 0 for padding)");
   r.pixels = r.chars + char_bytes;
   return r;
 }

@@ -55,7 +55,7 @@ class ConventionalDataset(TorchDataset):
 
     def _image(self, txn, index: int, rng: np.random.Generator) -> np.ndarray:
         record = Record.unpack(txn.get(record_key(index)), where=f"record {index}")
-        image = record.image()
+        image = record.image(where=f"record {index}")
         y, x = rng.integers(0, image.shape[0] - self.size + 1, 2)
         image = image[y: y + self.size, x: x + self.size]
         if rng.random() < 0.5:

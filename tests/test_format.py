@@ -46,7 +46,7 @@ def test_record_round_trip_and_checks():
     back = Record.unpack(data, where="k")
     assert back.captions == rec.captions and back.class_id == 3 and back.name == "x/y"
     assert back.attributes == {"color": "red"}
-    np.testing.assert_array_equal(back.image(), image)
+    np.testing.assert_array_equal(back.image(where="k"), image)
     np.testing.assert_array_equal(back.char_indices, rec.char_indices)
     with pytest.raises(CorruptRecordError, match="k: checksum mismatch"):
         Record.unpack(data[:-1] + bytes([data[-1] ^ 1]), where="k")

@@ -270,10 +270,16 @@ def test_malformed_records_raise_naming_the_key(random_dataset, tmp_path, change
 def test_missing_record(random_dataset, tmp_path):
     path = copy_dataset(random_dataset, tmp_path / "bad.lmdb")
     env = lmdb.open(str(path), lock=False)
-    with env.begin(write=True) as txn:
-        txn.delete(record_key(36))
+    with env.begin(write=True) as txn:  # as many entries as before, one key misspelt
+        txn.put(b"0000036x", txn.pop(record_key(36)))
     env.close()
     with pytest.raises(CorruptRecordError, match="record '00000036': missing"):
+        Loader(path, batch_size=4)
+    with Dataset(path) as ds, pytest.raises(CorruptRecordError, match="'00000036' is missing"):
+        ds[36]
+    with lmdb.open(str(path), lock=False) as env, env.begin(write=True) as txn:
+        txn.delete(b"0000036x")
+    with pytest.raises(CorruptRecordError, match="says 37 records, the LMDB holds 36 besides it"):
         Loader(path, batch_size=4)
 
 
@@ -418,7 +424,9 @@ def test_lmdb_failures_name_the_file(tmp_path):
     from t2i_fast import _C
 
     with pytest.raises(DataError, match=r"garbage\.lmdb: mdb_env_open: .*"):
-        _C.Loader(str(garbage), 10, batch_size=4, size=4, captions_per_sample=1, onehot=False,
+        _C.Loader(str(garbage), count=10, num_classes=2, image_height=8, image_width=8,
+                  doc_length=8, encoding="raw", batch_size=4, size=4, captions_per_sample=1,
+                  onehot=False,
                   elem_bytes=1, lut=bytes(range(256)), one=b"\x01", nhwc=True,
                   random_crop=True, flip=True, seed=0, rank=0, world_size=1, drop_last=True,
                   num_threads=1, verify=True)

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from t2i_fast.data.format import Record, close_env, open_env, read_metadata, record_key
+from t2i_fast.data.format import (
+    Record,
+    RecordSpec,
+    close_env,
+    open_env,
+    read_metadata,
+    record_key,
+)
 from t2i_fast.errors import CorruptRecordError
 
 
@@ -24,13 +31,16 @@ class Sample:
 
 
 class Dataset:
-    """``len(ds)`` records; ``ds[i]`` is a ``Sample``."""
+    """``len(ds)`` records; ``ds[i]`` is a ``Sample``. Opening checks the metadata against
+    record 0; each record is checked as the C++ loader checks it when it is read, and a bad
+    one raises CorruptRecordError naming the file and key."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._env = open_env(self.path)
         try:
             self.meta = read_metadata(self._env, self.path)
+            self._spec = RecordSpec.of(self.meta)
         except BaseException:
             close_env(self._env)
             raise
@@ -50,13 +60,17 @@ class Dataset:
         with self._env.begin(buffers=True) as txn:
             data = txn.get(key)
             if data is None:
-                raise CorruptRecordError(f"{self.path}: record '{key.decode()}' is missing")
-            return Record.unpack(data, where=f"{self.path}: record '{key.decode()}'")
+                raise CorruptRecordError(f"{self._where(index)} is missing")
+            return Record.unpack(data, where=self._where(index), spec=self._spec)
+
+    def _where(self, index: int) -> str:
+        return f"{self.path}: record '{record_key(index).decode()}'"
 
     def __getitem__(self, index: int) -> Sample:
         rec = self.record(index)
         return Sample(
-            image=rec.image(), captions=rec.captions, char_indices=rec.char_indices,
+            image=rec.image(where=self._where(index % len(self))), captions=rec.captions,
+            char_indices=rec.char_indices,
             class_id=rec.class_id, key=record_key(index % len(self)).decode(), name=rec.name,
             attributes=rec.attributes,
         )

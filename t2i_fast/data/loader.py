@@ -143,8 +143,11 @@ class Loader:
         lut = pixel_lut(host_dtype).view(_BITS[elem]).numpy().tobytes()
         num_threads = num_threads or min(os.cpu_count() or 1, 8)
         try:
+            height, width = stored
             self._core = _C.Loader(
-                str(self.path), int(self.meta["count"]), batch_size=batch_size, size=self.size,
+                str(self.path), count=self.meta["count"], num_classes=len(self.meta["classes"]),
+                image_height=height, image_width=width, doc_length=self.meta["doc_length"],
+                encoding=self.meta["encoding"], batch_size=batch_size, size=self.size,
                 captions_per_sample=captions_per_sample, onehot=host_onehot, elem_bytes=elem,
                 lut=lut, one=one, nhwc=layout == "nhwc", random_crop=random_crop, flip=flip,
                 seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,

@@ -25,6 +25,7 @@ class ReferenceLoader:
         with Dataset(path) as dataset:
             self.records = [dataset.record(i) for i in range(len(dataset))]
             self.stored = tuple(dataset.meta["image_size"])
+            self.path = dataset.path
         self.size = default_size(min(self.stored)) if size is None else size
         self.batch_size = batch_size
         self.seed = seed
@@ -37,7 +38,8 @@ class ReferenceLoader:
         self.pick_wrong = sampling.WrongImagePicker(self.class_ids)
 
     def _crop(self, index: int, y0: int, x0: int, flipped: bool) -> np.ndarray:
-        image = self.records[index].image()[y0: y0 + self.size, x0: x0 + self.size]
+        image = self.records[index].image(where=f"{self.path}: record '{index:08d}'")
+        image = image[y0: y0 + self.size, x0: x0 + self.size]
         if flipped:
             image = image[:, ::-1]
         return image if self.nhwc else image.transpose(2, 0, 1)
