@@ -60,8 +60,8 @@ def load_run(run: Path, *, device: torch.device) -> tuple[TrainedModel, int]:
     checkpoint = latest_checkpoint(run) if run.is_dir() else None
     if checkpoint is None:
         raise T2IError(f"{run}: no checkpoint (a run folder that 't2i-fast train' made)")
-    state = load_checkpoint(checkpoint)
-    return TrainedModel(state, device=device), state["step"]
+    model = TrainedModel.load(checkpoint, device=device)
+    return model, model.step
 
 
 def style_loss(encoder: StyleEncoder, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -153,12 +153,18 @@ def load_style_encoder(run: Path, *, device: torch.device) -> tuple[StyleEncoder
     if not path.is_file():
         raise T2IError(f"{run}: no style encoder (run 't2i-fast train-style --run {run}' "
                        "first)")
-    state = load_checkpoint(path)
-    config = StyleEncoderConfig(**state["style_config"])
+    state = load_checkpoint(path, keys=("style_encoder", "style_config", "generator_step"),
+                            kind="style encoder ('t2i-fast train-style' writes it)")
     run_config = TrainConfig.load(run / "config.json")
-    if config != StyleEncoderConfig.from_gan(preset(run_config.preset).gan):
+    expected = StyleEncoderConfig.from_gan(preset(run_config.preset).gan)
+    if state["style_config"] != dataclasses.asdict(expected):
         raise T2IError(f"{path}: made for another architecture than the run's preset "
                        f"{run_config.preset!r} (retrain it with --overwrite)")
-    encoder = StyleEncoder(config).to(device).eval()
-    encoder.load_state_dict(state["style_encoder"])
+    encoder = StyleEncoder(expected).to(device).eval()
+    try:
+        encoder.load_state_dict(state["style_encoder"])
+    except (TypeError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[:1]
+        raise T2IError(f"{path}: cannot load the style encoder ({type(exc).__name__}"
+                       + (f": {reason[0]}" if reason else "") + ")") from exc
     return encoder, state["generator_step"]
