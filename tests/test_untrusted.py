@@ -1,22 +1,29 @@
 """Files a user did not make: checkpoints and encoders are read without running code, and a
 file of the wrong kind is named with what it lacks; a run samples at its own caption length."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import tiny_run
+from PIL import Image
 
 from t2i_fast.cli import main
+from t2i_fast.data import Dataset
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.models import TextEncoder, preset
+from t2i_fast.prepare.files import MAX_CAPTION_BYTES
 from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
 
 DOC_LENGTH = 150  # not the default 201
+REPO = Path(__file__).resolve().parents[1]
 
 
 class _RunsCode:
@@ -146,3 +153,80 @@ def test_checkpoint_without_a_length_takes_its_runs_dataset(run, tmp_path, lengt
     with pytest.raises(T2IError, match="alone.pt: records no caption length"):
         TrainedModel.load(alone)
 
+
+# --- prepare folder: regular files inside the root only ------------------------------------
+
+
+def captioned_folder(root: Path) -> Path:
+    """ROOT/cls/fine.png with its caption file."""
+    (root / "cls").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(root / "cls/fine.png")
+    (root / "cls/fine.txt").write_text("a fine caption\n")
+    return root
+
+
+def refuse(root: Path, out: Path, *fragments):
+    assert_one_line_error(invoke("prepare", "folder", "--root", root, "--out", out),
+                          *fragments)
+    assert not out.exists()
+
+
+def test_links_out_of_the_root_are_refused(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a private note\n")
+    root = captioned_folder(tmp_path / "mine")
+    Image.new("RGB", (20, 20)).save(root / "cls/leak.png")
+    (root / "cls/leak.txt").symlink_to(secret)
+    refuse(root, tmp_path / "a.lmdb", root / "cls/leak.txt", "outside")
+    (root / "cls/leak.txt").unlink()
+    (root / "cls/leak.txt").symlink_to("/dev/zero")  # read until memory runs out, before
+    refuse(root, tmp_path / "b.lmdb", root / "cls/leak.txt", "/dev/zero", "outside")
+    (root / "cls/leak.txt").unlink()
+    (root / "cls/leak.txt").write_text("a caption\n")
+    (root / "cls/leak.png").unlink()
+    (root / "cls/leak.png").symlink_to(tmp_path / "elsewhere.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "elsewhere.png")
+    refuse(root, tmp_path / "c.lmdb", root / "cls/leak.png", "outside")
+    (root / "cls/leak.png").unlink()
+    (root / "linked").symlink_to(tmp_path, target_is_directory=True)
+    refuse(root, tmp_path / "d.lmdb", root / "linked", "outside")
+
+
+def test_links_inside_the_root_are_followed(tmp_path):
+    root = captioned_folder(tmp_path / "mine")
+    Image.new("RGB", (20, 20)).save(root / "cls/twin.png")
+    (root / "cls/twin.txt").symlink_to("fine.txt")
+    result = invoke("prepare", "folder", "--root", root, "--out", tmp_path / "ok.lmdb")
+    assert result.exit_code == 0, result.output
+    with Dataset(tmp_path / "ok.lmdb") as ds:
+        assert [ds[i].captions for i in range(len(ds))] == [["a fine caption"]] * 2
+
+
+def test_special_files_and_folders_are_refused(tmp_path):
+    root = captioned_folder(tmp_path / "mine")
+    Image.new("RGB", (20, 20)).save(root / "cls/odd.png")
+    (root / "cls/odd.txt").mkdir()
+    refuse(root, tmp_path / "a.lmdb", root / "cls/odd.txt", "not a regular file but a folder")
+    (root / "cls/odd.txt").rmdir()
+    (root / "cls/odd.txt").write_bytes(b"a caption\n" * (MAX_CAPTION_BYTES // 10 + 1))
+    refuse(root, tmp_path / "b.lmdb", root / "cls/odd.txt",
+           "more than a caption file may hold (1,048,576)")
+
+
+@pytest.mark.parametrize("name", ["cls/pipe.txt", "cls/pipe.png"])
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path, name):
+    root = captioned_folder(tmp_path / "mine")
+    Image.new("RGB", (20, 20)).save(root / "cls/pipe.png")
+    (root / "cls/pipe.txt").write_text("a caption\n")
+    (root / name).unlink()
+    os.mkfifo(root / name)
+    out = tmp_path / "out.lmdb"
+    # In a process of its own: a reader that waits for the FIFO's writer must fail the test,
+    # not hang it.
+    done = subprocess.run([sys.executable, "-m", "t2i_fast", "prepare", "folder", "--root",
+                           str(root), "--out", str(out)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and f"{root / name}: not a regular file but a FIFO" \
+        in done.stderr
+    assert not out.exists()
