@@ -25,7 +25,7 @@ from t2i_fast.generate import TrainedModel
 from t2i_fast.models import preset
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
-from t2i_fast.train.config import TrainConfig, resolve_device
+from t2i_fast.train.config import FieldError, TrainConfig, check_types, resolve_device
 
 STYLE_FILE = "style_encoder.pt"
 STYLE_METRICS = "style_metrics.jsonl"
@@ -45,14 +45,18 @@ class StyleConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("steps", "log_every"):
             if getattr(self, name) < 1:
-                raise T2IError(f"--{name.replace('_', '-')} must be at least 1")
+                raise FieldError(name, f"must be at least 1, got {getattr(self, name)}")
         # BatchNorm needs two images to have a batch statistic.
         if self.batch_size < 2:
-            raise T2IError("--batch-size must be at least 2")
+            raise FieldError("batch_size", f"must be at least 2, got {self.batch_size}")
         if self.lr <= 0:
-            raise T2IError(f"--lr must be positive, got {self.lr}")
+            raise FieldError("lr", f"must be positive, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
 
 
 def load_run(run: Path, *, device: torch.device) -> tuple[TrainedModel, int]:
