@@ -1,4 +1,5 @@
-"""Bad options and files end in one ``Error:`` line naming the cause, never a traceback."""
+"""Bad options and files end in one ``Error:`` line naming the cause, never a traceback; output
+paths get their folders made."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import tiny_run
+from PIL import Image
 
 from t2i_fast.cli import main
 from t2i_fast.errors import ConfigError
@@ -111,3 +113,39 @@ def test_a_config_json_of_another_shape(tmp_path):
     with pytest.raises(ConfigError, match=r"config.json: settings \['run'\] missing"):
         TrainConfig.load(config)
 
+
+def test_outputs_get_their_folders_made(run, shapes, tmp_path):
+    styled = tmp_path / "styled"
+    shutil.copytree(run, styled)
+    assert invoke("train-style", "--run", styled, "--steps", 1, "--batch-size", 2,
+                  "--device", "cpu").exit_code == 0
+    query = tmp_path / "query.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(query)
+    outputs = {
+        "sample": ("sample", "--run", run, "--text", "a red circle", "--n", 2),
+        "interpolate": ("interpolate", "--run", run, "--text", "a red circle"),
+        "report": ("report", "--run", run),
+        "style-transfer": ("style-transfer", "--run", styled, "--image", query, "--text",
+                           "a red circle"),
+        "preview": ("preview", shapes, "--rows", 2, "--views", 1),
+    }
+    for name, args in outputs.items():
+        out = tmp_path / "new" / name / ("out.html" if name == "report" else "out.png")
+        result = invoke(*args, "--out", out)
+        assert result.exit_code == 0, (name, result.output)
+        assert out.is_file(), name
+    folder = tmp_path / "new" / "sampled" / "images"
+    assert invoke(*outputs["sample"], "--out", folder).exit_code == 0
+    assert (folder / "index.json").is_file()
+
+
+def test_outputs_that_cannot_be_written(run, shapes, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    line = one_error_line(invoke("interpolate", "--run", run, "--text", "a red circle",
+                                 "--out", blocker / "walk.png"))
+    assert f"{blocker}: cannot make this folder" in line
+    line = one_error_line(invoke("preview", shapes, "--out", tmp_path / "grid.xyz"))
+    assert f"{tmp_path / 'grid.xyz'}: cannot write a picture of this kind" in line
+    line = one_error_line(invoke("sample", "--run", run, "--text", "a", "--out", blocker))
+    assert f"{blocker}: cannot make this folder" in line
