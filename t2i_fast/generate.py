@@ -42,8 +42,7 @@ class TrainedModel:
         checkpoint = latest_checkpoint(path) if path.is_dir() else path
         if checkpoint is None or not checkpoint.exists():
             raise T2IError(f"{path}: no checkpoint (a run folder or a step_*.pt file)")
-        state = load_checkpoint(checkpoint, keys=CHECKPOINT_KEYS,
-                                kind="training checkpoint ('t2i-fast train' writes them)")
+        state = load_checkpoint(checkpoint, keys=CHECKPOINT_KEYS, kind="training checkpoint")
         doc_length = caption_length(state, checkpoint)
         device = device or resolve_device("auto")
         try:

@@ -81,6 +81,22 @@ def test_forged_text_encoder_is_refused_by_train(run, tmp_path):
     assert not marker.exists() and not (tmp_path / "r").exists()
 
 
+def test_forged_style_encoder_is_refused(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    marker = tmp_path / "ran"
+    style = copy / "style_encoder.pt"
+    torch.save({"style_encoder": _RunsCode(marker), "style_config": {}, "generator_step": 1},
+               style)
+    transfer = ("style-transfer", "--run", copy, "--image", tmp_path / "query.png", "--text",
+                "a red circle", "--out", tmp_path / "x.png")
+    assert_one_line_error(invoke(*transfer), style, "refused")
+    assert not marker.exists()
+    torch.save({"style_encoder": {}}, style)
+    assert_one_line_error(invoke(*transfer), style,
+                          "not a style encoder: no 'style_config', 'generator_step' in it")
+
+
 def test_file_of_another_kind_is_named_with_what_it_lacks(run, tmp_path):
     listed = tmp_path / "list.pt"
     torch.save([1, 2, 3], listed)

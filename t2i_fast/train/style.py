@@ -158,7 +158,7 @@ def load_style_encoder(run: Path, *, device: torch.device) -> tuple[StyleEncoder
         raise T2IError(f"{run}: no style encoder (run 't2i-fast train-style --run {run}' "
                        "first)")
     state = load_checkpoint(path, keys=("style_encoder", "style_config", "generator_step"),
-                            kind="style encoder ('t2i-fast train-style' writes it)")
+                            kind="style encoder")
     run_config = TrainConfig.load(run / "config.json")
     expected = StyleEncoderConfig.from_gan(preset(run_config.preset).gan)
     if state["style_config"] != dataclasses.asdict(expected):
