@@ -7,22 +7,27 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from t2i_fast.data.alphabet import DEFAULT_DOC_LENGTH, encode
+from t2i_fast.data import Dataset
+from t2i_fast.data.alphabet import encode
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Generator, TextEncoder, preset
 from t2i_fast.pictures import image_grid
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
-from t2i_fast.train.config import resolve_device
+from t2i_fast.train.config import TrainConfig, resolve_device
+
+# What sampling reads from a training checkpoint.
+CHECKPOINT_KEYS = ("step", "preset", "G", "text_encoder")
 
 
 class TrainedModel:
-    """``embed`` captions, ``generate`` images [N, 3, S, S] in [-1, 1]; eval mode."""
+    """``embed`` captions, ``generate`` images [N, 3, S, S] in [-1, 1]; eval mode. Captions
+    are encoded at ``doc_length`` characters, the length the text encoder learnt on."""
 
-    def __init__(self, checkpoint: dict, *, device: torch.device,
-                 doc_length: int = DEFAULT_DOC_LENGTH):
+    def __init__(self, checkpoint: dict, *, device: torch.device, doc_length: int):
         models = preset(checkpoint["preset"])
         self.device = device
         self.doc_length = doc_length
+        self.step = checkpoint["step"]
         self.z_dim = models.gan.z_dim
         self.generator = Generator(models.gan).to(device).eval()
         # The moving average of G's weights where the run kept one: it samples more steadily.
@@ -37,8 +42,16 @@ class TrainedModel:
         checkpoint = latest_checkpoint(path) if path.is_dir() else path
         if checkpoint is None or not checkpoint.exists():
             raise T2IError(f"{path}: no checkpoint (a run folder or a step_*.pt file)")
+        state = load_checkpoint(checkpoint, keys=CHECKPOINT_KEYS, kind="training checkpoint")
+        doc_length = caption_length(state, checkpoint)
         device = device or resolve_device("auto")
-        return cls(load_checkpoint(checkpoint), device=device)
+        try:
+            return cls(state, device=device, doc_length=doc_length)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            # A file that is a dict with the right keys may still hold the wrong networks.
+            reason = str(exc).strip().splitlines()[:1]
+            raise T2IError(f"{checkpoint}: cannot load its networks ({type(exc).__name__}"
+                           + (f": {reason[0]}" if reason else "") + ")") from exc
 
     @torch.no_grad()
     def embed(self, captions: list[str]) -> torch.Tensor:
@@ -76,3 +89,21 @@ def interpolation_grid(model: TrainedModel, texts: list[str], *, steps: int = 8,
         title = f"noise interpolation: {texts[0]}"
     images = model.generate(text, z).cpu()
     return image_grid(images, rows=rows, row_labels=labels, title=title)
+
+
+def caption_length(state: dict, checkpoint: Path) -> int:
+    """The caption length (the dataset's ``--doc-length``) a training checkpoint's text
+    encoder learnt on: what it records, or for a checkpoint from before it recorded one, what
+    the dataset of the run holding it (RUN/checkpoints/step_*.pt) says."""
+    length = state.get("doc_length")
+    if length is None:
+        config = checkpoint.parent.parent / "config.json"
+        try:
+            with Dataset(TrainConfig.load(config).data) as ds:
+                length = ds.meta["doc_length"]
+        except T2IError as exc:
+            raise T2IError(f"{checkpoint}: records no caption length, and the dataset of its "
+                           f"run cannot tell ({exc})") from exc
+    if type(length) is not int or length < 1:
+        raise T2IError(f"{checkpoint}: caption length {length!r} is not a positive integer")
+    return length

@@ -12,13 +12,15 @@ from PIL import Image
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.models.style_encoder import StyleEncoder
+from t2i_fast.prepare.files import MAX_IMAGE_BYTES, open_regular
 
 
 def load_image(path: Path, *, size: int) -> torch.Tensor:
     """Any image Pillow reads as the networks see images: RGB, the largest centred square,
     resized to ``size`` pixels, in [-1, 1]; [3, size, size]."""
+    file = open_regular(path, limit=MAX_IMAGE_BYTES, what="query image")
     try:
-        with Image.open(path) as image:
+        with file, Image.open(file) as image:
             image = image.convert("RGB")
     except Exception as exc:  # Pillow raises many types for a missing or damaged file
         raise T2IError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") \

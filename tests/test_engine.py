@@ -299,7 +299,7 @@ def test_a_part_that_fails_to_compile_runs_eagerly(batches, monkeypatch):
 def test_backend_and_precision_options(shapes, tmp_path):
     bad = CliRunner().invoke(main, ["train", "--data", str(shapes), "--backend", "jit"])
     assert bad.exit_code == 2 and "Invalid value for '--backend'" in bad.output
-    with pytest.raises(T2IError, match="--precision must be one of"):
+    with pytest.raises(T2IError, match="precision must be one of"):
         TrainConfig(data="-", run="-", precision="fp16")
     run = tmp_path / "run"
     ok = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run", str(run),

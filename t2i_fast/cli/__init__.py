@@ -6,6 +6,7 @@ import click
 
 from t2i_fast import __version__
 from t2i_fast.errors import T2IError
+from t2i_fast.train.config import FieldError
 
 
 class _Group(click.Group):
@@ -14,6 +15,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except FieldError as exc:  # a configuration field is the option of the same name
+            raise click.ClickException(f"--{exc.field.replace('_', '-')} {exc.problem}") \
+                from exc
         except T2IError as exc:
             raise click.ClickException(str(exc)) from exc
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import torch
 
+from t2i_fast.cli.output import save_image
 from t2i_fast.data import Dataset, Loader, sampling
 from t2i_fast.data.loader import CAPTION_FORMATS, LAYOUTS, default_size
 from t2i_fast.pictures import image_grid
@@ -135,5 +136,5 @@ def preview(dataset: Path, out: Path, rows: int, views: int, seed: int) -> None:
     labels = [f"{s.key} ({classes[s.class_id]}): {s.captions[0]}" for s in samples]
     grid = image_grid(images, rows=rows, row_labels=labels,
                       column_labels=["stored"] + [f"epoch {e}" for e in range(views)])
-    grid.save(out)
+    save_image(grid, out)
     click.echo(f"{out}: {rows} records, stored image and {views} training views each")

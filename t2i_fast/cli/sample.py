@@ -10,6 +10,7 @@ import click
 import torch
 from PIL import Image
 
+from t2i_fast.cli.output import output_folder, save_image
 from t2i_fast.generate import TrainedModel, interpolation_grid
 from t2i_fast.pictures import image_grid, to_uint8
 from t2i_fast.prepare.captions import read_captions
@@ -45,7 +46,7 @@ def sample(run: Path, texts: tuple[str, ...], captions_file: Path | None, n: int
     jobs = [(c, j) for c in range(len(captions)) for j in range(n)]
     grid = out.suffix.lower() == ".png"
     if not grid:
-        out.mkdir(parents=True, exist_ok=True)
+        output_folder(out)
     images, index = [], []
     with click.progressbar(length=len(jobs), label="sampling", file=sys.stderr) as bar:
         for start in range(0, len(jobs), batch_size):
@@ -62,7 +63,7 @@ def sample(run: Path, texts: tuple[str, ...], captions_file: Path | None, n: int
                                   "noise_index": j})
             bar.update(len(chunk))
     if grid:
-        image_grid(torch.cat(images), rows=len(captions), row_labels=captions).save(out)
+        save_image(image_grid(torch.cat(images), rows=len(captions), row_labels=captions), out)
         click.echo(f"{out}: {len(captions)} captions x {n} images")
     else:
         (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
@@ -86,5 +87,5 @@ def interpolate(run: Path, texts: tuple[str, ...], steps: int, rows: int, seed: 
     to caption B, or a fixed caption with the noise walked between two draws."""
     grid = interpolation_grid(TrainedModel.load(run), list(texts), steps=steps, rows=rows,
                               seed=seed)
-    grid.save(out)
+    save_image(grid, out)
     click.echo(f"{out}: {rows} rows x {steps} steps")

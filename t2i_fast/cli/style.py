@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import torch
 
+from t2i_fast.cli.output import save_image
 from t2i_fast.cli.sample import _captions
 from t2i_fast.pictures import image_grid
 from t2i_fast.style_transfer import load_image, style_transfer
@@ -61,5 +62,5 @@ def style_transfer_command(run: Path, images: tuple[Path, ...], texts: tuple[str
                            text=model.embed(captions))
     grid = image_grid(tiles, rows=len(images), row_labels=[path.name for path in images],
                       column_labels=["query", *captions])
-    grid.save(out)
+    save_image(grid, out)
     click.echo(f"{out}: {len(images)} images x {len(captions)} captions")

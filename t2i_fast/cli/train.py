@@ -118,10 +118,7 @@ def train_command(ctx: click.Context, **options) -> None:
             click.echo(f"{run}: resumed and finished")
         return
     options["preset"] = _auto_preset(options["preset"], options["device"])
-    try:
-        device = resolve_device(options["device"])
-    except RuntimeError as exc:
-        raise T2IError(f"--device {options['device']!r}: {exc}") from exc
+    device = resolve_device(options["device"])
     # config.json records what ran, not "auto".
     options["backend"] = resolve_backend(options["backend"], device)
     options["precision"] = resolve_precision(options["precision"], options["backend"], device)

@@ -50,7 +50,10 @@ class Encoders:
             raise T2IError(f"{path}: holds no DS-SJE image encoder (not from 't2i-fast "
                            "pretrain-text', or from an older version): pretrain one with "
                            "'t2i-fast pretrain-text' and pass it with --encoders")
-        models = preset(state["preset"])
+        try:
+            models = preset(state["preset"])
+        except (TypeError, ValueError) as exc:
+            raise T2IError(f"{path}: {exc}") from exc
         self.device = device
         self.size = models.gan.image_size  # pretraining showed the image encoder this size
         self.text_encoder = TextEncoder(models.text)

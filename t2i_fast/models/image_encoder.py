@@ -43,10 +43,14 @@ class BackboneImageEncoder(nn.Module):
         except Exception as exc:  # absent, or a build that does not match this torch
             raise T2IError(f"--image-backbone needs torchvision installed to match torch "
                            f"{torch.__version__} ({type(exc).__name__}: {exc})") from exc
+        # Here, not at the top: t2i_fast.train imports the models.
+        from t2i_fast.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(weights, kind=f"torchvision {name!r} state dict")
         try:
             network = torchvision.models.get_model(name, weights=None)
-            network.load_state_dict(torch.load(weights, map_location="cpu"))
-        except (ValueError, RuntimeError, OSError) as exc:
+            network.load_state_dict(state)
+        except (ValueError, RuntimeError) as exc:
             raise T2IError(f"{weights}: cannot load as torchvision {name!r}: {exc}") from exc
         last = [n for n, m in network.named_modules() if isinstance(m, nn.Linear)][-1]
         parent, _, child = last.rpartition(".")

@@ -8,18 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from t2i_fast.errors import DataError
+from t2i_fast.prepare.files import MAX_CAPTION_BYTES, MAX_LIST_BYTES, read_regular
 
 # The C++ loader refuses records with more (kMaxCaptions, csrc/record.h); catching it here names
 # the caption file instead of failing at training time.
 MAX_CAPTIONS = 255
 
 
-def read_lines(path: Path) -> list[tuple[int, str]]:
-    """The non-blank lines of a UTF-8 text file as (1-based line number, stripped text)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+def read_lines(path: Path, *, limit: int = MAX_LIST_BYTES, what: str = "list file"
+               ) -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file of at most ``limit`` bytes as (1-based line
+    number, stripped text)."""
+    data = read_regular(path, limit=limit, what=what)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -32,7 +32,8 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
 
 def read_captions(path: Path) -> list[str]:
     """One caption per non-blank line; at least one and at most ``MAX_CAPTIONS``."""
-    captions = [line for _, line in read_lines(path)]
+    captions = [line for _, line in read_lines(path, limit=MAX_CAPTION_BYTES,
+                                               what="caption file")]
     if not captions:
         raise DataError(f"{path}: no captions")
     if len(captions) > MAX_CAPTIONS:

@@ -10,6 +10,7 @@ from t2i_fast.data.alphabet import DEFAULT_DOC_LENGTH
 from t2i_fast.data.writer import DatasetWriter
 from t2i_fast.errors import DataError
 from t2i_fast.prepare.captions import read_captions
+from t2i_fast.prepare.files import MAX_IMAGE_BYTES, inside, open_regular
 from t2i_fast.prepare.images import IMAGE_EXTENSIONS, ImageJob, write_images
 
 
@@ -29,7 +30,8 @@ def make_folder(*, root: str | Path, out: str | Path, image_size: int = 76,
 
 def scan_folder(root: Path) -> tuple[list[str], list[ImageJob]]:
     """Classes are folder paths relative to ``root`` ('dogs', 'dogs/puppies'), so that two
-    sub-folders of the same name stay apart; images directly in ``root`` take its name."""
+    sub-folders of the same name stay apart; images directly in ``root`` take its name. Only
+    regular files inside ``root`` are read: links out of it and special files are refused."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     found = []  # (class name, image path, caption path)
@@ -37,10 +39,14 @@ def scan_folder(root: Path) -> tuple[list[str], list[ImageJob]]:
         # Hidden entries are editor, OS or our own temporary files (e.g. macOS's '._x.jpg').
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         folder = Path(dirpath)
+        for name in dirnames:  # os.walk does not follow links to folders: refuse those out
+            inside(root, folder / name)
         rel = folder.relative_to(root).as_posix()
         class_name = root.resolve().name if rel == "." else rel
         visible = sorted(f for f in filenames if not f.startswith("."))
-        texts = {Path(f).stem: f for f in visible if Path(f).suffix.lower() == ".txt"}
+        # A folder named like a caption file is named as what it is, not as a missing caption.
+        texts = {Path(f).stem: f for f in [*visible, *dirnames]
+                 if Path(f).suffix.lower() == ".txt"}
         for name in visible:
             if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -55,7 +61,12 @@ def scan_folder(root: Path) -> tuple[list[str], list[ImageJob]]:
 
     classes = sorted({class_name for class_name, _, _ in found})
     class_ids = {name: i for i, name in enumerate(classes)}
-    jobs = [ImageJob(path=path, captions=read_captions(text), class_id=class_ids[class_name],
-                     name=path.relative_to(root).as_posix())
-            for class_name, path, text in found]
+    jobs = []
+    for class_name, path, text in found:
+        inside(root, text)
+        inside(root, path)
+        captions = read_captions(text)
+        open_regular(path, limit=MAX_IMAGE_BYTES, what="image").close()  # before writing
+        jobs.append(ImageJob(path=path, captions=captions, class_id=class_ids[class_name],
+                             name=path.relative_to(root).as_posix()))
     return classes, jobs

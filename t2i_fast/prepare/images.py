@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from t2i_fast.data.writer import DatasetWriter
 from t2i_fast.errors import DataError
 from t2i_fast.prepare import progress
+from t2i_fast.prepare.files import MAX_IMAGE_BYTES, open_regular
 
 # Raster formats Pillow decodes itself; its full registry also claims extensions such as .h5
 # (Reed's text embeddings) or .mpg that it can only identify, not read.
@@ -47,8 +48,9 @@ def load_image(path: Path, size: int, bbox: tuple[float, float, float, float] | 
                ) -> np.ndarray:
     """uint8 [size, size, 3]: the whole image squashed to a square (Reed's preprocessing), or,
     with ``bbox``, a square of side 1.5·max(w, h) centred on the box, clipped to the image."""
+    file = open_regular(path, limit=MAX_IMAGE_BYTES, what="image")
     try:
-        with Image.open(path) as img:
+        with file, Image.open(file) as img:
             if bbox is None:
                 # JPEG decodes straight to 1/2..1/8 scale, several times faster on large photos;
                 # keeping at least twice the target size leaves the filtering to LANCZOS.

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from t2i_fast.errors import T2IError
+from t2i_fast.errors import ConfigError, T2IError
 from t2i_fast.models import PRESETS
 
 VARIANTS = ("gan", "cls", "int", "int-cls")
@@ -17,11 +20,57 @@ BACKENDS = ("auto", "eager", "compiled")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+class FieldError(ConfigError):
+    """A configuration field of the wrong type or out of its range; the command line shows it
+    as the option of the same name."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number",
+               str: "a string", type(None): "null"}
+
+
+def _fits(value: object, option: object) -> bool:
+    if option is float:  # an integer is a number too; NaN and infinities are none
+        return type(value) in (int, float) and math.isfinite(value)
+    if option is int:
+        return type(value) is int  # not bool, which Python counts as an int
+    return isinstance(option, type) and isinstance(value, option)
+
+
+def check_types(config: object) -> None:
+    """Every field of dataclass ``config`` against its annotation (int, float, str, bool, or
+    one of them or None): what a hand-edited config.json, or a caller, may get wrong."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, hint = getattr(config, field.name), hints[field.name]
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if not any(_fits(value, option) for option in options):
+            wanted = " or ".join(_TYPE_NAMES.get(o, getattr(o, "__name__", str(o)))
+                                 for o in options)
+            raise FieldError(field.name, f"must be {wanted}, got {value!r}")
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is the GPU when there is one, else the CPU."""
+    """``auto`` is the GPU when there is one, else the CPU; a CUDA device must be there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise FieldError("device", f"{name!r} is not a device ({exc})") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FieldError("device", f"{name!r}: no CUDA device is available here (torch "
+                                       f"{torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise FieldError("device", f"{name!r}: there are only {count} CUDA devices")
+    return device
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -71,21 +120,28 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: BatchNorm over the global batch, not each GPU's
 
     def __post_init__(self) -> None:
-        if not 0 <= self.ema_decay < 1:
-            raise T2IError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.variant not in VARIANTS:
-            raise T2IError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.preset not in PRESETS:
-            raise T2IError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.backend not in BACKENDS:
-            raise T2IError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.precision not in PRECISIONS:
-            raise T2IError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "epochs", "lr_halve_every", "captions_per_sample",
-                     "pretrain_epochs",
-                     "sample_every", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise T2IError(f"--{name.replace('_', '-')} must be at least 1")
+        check_types(self)
+        for name, choices in (("variant", VARIANTS), ("preset", tuple(sorted(PRESETS))),
+                              ("backend", BACKENDS), ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise FieldError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise FieldError("lr", f"must be positive, got {self.lr}")
+        for name in ("beta1", "beta2", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.interp_beta <= 1:
+            raise FieldError("interp_beta", f"must be in [0, 1], got {self.interp_beta}")
+        if self.interp_weight < 0:
+            raise FieldError("interp_weight", f"must be at least 0, got {self.interp_weight}")
+        if self.seed < 0:
+            raise FieldError("seed", f"must be at least 0, got {self.seed}")
+        for name in ("batch_size", "epochs", "max_steps", "lr_halve_every",
+                     "captions_per_sample", "pretrain_epochs", "sample_every",
+                     "checkpoint_every", "keep_checkpoints", "log_every", "loader_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FieldError(name, f"must be at least 1, got {value}")
 
     @property
     def matching_aware(self) -> bool:
@@ -104,12 +160,22 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
+        """A run's config.json, each field checked against its type and range."""
         try:
             values = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise T2IError(f"{path}: cannot read the run's configuration: {exc}") from exc
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: not a run's configuration (a JSON object of settings)")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(values) - {f.name for f in fields})
         if unknown:
-            raise T2IError(f"{path}: unknown settings {unknown} (made by another version?)")
-        return cls(**values)
+            raise ConfigError(f"{path}: unknown settings {unknown} (made by another version?)")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING
+                   and f.name not in values]
+        if missing:
+            raise ConfigError(f"{path}: settings {missing} missing")
+        try:
+            return cls(**values)
+        except FieldError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc

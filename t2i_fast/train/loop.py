@@ -98,6 +98,7 @@ class Trainer:
             "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
             "text_encoder": self.text_encoder.state_dict(),
             "text_config": dataclasses.asdict(self.models.text),
+            "doc_length": self.loader.meta["doc_length"],  # what sampling encodes captions at
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "noise": self.noise.get_state(), "torch_rng": torch.get_rng_state(),
             # The compiled engine draws its noise there on a GPU.

@@ -22,7 +22,7 @@ from t2i_fast.errors import T2IError
 from t2i_fast.losses import sje_loss
 from t2i_fast.models import ImageEncoder, TextEncoder, preset
 from t2i_fast.models.image_encoder import BackboneImageEncoder
-from t2i_fast.train.config import resolve_device
+from t2i_fast.train.config import FieldError, check_types, resolve_device
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class PretrainConfig:
     backbone_weights: str | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
+        if self.lr <= 0:
+            raise FieldError("lr", f"must be positive, got {self.lr}")
         if (self.image_backbone is None) != (self.backbone_weights is None):
             raise T2IError("--image-backbone and --backbone-weights go together")
         if not 0 <= self.holdout < 1:

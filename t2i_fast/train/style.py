@@ -25,7 +25,7 @@ from t2i_fast.generate import TrainedModel
 from t2i_fast.models import preset
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
-from t2i_fast.train.config import TrainConfig, resolve_device
+from t2i_fast.train.config import FieldError, TrainConfig, check_types, resolve_device
 
 STYLE_FILE = "style_encoder.pt"
 STYLE_METRICS = "style_metrics.jsonl"
@@ -45,14 +45,18 @@ class StyleConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("steps", "log_every"):
             if getattr(self, name) < 1:
-                raise T2IError(f"--{name.replace('_', '-')} must be at least 1")
+                raise FieldError(name, f"must be at least 1, got {getattr(self, name)}")
         # BatchNorm needs two images to have a batch statistic.
         if self.batch_size < 2:
-            raise T2IError("--batch-size must be at least 2")
+            raise FieldError("batch_size", f"must be at least 2, got {self.batch_size}")
         if self.lr <= 0:
-            raise T2IError(f"--lr must be positive, got {self.lr}")
+            raise FieldError("lr", f"must be positive, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
 
 
 def load_run(run: Path, *, device: torch.device) -> tuple[TrainedModel, int]:
@@ -60,8 +64,8 @@ def load_run(run: Path, *, device: torch.device) -> tuple[TrainedModel, int]:
     checkpoint = latest_checkpoint(run) if run.is_dir() else None
     if checkpoint is None:
         raise T2IError(f"{run}: no checkpoint (a run folder that 't2i-fast train' made)")
-    state = load_checkpoint(checkpoint)
-    return TrainedModel(state, device=device), state["step"]
+    model = TrainedModel.load(checkpoint, device=device)
+    return model, model.step
 
 
 def style_loss(encoder: StyleEncoder, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -153,12 +157,18 @@ def load_style_encoder(run: Path, *, device: torch.device) -> tuple[StyleEncoder
     if not path.is_file():
         raise T2IError(f"{run}: no style encoder (run 't2i-fast train-style --run {run}' "
                        "first)")
-    state = load_checkpoint(path)
-    config = StyleEncoderConfig(**state["style_config"])
+    state = load_checkpoint(path, keys=("style_encoder", "style_config", "generator_step"),
+                            kind="style encoder")
     run_config = TrainConfig.load(run / "config.json")
-    if config != StyleEncoderConfig.from_gan(preset(run_config.preset).gan):
+    expected = StyleEncoderConfig.from_gan(preset(run_config.preset).gan)
+    if state["style_config"] != dataclasses.asdict(expected):
         raise T2IError(f"{path}: made for another architecture than the run's preset "
                        f"{run_config.preset!r} (retrain it with --overwrite)")
-    encoder = StyleEncoder(config).to(device).eval()
-    encoder.load_state_dict(state["style_encoder"])
+    encoder = StyleEncoder(expected).to(device).eval()
+    try:
+        encoder.load_state_dict(state["style_encoder"])
+    except (TypeError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[:1]
+        raise T2IError(f"{path}: cannot load the style encoder ({type(exc).__name__}"
+                       + (f": {reason[0]}" if reason else "") + ")") from exc
     return encoder, state["generator_step"]
