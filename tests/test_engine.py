@@ -316,13 +316,15 @@ def test_backend_and_precision_options(shapes, tmp_path):
     assert "--backend [auto|eager|compiled]" in help_text and "default: auto" in help_text
 
 
-def test_bench_step_dry_run(capsys, monkeypatch):
+def test_bench_step_dry_run(capsys, monkeypatch, tmp_path):
     # With the text encoder trained, the engine's compiled parts are those the fixture
     # compiled (same shapes and settings): Inductor's cache makes its first step take seconds.
-    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--dry-run", "--train-text-encoder"])
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--dry-run", "--train-text-encoder",
+                                      "--json", str(tmp_path / "bench.json")])
     runpy.run_path(str(ROOT / "scripts" / "bench_step.py"), run_name="__main__")
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "bench.json").read_text()) == result
     assert result["dry_run"] is True and result["batch_sizes"] == [4]
     assert "dry run: CPU, compiled stock rows through aot_eager" in out
     stock = ["eager-fp32", "eager-bf16", "stock-compile-ro", "stock-compile",
