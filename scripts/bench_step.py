@@ -214,7 +214,7 @@ def describe(row: Row, device: torch.device, dry_run: bool) -> dict:
                 "adam": "fused" if cuda and row.compile_mode else "default",
                 "text": "given (cached)"}
     engine = row.name != "project-eager"
-    return {"layout": "channels_last" if engine else "NCHW, 2 layers' outputs channels_last",
+    return {"layout": "channels_last" if engine else "NCHW (2 layers out channels_last)",
             "dtype": "bf16 autocast" if precision == "bf16" else
             "fp32 (TF32)" if cuda else "fp32",
             "compiler": ("inductor + CUDA graph" if cuda else "inductor (CPU)") if engine
@@ -424,7 +424,7 @@ def print_report(results: dict) -> None:
           f"preset {results['preset']}, {results['repeats']} x {results['steps']} steps"
           + (" (dry run: CPU, compiled stock rows through aot_eager)"
              if results["dry_run"] else ""))
-    print(f"matmul rate {results['matmul_tflops']:.1f} TFLOP/s ({results['matmul_what']}); "
+    print(f"matmul rate {results['matmul_tflops']:.3g} TFLOP/s ({results['matmul_what']}); "
           "kernel floor in a CUDA graph "
           + (f"{floor_us:.2f} µs" if floor_us is not None else "n/a (no CUDA)"))
     header = (f"{'batch':>5}  {'row':<20}{'img/s':>10}{'min':>9}{'max':>9}{'TFLOP/s':>8}"
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "commit": commit(),
         "date": datetime.date.today().isoformat(), "dry_run": args.dry_run, "preset": name,
         "batch_sizes": sizes, "steps": args.steps, "repeats": args.repeats,
-        "warmup": args.warmup, "matmul_tflops": round(rate, 2), "matmul_what": what,
+        "warmup": args.warmup, "matmul_tflops": round(rate, 4), "matmul_what": what,
         "kernel_floor_us": kernel_floor_us(device), "flops_per_step": {}, "rows": []}
 
     def save() -> None:
