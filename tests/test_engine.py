@@ -317,17 +317,48 @@ def test_backend_and_precision_options(shapes, tmp_path):
     assert "--backend [auto|eager|compiled]" in help_text and "default: auto" in help_text
 
 
-def test_bench_step_dry_run(capsys, monkeypatch):
+def test_bench_step_dry_run(capsys, monkeypatch, tmp_path):
     # With the text encoder trained, the engine's compiled parts are those the fixture
-    # compiled (same shapes and settings): Inductor's cache makes this run take seconds.
-    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--dry-run", "--train-text-encoder"])
+    # compiled (same shapes and settings): Inductor's cache makes its first step take seconds.
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--dry-run", "--train-text-encoder",
+                                      "--json", str(tmp_path / "bench.json")])
     runpy.run_path(str(ROOT / "scripts" / "bench_step.py"), run_name="__main__")
-    lines = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(lines[-1])
-    assert result["dry_run"] is True
-    rows = result["rows"]
-    assert {row["backend"] for row in rows} == {"eager", "stock-compile", "engine"}
-    for row in rows:
-        assert "error" not in row and row["finite"] and row["loss_check"], row
-        assert row["images_per_s"] > 0
-    assert all(next(r for r in rows if r["backend"] == "engine")["compiled_parts"].values())
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "bench.json").read_text()) == result
+    assert result["dry_run"] is True and result["batch_sizes"] == [4]
+    assert "dry run: CPU, compiled stock rows through aot_eager" in out
+    stock = ["eager-fp32", "eager-bf16", "stock-compile-ro", "stock-compile",
+             "stock-compile-ro-cl"]
+    names = [*stock, "project-eager", "engine", "engine-fused"]
+    rows = {row["row"]: row for row in result["rows"]}
+    assert sorted(rows) == sorted(names) and len(result["rows"]) == len(names)
+    # engine-fused needs CUDA: on the CPU it is a row with the engine's own refusal.
+    assert rows.pop("engine-fused")["error"] == (
+        "ValueError: fused_layers needs the compiled backend on a CUDA device")
+    for row in rows.values():
+        assert "error" not in row and row["loss_check"] is True, row
+        assert 0 < row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
+        assert row["kernels_per_step"] is None  # counted on a GPU only
+        assert {"layout", "dtype", "compiler", "adam", "text"} <= set(row)
+    assert rows["stock-compile-ro-cl"]["layout"] == "channels_last"
+    assert rows["stock-compile"]["layout"] == rows["eager-fp32"]["layout"] == "NCHW"
+    assert rows["eager-bf16"]["dtype"] == "bf16 autocast"
+    assert all(rows[name]["compiler"] == "aot_eager (dry run)"
+               for name in ("stock-compile-ro", "stock-compile", "stock-compile-ro-cl"))
+    assert all(rows["engine"]["compiled_parts"].values())
+    assert rows["engine"]["loader_ratio"] > 0
+    # The plain step computes the project's: the same first losses in float32.
+    assert rows["project-eager"]["first_losses"] == pytest.approx(
+        rows["eager-fp32"]["first_losses"], rel=0.01)
+    rates = result["images_per_s"]["4"]
+    assert rates == {name: rows[name]["images_per_s"] if name in rows else None
+                     for name in names}
+    best = max(stock, key=rates.get)
+    assert result["best_stock"] == {"4": best}
+    assert result["engine_over_stock"] == {"4": round(rates["engine"] / rates[best], 3)}
+    assert result["engine_fused_over_stock"] == {"4": None}
+    assert result["project_eager_over_plain_eager"] == {
+        "4": round(rates["project-eager"] / rates["eager-fp32"], 3)}
+    assert result["flops_per_step"]["4"] > 0 and result["matmul_tflops"] > 0
+    assert result["kernel_floor_us"] is None

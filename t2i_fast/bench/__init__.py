@@ -1,0 +1,2 @@
+"""Yardsticks for the step benchmark (``scripts/bench_step.py``): what the engine is measured
+against, kept apart from the project's own model code."""
