@@ -14,8 +14,9 @@ import torch
 from conftest import write_random_dataset
 
 from t2i_fast.data import Dataset, Loader
+from t2i_fast.data.alphabet import onehot
 from t2i_fast.data.format import record_key
-from t2i_fast.data.loader import normalise, onehot, pixel_lut
+from t2i_fast.data.loader import normalise, pixel_lut
 from t2i_fast.data.reference import ReferenceLoader
 from t2i_fast.errors import CorruptRecordError, DataError
 

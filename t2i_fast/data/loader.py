@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from t2i_fast import _C
-from t2i_fast.data.alphabet import ALPHABET_SIZE
+from t2i_fast.data.alphabet import ALPHABET_SIZE, onehot
 from t2i_fast.data.format import close_env, open_env, read_metadata
 from t2i_fast.errors import ConfigError, DataError
 
@@ -40,15 +40,6 @@ def normalise(pixels: torch.Tensor, lut: torch.Tensor, layout: str) -> torch.Ten
     if layout == "nhwc":
         return lut[pixels.permute(0, 2, 3, 1).long()].permute(0, 3, 1, 2)
     return lut[pixels.long()]
-
-
-def onehot(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 character indices [..., L] → contiguous one-hot [..., 70, L]; index 0 (padding,
-    unknown) gives an all-zero column."""
-    idx = indices.long().unsqueeze(-2)  # [..., 1, L]
-    out = torch.zeros(*indices.shape[:-1], ALPHABET_SIZE, indices.shape[-1], dtype=dtype,
-                      device=indices.device)
-    return out.scatter_(-2, (idx - 1).clamp_(min=0), (idx > 0).to(dtype))
 
 
 def default_size(stored: int) -> int:
