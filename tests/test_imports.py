@@ -1,6 +1,8 @@
 """What imports without native code, and what a missing C++ extension says."""
 
+import importlib.machinery
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -36,3 +38,36 @@ def test_models_and_alphabet_import_without_lmdb_or_the_extension(tmp_path):
     """, path=REPO, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def _source_tree(tmp_path: Path) -> Path:
+    """A checkout's root as before a build: the package without the compiled core."""
+    root = tmp_path / "checkout"
+    shutil.copytree(REPO / "t2i_fast", root / "t2i_fast",
+                    ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    return root
+
+
+def test_unbuilt_source_tree_says_how_to_install_or_build(tmp_path):
+    root = _source_tree(tmp_path)
+    # From the checkout's root, as `python -c` and `python -m` put it first on sys.path.
+    done = _run("from t2i_fast.data import Loader", path=tmp_path / "elsewhere", cwd=root)
+    assert done.returncode == 1
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("ImportError: t2i_fast._C, the C++ loader, is not built in "
+                              f"{root / 't2i_fast'}: Python imported the source tree")
+    for advice in ("bash scripts/setup.sh", "pip install .", ".venv/bin/t2i-fast",
+                   "from outside the checkout", "cmake -S . -B build/dev"):
+        assert advice in message
+    assert "cannot import name" not in done.stderr
+
+
+def test_extension_that_does_not_load_is_named(tmp_path):
+    root = _source_tree(tmp_path)
+    broken = root / "t2i_fast" / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    broken.write_bytes(b"not a shared library")
+    done = _run("import t2i_fast.data.loader", path=tmp_path / "elsewhere", cwd=root)
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"ImportError: t2i_fast._C, the C++ loader ({broken.name} in "
+                              f"{root / 't2i_fast'}), does not load: ")
+    assert "bash scripts/setup.sh" in message

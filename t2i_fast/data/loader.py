@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i_fast import _C
 from t2i_fast.data.alphabet import onehot
 from t2i_fast.data.format import close_env, open_env, read_metadata
 from t2i_fast.errors import ConfigError, DataError
+from t2i_fast.native import _C
 
 _ELEM_BYTES = {torch.uint8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
