@@ -48,6 +48,22 @@ std::vector<uint8_t> to_bytes(const py::bytes& b) {
   return std::vector<uint8_t>(s.begin(), s.end());
 }
 
+// A slot layout as Python sees it: {"fields": [(name, offset, dtype, shape)], "bytes": n},
+// dtype "pixel" (the caller's pixel type, elem_bytes wide), "uint8" or "int64".
+py::dict to_python(const t2i::SlotLayout& layout) {
+  py::list fields;
+  for (const t2i::SlotField& f : layout.fields) {
+    const char* dtype = f.dtype == t2i::SlotDtype::kPixel   ? "pixel"
+                        : f.dtype == t2i::SlotDtype::kInt64 ? "int64"
+                                                            : "uint8";
+    fields.append(py::make_tuple(f.name, f.offset, dtype, py::tuple(py::cast(f.shape))));
+  }
+  py::dict d;
+  d["fields"] = fields;
+  d["bytes"] = layout.bytes;
+  return d;
+}
+
 void raise_as(const char* name, const char* message) {
   py::object cls = py::module_::import("t2i_fast.errors").attr(name);
   PyErr_SetString(cls.ptr(), message);
@@ -67,6 +83,26 @@ PYBIND11_MODULE(_C, m) {
       raise_as("DataError", e.what());
     }
   });
+
+  m.def(
+      "slot_layout",
+      [](int64_t batch_size, int size, int captions_per_sample, int doc_length, bool onehot,
+         int elem_bytes, bool nhwc) {
+        t2i::SlotGeometry g;
+        g.batch_size = batch_size;
+        g.size = size;
+        g.captions_per_sample = captions_per_sample;
+        g.doc_length = doc_length;
+        g.onehot = onehot;
+        g.elem_bytes = elem_bytes;
+        g.nhwc = nhwc;
+        return to_python(t2i::slot_layout(g));
+      },
+      py::kw_only(), py::arg("batch_size"), py::arg("size"), py::arg("captions_per_sample"),
+      py::arg("doc_length"), py::arg("onehot"), py::arg("elem_bytes"), py::arg("nhwc"),
+      "The layout of one batch slot, as the loader fills it: {'fields': [(name, byte offset, "
+      "dtype, shape)], 'bytes': the slot's size}; dtype is 'pixel' (elem_bytes wide, the "
+      "caller's pixel type), 'uint8' or 'int64'.");
 
   py::class_<LoaderHandle>(m, "Loader")
       .def(py::init([](const std::string& path, int64_t count, int64_t num_classes,
@@ -117,21 +153,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("world_size"), py::arg("drop_last"), py::arg("num_threads"),
            py::arg("verify"))
       .def_property_readonly("layout",
-                             [](LoaderHandle& h) {
-                               const t2i::SlotLayout& l = h.get().layout();
-                               py::dict d;
-                               d["images"] = l.images;
-                               d["wrong_images"] = l.wrong_images;
-                               d["captions"] = l.captions;
-                               d["caption_ids"] = l.caption_ids;
-                               d["class_ids"] = l.class_ids;
-                               d["wrong_class_ids"] = l.wrong_class_ids;
-                               d["indices"] = l.indices;
-                               d["wrong_indices"] = l.wrong_indices;
-                               d["onehot_shadow"] = l.onehot_shadow;
-                               d["bytes"] = l.bytes;
-                               return d;
-                             })
+                             [](LoaderHandle& h) { return to_python(h.get().layout()); })
       .def_property_readonly("num_batches", [](LoaderHandle& h) { return h.get().num_batches(); })
       .def_property_readonly("num_slots", [](LoaderHandle& h) { return h.get().num_slots(); })
       .def_property_readonly("num_leased", [](LoaderHandle& h) { return h.get().num_leased(); })

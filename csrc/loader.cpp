@@ -93,6 +93,47 @@ void onehot(const uint8_t* chars, uint8_t* previous, int length, T one, T* out) 
 
 }  // namespace
 
+SlotLayout slot_layout(const SlotGeometry& g) {
+  require(g.batch_size >= 1, "batch_size must be at least 1");
+  require(g.batch_size <= (int64_t(1) << 24), "batch_size must be at most 2^24");
+  require(g.size >= 1 && g.size <= 65535, "size must be in [1, 65535]");
+  require(g.captions_per_sample >= 1 && g.captions_per_sample <= 255,
+          "captions_per_sample must be in [1, 255]");
+  require(g.doc_length >= 1 && g.doc_length <= 65535, "doc_length must be in [1, 65535]");
+  require(g.elem_bytes == 1 || g.elem_bytes == 2 || g.elem_bytes == 4,
+          "elem_bytes must be 1, 2 or 4");
+  // With these bounds no field reaches 2^60 bytes: the sizes below cannot overflow.
+  const int64_t B = g.batch_size, k = g.captions_per_sample, S = g.size, L = g.doc_length;
+  const std::vector<int64_t> image = g.nhwc ? std::vector<int64_t>{B, S, S, 3}
+                                            : std::vector<int64_t>{B, 3, S, S};
+  const std::vector<int64_t> captions = g.onehot ? std::vector<int64_t>{B, k, kAlphabetSize, L}
+                                                 : std::vector<int64_t>{B, k, L};
+  const SlotDtype caption_dtype = g.onehot ? SlotDtype::kPixel : SlotDtype::kUint8;
+  SlotLayout layout{};
+  auto& f = layout.fields;  // filled by id, laid out in id order below
+  f[kImages] = {"images", SlotDtype::kPixel, image, 0, 0};
+  f[kWrongImages] = {"wrong_images", SlotDtype::kPixel, image, 0, 0};
+  f[kCaptions] = {"captions", caption_dtype, captions, 0, 0};
+  f[kCaptionIds] = {"caption_ids", SlotDtype::kInt64, {B, k}, 0, 0};
+  f[kClassIds] = {"class_ids", SlotDtype::kInt64, {B}, 0, 0};
+  f[kWrongClassIds] = {"wrong_class_ids", SlotDtype::kInt64, {B}, 0, 0};
+  f[kIndices] = {"indices", SlotDtype::kInt64, {B}, 0, 0};
+  f[kWrongIndices] = {"wrong_indices", SlotDtype::kInt64, {B}, 0, 0};
+  f[kOnehotShadow] = {"onehot_shadow", SlotDtype::kUint8, {B, k, g.onehot ? L : 0}, 0, 0};
+  size_t at = 0;
+  for (SlotField& field : layout.fields) {
+    size_t bytes = field.dtype == SlotDtype::kPixel   ? size_t(g.elem_bytes)
+                   : field.dtype == SlotDtype::kInt64 ? 8
+                                                      : 1;
+    for (int64_t n : field.shape) bytes *= size_t(n);
+    field.offset = at;
+    field.bytes = bytes;
+    at = align64(at + bytes);
+  }
+  layout.bytes = at;
+  return layout;
+}
+
 Loader::Loader(const std::string& path, const DatasetSpec& spec, LoaderOptions options)
     : opt_(std::move(options)),
       store_(path, spec),
@@ -104,11 +145,22 @@ Loader::Loader(const std::string& path, const DatasetSpec& spec, LoaderOptions o
       picker_(class_ids_) {
   const int64_t count = spec.count;
   require(count >= 2, path + ": the loader needs at least 2 records (mismatched images)");
-  require(opt_.batch_size >= 1, "batch_size must be at least 1");
-  require(opt_.captions_per_sample >= 1 && opt_.captions_per_sample <= 255,
-          "captions_per_sample must be in [1, 255]");
-  require(opt_.elem_bytes == 1 || opt_.elem_bytes == 2 || opt_.elem_bytes == 4,
-          "elem_bytes must be 1, 2 or 4");
+  // Every record has the metadata's image size and document length (parse_record checks).
+  stored_h_ = spec.height;
+  stored_w_ = spec.width;
+  doc_length_ = spec.doc_length;
+  require(opt_.size >= 1 && opt_.size <= stored_h_ && opt_.size <= stored_w_,
+          "size must be in [1, " + std::to_string(std::min(stored_h_, stored_w_)) +
+              "] (the stored image size)");
+  SlotGeometry geometry;
+  geometry.batch_size = opt_.batch_size;
+  geometry.size = opt_.size;
+  geometry.captions_per_sample = opt_.captions_per_sample;
+  geometry.doc_length = doc_length_;
+  geometry.onehot = opt_.onehot;
+  geometry.elem_bytes = opt_.elem_bytes;
+  geometry.nhwc = opt_.nhwc;
+  layout_ = slot_layout(geometry);
   require(opt_.lut.size() == size_t(256 * opt_.elem_bytes), "lut must hold 256 * elem_bytes bytes");
   require(opt_.one.size() == size_t(opt_.elem_bytes), "one must hold elem_bytes bytes");
   require(opt_.world_size >= 1 && opt_.rank >= 0 && opt_.rank < opt_.world_size,
@@ -117,13 +169,6 @@ Loader::Loader(const std::string& path, const DatasetSpec& spec, LoaderOptions o
 
   identity_lut_ = opt_.elem_bytes == 1;
   for (int i = 0; i < 256 && identity_lut_; ++i) identity_lut_ = opt_.lut[i] == i;
-  // Every record has the metadata's image size and document length (parse_record checks).
-  stored_h_ = spec.height;
-  stored_w_ = spec.width;
-  doc_length_ = spec.doc_length;
-  require(opt_.size >= 1 && opt_.size <= stored_h_ && opt_.size <= stored_w_,
-          "size must be in [1, " + std::to_string(std::min(stored_h_, stored_w_)) +
-              "] (the stored image size)");
 
   const int64_t per_rank = opt_.drop_last ? count / opt_.world_size
                                           : (count - opt_.rank + opt_.world_size - 1) / opt_.world_size;
@@ -132,27 +177,6 @@ Loader::Loader(const std::string& path, const DatasetSpec& spec, LoaderOptions o
   require(num_batches_ >= 1, "batch_size " + std::to_string(opt_.batch_size) +
                                  " leaves no full batch of " + std::to_string(per_rank) +
                                  " records per rank (lower it or pass drop_last=False)");
-
-  const size_t B = size_t(opt_.batch_size), k = size_t(opt_.captions_per_sample);
-  const size_t image = B * 3 * opt_.size * opt_.size * opt_.elem_bytes;
-  const size_t captions = opt_.onehot ? B * k * kAlphabetSize * doc_length_ * opt_.elem_bytes
-                                      : B * k * doc_length_;
-  size_t at = 0;
-  auto place = [&](size_t bytes) {
-    const size_t offset = at;
-    at = align64(at + bytes);
-    return offset;
-  };
-  layout_.images = place(image);
-  layout_.wrong_images = place(image);
-  layout_.captions = place(captions);
-  layout_.caption_ids = place(B * k * 8);
-  layout_.class_ids = place(B * 8);
-  layout_.wrong_class_ids = place(B * 8);
-  layout_.indices = place(B * 8);
-  layout_.wrong_indices = place(B * 8);
-  layout_.onehot_shadow = place(opt_.onehot ? B * k * doc_length_ : 0);
-  layout_.bytes = at;
 
   verified_.reset(new std::atomic<uint8_t>[store_.size()]);
   for (int64_t i = 0; i < store_.size(); ++i) verified_[i].store(opt_.verify ? 0 : 1);
@@ -372,27 +396,27 @@ void Loader::fill(const Plan& plan, int64_t batch, uint8_t* base, std::vector<ui
   const int64_t begin = batch * opt_.batch_size;
   const int64_t end = std::min<int64_t>(begin + opt_.batch_size, int64_t(plan.records.size()));
   const int k = opt_.captions_per_sample;
-  const size_t image_bytes = size_t(3) * opt_.size * opt_.size * opt_.elem_bytes;
-  const size_t caption_bytes = opt_.onehot
-                                   ? size_t(k) * kAlphabetSize * doc_length_ * opt_.elem_bytes
-                                   : size_t(k) * doc_length_;
-  auto* caption_ids = reinterpret_cast<int64_t*>(base + layout_.caption_ids);
-  auto* class_ids = reinterpret_cast<int64_t*>(base + layout_.class_ids);
-  auto* wrong_class_ids = reinterpret_cast<int64_t*>(base + layout_.wrong_class_ids);
-  auto* indices = reinterpret_cast<int64_t*>(base + layout_.indices);
-  auto* wrong_indices = reinterpret_cast<int64_t*>(base + layout_.wrong_indices);
+  // Per sample: a field's bytes over the batch size.
+  const size_t image_bytes = layout_[kImages].bytes / opt_.batch_size;
+  const size_t caption_bytes = layout_[kCaptions].bytes / opt_.batch_size;
+  auto field = [&](SlotFieldId id) { return base + layout_[id].offset; };
+  auto* caption_ids = reinterpret_cast<int64_t*>(field(kCaptionIds));
+  auto* class_ids = reinterpret_cast<int64_t*>(field(kClassIds));
+  auto* wrong_class_ids = reinterpret_cast<int64_t*>(field(kWrongClassIds));
+  auto* indices = reinterpret_cast<int64_t*>(field(kIndices));
+  auto* wrong_indices = reinterpret_cast<int64_t*>(field(kWrongIndices));
   for (int64_t i = begin; i < end; ++i) {
     const int64_t s = i - begin;
     const int64_t r = plan.records[i];
     const int64_t w = picker_(plan.key_wrong, r);
     write_image(r, r, plan.key_crop_y, plan.key_crop_x, plan.key_flip,
-                base + layout_.images + s * image_bytes, scratch);
+                field(kImages) + s * image_bytes, scratch);
     write_image(w, r, plan.key_wrong_crop_y, plan.key_wrong_crop_x, plan.key_wrong_flip,
-                base + layout_.wrong_images + s * image_bytes, scratch);
+                field(kWrongImages) + s * image_bytes, scratch);
     const RecordView& rec = store_[r];
     caption_choice(plan.key_caption, r, rec.n_captions, k, caption_ids + s * k);
-    write_captions(rec, caption_ids + s * k, base + layout_.captions + s * caption_bytes,
-                   base + layout_.onehot_shadow + s * k * doc_length_);
+    write_captions(rec, caption_ids + s * k, field(kCaptions) + s * caption_bytes,
+                   field(kOnehotShadow) + s * k * doc_length_);
     class_ids[s] = rec.class_id;
     wrong_class_ids[s] = store_[w].class_id;
     indices[s] = r;

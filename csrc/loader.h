@@ -5,6 +5,7 @@
 // holds the same samples and augmentations (see sampling.h), whichever thread fills it.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -40,12 +41,53 @@ struct LoaderOptions {
   bool verify = true;            // check each record's CRC-32 the first time it is read
 };
 
-// Byte offsets of the fields inside one slot; each field starts on a 64-byte boundary.
-// onehot_shadow keeps the character indices whose one-hot the slot holds (one-hot only).
-struct SlotLayout {
-  size_t images, wrong_images, captions, caption_ids, class_ids, wrong_class_ids, indices,
-      wrong_indices, onehot_shadow, bytes;
+// What a slot field's elements are: the caller's pixel type (elem_bytes wide, with the bits
+// that `lut` and `one` give), character indices, or 64-bit integers.
+enum class SlotDtype { kPixel, kUint8, kInt64 };
+
+// The fields of a slot, in the order they lie in it.
+enum SlotFieldId {
+  kImages,
+  kWrongImages,
+  kCaptions,
+  kCaptionIds,
+  kClassIds,
+  kWrongClassIds,
+  kIndices,
+  kWrongIndices,
+  kOnehotShadow,  // the character indices whose one-hot the slot holds (empty without one-hot)
+  kNumSlotFields
 };
+
+struct SlotField {
+  const char* name;
+  SlotDtype dtype;
+  std::vector<int64_t> shape;  // row-major, as stored: images [B, S, S, 3] or [B, 3, S, S]
+  size_t offset;               // from the slot's start; a multiple of 64
+  size_t bytes;
+};
+
+struct SlotLayout {
+  std::array<SlotField, kNumSlotFields> fields;
+  size_t bytes;  // the whole slot
+  const SlotField& operator[](SlotFieldId id) const { return fields[id]; }
+};
+
+// What a slot's layout depends on.
+struct SlotGeometry {
+  int64_t batch_size = 64;
+  int size = 64;
+  int captions_per_sample = 4;
+  int doc_length = 201;
+  bool onehot = false;
+  int elem_bytes = 1;
+  bool nhwc = true;
+};
+
+// The one definition of a slot's layout: the loader writes by it and the Python views of a
+// batch are built from it (bindings.cpp exports it). Throws std::invalid_argument naming the
+// field of `geometry` that is out of range.
+SlotLayout slot_layout(const SlotGeometry& geometry);
 
 struct ReadyBatch {
   int slot;

@@ -2,6 +2,7 @@
 determinism, sharding, resumption, mismatched images, corrupt records, lifetimes."""
 
 import gc
+import math
 import os
 import shutil
 import struct
@@ -13,9 +14,11 @@ import pytest
 import torch
 from conftest import write_random_dataset
 
+from t2i_fast import _C
 from t2i_fast.data import Dataset, Loader
+from t2i_fast.data.alphabet import onehot
 from t2i_fast.data.format import record_key
-from t2i_fast.data.loader import normalise, onehot, pixel_lut
+from t2i_fast.data.loader import normalise, pixel_lut
 from t2i_fast.data.reference import ReferenceLoader
 from t2i_fast.errors import CorruptRecordError, DataError
 
@@ -305,6 +308,73 @@ def test_bad_arguments_name_the_argument(random_dataset, kwargs, message):
         Loader(random_dataset, **{"batch_size": 4, **kwargs})
 
 
+_ELEM_BYTES = {torch.uint8: 1, torch.bfloat16: 2, torch.float32: 4}
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"layout": "nchw", "dtype": torch.float32, "captions_per_sample": 3},
+    {"caption_format": "indices", "dtype": torch.bfloat16, "size": 13},
+])
+def test_batch_views_follow_the_layout_the_core_exports(random_dataset, options):
+    loader = Loader(random_dataset, batch_size=4, **options)
+    onehot = loader.caption_format == "onehot"
+    exported = _C.slot_layout(
+        batch_size=4, size=loader.size, captions_per_sample=loader.captions_per_sample,
+        doc_length=loader.meta["doc_length"], onehot=onehot,
+        elem_bytes=_ELEM_BYTES[loader.dtype], nhwc=loader.layout == "nhwc")
+    assert loader._core.layout == exported
+    batch = next(iter(loader))
+    base = batch.images.data_ptr()  # the slot's first byte: images lie at offset 0
+    storage = {name: getattr(batch, name) for name in FIELDS}
+    if loader.layout == "nhwc":
+        for name in ("images", "wrong_images"):
+            storage[name] = storage[name].permute(0, 2, 3, 1)
+    dtypes = {"pixel": loader.dtype, "uint8": torch.uint8, "int64": torch.int64}
+    seen = set()
+    for name, offset, dtype, shape in exported["fields"]:
+        if name == "onehot_shadow":
+            continue
+        tensor = storage[name]
+        assert tensor.data_ptr() - base == offset, name
+        assert tuple(tensor.shape) == shape and tensor.is_contiguous(), name
+        assert tensor.dtype == dtypes[dtype], name
+        seen.add(name)
+    assert seen == set(FIELDS)
+    loader.close()
+
+
+def test_exported_slot_layout_is_aligned_and_disjoint():
+    layout = _C.slot_layout(batch_size=3, size=5, captions_per_sample=2, doc_length=7,
+                            onehot=True, elem_bytes=4, nhwc=False)
+    size = {"pixel": 4, "uint8": 1, "int64": 8}
+    end = 0
+    for name, offset, dtype, shape in layout["fields"]:
+        assert offset % 64 == 0 and offset >= end, name
+        end = offset + math.prod(shape) * size[dtype]
+    assert layout["bytes"] >= end and layout["bytes"] % 64 == 0
+    names = [field[0] for field in layout["fields"]]
+    assert names == [*FIELDS, "onehot_shadow"]
+    shapes = {field[0]: field[3] for field in layout["fields"]}
+    assert shapes["images"] == (3, 3, 5, 5) and shapes["captions"] == (3, 2, 70, 7)
+    assert shapes["onehot_shadow"] == (3, 2, 7)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("batch_size", 0, "batch_size must be at least 1"),
+    ("batch_size", 1 << 25, "batch_size must be at most"),
+    ("size", 0, "size must be in"),
+    ("captions_per_sample", 256, "captions_per_sample must be in"),
+    ("doc_length", 0, "doc_length must be in"),
+    ("elem_bytes", 3, "elem_bytes must be 1, 2 or 4"),
+])
+def test_slot_layout_names_a_bad_argument(name, value, message):
+    geometry = {"batch_size": 2, "size": 4, "captions_per_sample": 1, "doc_length": 3,
+                "onehot": True, "elem_bytes": 1, "nhwc": True, name: value}
+    with pytest.raises(ValueError, match=message):
+        _C.slot_layout(**geometry)
+
+
 def test_two_loaders_at_once_and_reopening(random_dataset):
     a = Loader(random_dataset, batch_size=4, seed=1)
     b = Loader(random_dataset, batch_size=4, seed=1)
@@ -421,8 +491,6 @@ def test_lmdb_failures_name_the_file(tmp_path):
     with pytest.raises(DataError, match=r"garbage\.lmdb: cannot open as LMDB"):
         Loader(garbage, batch_size=4)
     # The native core maps LMDB status codes to the same exception, naming file and call.
-    from t2i_fast import _C
-
     with pytest.raises(DataError, match=r"garbage\.lmdb: mdb_env_open: .*"):
         _C.Loader(str(garbage), count=10, num_classes=2, image_height=8, image_width=8,
                   doc_length=8, encoding="raw", batch_size=4, size=4, captions_per_sample=1,

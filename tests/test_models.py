@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from t2i_fast.data.alphabet import ALPHABET_SIZE
-from t2i_fast.data.loader import onehot
+from t2i_fast.data.alphabet import ALPHABET_SIZE, onehot
 from t2i_fast.models import (
     PRESETS,
     Discriminator,

@@ -1,4 +1,4 @@
-"""Reed's character alphabet and the caption → character-index encoding.
+"""Reed's character alphabet, the caption → character-index encoding and its one-hot form.
 
 Index 0 is padding and also every character outside the alphabet; indices 1..70 are 1-based
 positions in ``ALPHABET`` as in Reed's Lua code, where '-' appears twice and the later
@@ -11,6 +11,7 @@ from __future__ import annotations
 import unicodedata
 
 import numpy as np
+import torch
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789-,;.!?:'\"/\\|_@#$%^&*~`+-=<>()[]{} "
 ALPHABET_SIZE = len(ALPHABET)  # 70: the one-hot width
@@ -55,3 +56,12 @@ def decode(indices: np.ndarray) -> str:
     """Indices → text: trailing padding dropped, unknown characters shown as U+FFFD."""
     values = np.trim_zeros(np.asarray(indices, dtype=np.int64), "b").tolist()
     return "".join(ALPHABET[i - 1] if 1 <= i <= ALPHABET_SIZE else "\ufffd" for i in values)
+
+
+def onehot(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 character indices [..., L] → contiguous one-hot [..., 70, L]; index 0 (padding,
+    unknown) gives an all-zero column."""
+    idx = indices.long().unsqueeze(-2)  # [..., 1, L]
+    out = torch.zeros(*indices.shape[:-1], ALPHABET_SIZE, indices.shape[-1], dtype=dtype,
+                      device=indices.device)
+    return out.scatter_(-2, (idx - 1).clamp_(min=0), (idx > 0).to(dtype))

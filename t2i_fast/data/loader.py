@@ -8,6 +8,7 @@ more batches than the ring holds, the ring grows by one slot (allocated once, th
 from __future__ import annotations
 
 import collections
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
@@ -16,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i_fast import _C
-from t2i_fast.data.alphabet import ALPHABET_SIZE
+from t2i_fast.data.alphabet import onehot
 from t2i_fast.data.format import close_env, open_env, read_metadata
 from t2i_fast.errors import ConfigError, DataError
+from t2i_fast.native import _C
 
 _ELEM_BYTES = {torch.uint8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -40,15 +41,6 @@ def normalise(pixels: torch.Tensor, lut: torch.Tensor, layout: str) -> torch.Ten
     if layout == "nhwc":
         return lut[pixels.permute(0, 2, 3, 1).long()].permute(0, 3, 1, 2)
     return lut[pixels.long()]
-
-
-def onehot(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 character indices [..., L] → contiguous one-hot [..., 70, L]; index 0 (padding,
-    unknown) gives an all-zero column."""
-    idx = indices.long().unsqueeze(-2)  # [..., 1, L]
-    out = torch.zeros(*indices.shape[:-1], ALPHABET_SIZE, indices.shape[-1], dtype=dtype,
-                      device=indices.device)
-    return out.scatter_(-2, (idx - 1).clamp_(min=0), (idx > 0).to(dtype))
 
 
 def default_size(stored: int) -> int:
@@ -195,30 +187,19 @@ class Loader:
         return Batch(**views, epoch=self.epoch, batch=batch)
 
     def _field_specs(self) -> dict:
-        """name → (offset, bytes, numpy dtype, shape, torch dtype to view as or None)."""
-        B, k, S = self.batch_size, self.captions_per_sample, self.size
-        L = self.meta["doc_length"]
+        """name → (offset, bytes, numpy dtype, shape, torch dtype to view as or None) of each
+        Batch tensor, from the core's slot layout (``_C.slot_layout``, its one definition)."""
         pixel = self._host_dtype
         pixel_np = np.dtype(f"int{8 * _ELEM_BYTES[pixel]}") if pixel != torch.uint8 else np.uint8
-        pixel_view = None if pixel == torch.uint8 else pixel
-        image_shape = (B, S, S, 3) if self.layout == "nhwc" else (B, 3, S, S)
-        if self.caption_format == "onehot" and self.device is None:
-            captions = (pixel_np, (B, k, ALPHABET_SIZE, L), pixel_view)
-        else:
-            captions = (np.uint8, (B, k, L), None)
-        specs = {
-            "images": (pixel_np, image_shape, pixel_view),
-            "wrong_images": (pixel_np, image_shape, pixel_view),
-            "captions": captions,
-            "caption_ids": (np.int64, (B, k), None),
-            **{name: (np.int64, (B,), None)
-               for name in ("class_ids", "wrong_class_ids", "indices", "wrong_indices")},
-        }
-        return {
-            name: (self._layout[name], int(np.prod(shape)) * np.dtype(np_dtype).itemsize,
-                   np_dtype, shape, view)
-            for name, (np_dtype, shape, view) in specs.items()
-        }
+        dtypes = {"pixel": (pixel_np, None if pixel == torch.uint8 else pixel),
+                  "uint8": (np.uint8, None), "int64": (np.int64, None)}
+        specs = {}
+        for name, offset, dtype, shape in self._layout["fields"]:
+            if name in _TENSOR_FIELDS:  # the rest (the one-hot shadow) is the core's own
+                np_dtype, view = dtypes[dtype]
+                nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+                specs[name] = (offset, nbytes, np_dtype, shape, view)
+        return specs
 
     def _host_batches(self) -> Iterator[Batch]:
         self._core.start_epoch(self.epoch, self.position)

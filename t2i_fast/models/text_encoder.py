@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from t2i_fast.data.alphabet import ALPHABET_SIZE
-from t2i_fast.data.loader import onehot
+from t2i_fast.data.alphabet import ALPHABET_SIZE, onehot
 from t2i_fast.models.config import TextEncoderConfig
 
 _RNNS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
