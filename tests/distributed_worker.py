@@ -46,3 +46,33 @@ def watched_run(rank: int, store: str, config: TrainConfig, backend: str) -> Non
     assert not failed, failed
     assert rank == 0 or not writes, f"rank {rank} wrote {writes}"
     assert rank != 0 or writes, "the watch saw nothing"
+
+
+def signalled_run(rank: int, store: str, config: TrainConfig, signalled: int, at: int) -> None:
+    """One of two processes (torch.multiprocessing): trains ``config``; process
+    ``signalled`` alone sends itself SIGTERM during step ``at``. Writes the step it
+    stopped at into RUN/../stopped-RANK."""
+    import signal
+
+    from t2i_fast.train.loop import Trainer
+    from t2i_fast.train.signals import TrainingStopped
+
+    torch.set_num_threads(1)
+    step = Trainer.train_step
+
+    def train_step(self, batch):
+        if rank == signalled and self.step == at - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch)
+
+    Trainer.train_step = train_step
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=2)
+    try:
+        train(config=config)
+        stopped = "finished"
+    except TrainingStopped as exc:
+        stopped = str(exc.step)
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(config.run).parent / f"stopped-{rank}").write_text(stopped)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -21,8 +23,9 @@ from t2i_fast.train.config import (
     resolve_device,
     resolve_precision,
 )
-from t2i_fast.train.distributed import process_group
+from t2i_fast.train.distributed import World, process_group
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
+from t2i_fast.train.signals import TrainingStopped
 
 CPU_EPOCHS = 10  # the small preset on 2 cores: about six minutes on the built-in dataset
 _RESUMABLE = {"resume", "epochs", "max_steps"}
@@ -49,12 +52,27 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
     return root / f"{max(taken, default=-1) + 1:05d}-{variant}-{preset}"
 
 
+@contextlib.contextmanager
+def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
+    """A run stopped by a signal: one line saying how to continue it, and the status of a
+    process ended by that signal (a job scheduler's requeue logic reads it)."""
+    try:
+        yield
+    except TrainingStopped as stopped:
+        if world.main:
+            click.echo(f"{run}: {stopped}; continue with: t2i-fast train --resume {run}",
+                       err=True)
+        ctx.exit(stopped.exit_code)
+
+
 @click.command(name="train")
 @_DATA
 @click.option("--run", type=click.Path(path_type=Path), default=None,
               help="Run folder to create  [default: runs/NNNNN-VARIANT-PRESET]")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="Continue this run exactly from its last checkpoint.")
+              help="Continue this run from where it stopped: exactly from its last "
+                   "checkpoint, or the unfinished stage again (text pretraining, GAN "
+                   "training before its first checkpoint).")
 @_preset("Model sizes: auto is reed on a GPU, small on the CPU.")
 @click.option("--variant", type=click.Choice(VARIANTS), default="int-cls")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64,
@@ -62,7 +80,8 @@ def _next_run(root: Path, variant: str, preset: str) -> Path:
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help=f"[default: 600 (the paper); {CPU_EPOCHS} with the small preset]")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
-              help="Stop after this many steps.")
+              help="Stop after this many steps, or at the end of --epochs if that comes "
+                   "first (training says so when it does).")
 @click.option("--lr", type=float, default=2e-4)
 @click.option("--beta1", type=float, default=0.5)
 @click.option("--lr-halve-every", type=click.IntRange(min=1), default=100, help="Epochs.")
@@ -110,9 +129,10 @@ def train_command(ctx: click.Context, **options) -> None:
                            f"--epochs and --max-steps may change ({sorted(given - _RESUMABLE)} "
                            "given)")
         config = TrainConfig.load(Path(resume) / "config.json")
+        # The folder given is the run, wherever it was made from.
         changes = {k: options[k] for k in ("epochs", "max_steps") if k in given}
-        config = dataclasses.replace(config, **changes)
-        with process_group(config.device) as world:
+        config = dataclasses.replace(config, run=str(resume), **changes)
+        with process_group(config.device) as world, _stopped(ctx, Path(resume), world):
             run = train(config=config, resume=True, world=world)
         if world.main:
             click.echo(f"{run}: resumed and finished")
@@ -133,7 +153,8 @@ def train_command(ctx: click.Context, **options) -> None:
                 lambda: _next_run(Path("runs"), options["variant"], options["preset"]))
         world.main_first(lambda: ensure_built_in(options["data"]))
         options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-        run = train(config=TrainConfig(**options), world=world)
+        with _stopped(ctx, Path(options["run"]), world):
+            run = train(config=TrainConfig(**options), world=world)
     if world.main:
         click.echo(f"{run}: done; samples in {run}/samples, metrics in {run}/metrics.jsonl")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from t2i_fast.atomic import write_text_atomically
 from t2i_fast.errors import ConfigError, T2IError
 from t2i_fast.models import PRESETS
 
@@ -156,7 +157,8 @@ class TrainConfig:
         return self.train_text_encoder or self.text_encoder is None
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        """Whole or not at all: a kill leaves the previous config.json, never part of one."""
+        write_text_atomically(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:

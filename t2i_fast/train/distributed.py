@@ -112,6 +112,15 @@ class World:
             torch.cuda.current_stream(self.device).wait_stream(side)
         return wrapped
 
+    def largest(self, value: int) -> int:
+        """The largest of every rank's ``value``: a meeting of the processes on the gloo
+        group, which does not wait for the GPU. Every rank must call it."""
+        if not self.distributed:
+            return value
+        box = torch.tensor([value])
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.group)
+        return int(box)
+
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global batch's tensor."""
         return x[self.rank::self.size] if self.size > 1 else x

@@ -16,17 +16,24 @@ from pathlib import Path
 import click
 import torch
 
+from t2i_fast.atomic import raise_if_disk_full, write_text_atomically
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.data.alphabet import encode
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.pictures import image_grid, line_plot
-from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from t2i_fast.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from t2i_fast.train.config import TrainConfig, resolve_backend, resolve_precision
 from t2i_fast.train.distributed import World, process_group, single, sync_batchnorm
 from t2i_fast.train.engine import MetricsReader, StepEngine
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
+from t2i_fast.train.signals import StopSignals, TrainingStopped, stop_signals
 
 SAMPLE_ROWS, SAMPLE_COLUMNS = 6, 8
 # Batches of training-like inputs over which G's average gets its own BatchNorm statistics
@@ -219,16 +226,22 @@ class Trainer:
         total = self.config.epochs * len(self.loader)
         return min(total, self.config.max_steps) if self.config.max_steps else total
 
-    def fit(self) -> None:
+    def fit(self, *, stop: StopSignals | None = None) -> None:
+        """Trains to ``total_steps()``; when ``stop`` receives a signal, stops at a step
+        boundary with a checkpoint and raises TrainingStopped."""
         config = self.config
         total = self.total_steps()
         main = self.world.main
+        if main:
+            self._say_where_it_stops(total)
         # Metrics come back from the GPU while it works on: waiting for them at each log step
         # would drain its queue.
         reader = MetricsReader()
         tick, images_done = time.perf_counter(), 0
         shown = {"rate": ""}
+        stop = stop if stop is not None else StopSignals()
         with contextlib.ExitStack() as stack:
+            stack.enter_context(stop.deferred())
             if main:
                 metrics_file = stack.enter_context((self.run / "metrics.jsonl").open("a"))
                 bar = stack.enter_context(click.progressbar(
@@ -244,7 +257,8 @@ class Trainer:
                     images_done += len(batch) * self.world.size
                     if main:
                         bar.update(1)
-                    if self.step % config.log_every == 0 or self.step == total:
+                    logged = self.step % config.log_every == 0 or self.step == total
+                    if logged:
                         values = self.world.mean(values)  # every rank takes part
                         rate = round(images_done / (time.perf_counter() - tick), 1)
                         tick, images_done = time.perf_counter(), 0
@@ -252,10 +266,12 @@ class Trainer:
                         if main:
                             reader.submit(({"step": self.step, "epoch": epoch, "lr": lr},
                                            rate), values)
-                    sample = main and (self.step % config.sample_every == 0
-                                       or self.step == total)
+                    # At the last step the run is complete: it ends as if no signal came.
+                    signum = self._stop_signal(stop, logged=logged) if self.step < total else 0
+                    sample = main and not signum and (self.step % config.sample_every == 0
+                                                      or self.step == total)
                     keep = main and (self.step % config.checkpoint_every == 0
-                                     or self.step == total)
+                                     or self.step == total or bool(signum))
                     # The curves and each checkpoint's metrics.jsonl hold every row so far.
                     for (head, rate), read in reader.collect(wait=sample or keep):
                         row = {**head, **{k: round(v, 5) for k, v in read.items()},
@@ -266,77 +282,148 @@ class Trainer:
                     if sample:
                         self.write_samples()
                         self.write_curves()
+                    if signum:
+                        # The others wait for rank 0's checkpoint: under torchrun, a process
+                        # that ends first gets the rest killed.
+                        self.world.main_first(self._save)
+                        raise TrainingStopped(signum, step=self.step)
                     if keep:
-                        self.calibrate_average()
-                        save_checkpoint(self.run, self.step, self.state(),
-                                        keep=config.keep_checkpoints)
+                        self._save()
                     if self.step >= total:
                         break
 
+    def _save(self) -> None:
+        self.calibrate_average()
+        save_checkpoint(self.run, self.step, self.state(), keep=self.config.keep_checkpoints)
+
+    def _stop_signal(self, stop: StopSignals, *, logged: bool) -> int:
+        """The signal to stop on at this step boundary, or 0. Processes under torchrun take
+        signals at different moments: they agree at logged steps, which they all reach."""
+        if not self.world.distributed:
+            return stop.received or 0
+        return self.world.largest(stop.received or 0) if logged else 0
+
+    def _say_where_it_stops(self, total: int) -> None:
+        config, per_epoch = self.config, len(self.loader)
+        if config.max_steps and config.max_steps > total:
+            click.echo(f"{self.run}: training stops at step {total}, the end of --epochs "
+                       f"{config.epochs} ({per_epoch} steps each), before --max-steps "
+                       f"{config.max_steps}; pass --epochs "
+                       f"{-(-config.max_steps // per_epoch)} to reach it", err=True)
+        if self.step >= total:
+            click.echo(f"{self.run}: already at step {self.step} of {total}; nothing to train "
+                       "(raise --epochs or --max-steps to train on)", err=True)
+
 
 def train(*, config: TrainConfig, resume: bool = False, world: World | None = None) -> Path:
-    """Train into ``config.run`` (a new folder), or continue it exactly (``resume``), as this
-    process of ``world`` (by default torchrun's, else a single process)."""
+    """Train into ``config.run`` (a new folder), or continue it (``resume``) from the stage
+    it reached: text pretraining (started again unless finished) or GAN training (exactly,
+    from the last checkpoint, or from the start without one), as this process of ``world``
+    (by default torchrun's, else a single process).
+
+    Resuming with other ``epochs`` or ``max_steps`` rewrites config.json with them. A first
+    SIGTERM or SIGINT stops the GAN training at the next step boundary with a checkpoint
+    (before it, at once), raising TrainingStopped."""
     if world is None:
         with process_group(config.device) as world:
             return train(config=config, resume=resume, world=world)
     world.split_batch(config.batch_size)  # before anything is made
     run = Path(config.run)
-    if resume:
-        checkpoint = latest_checkpoint(run)
-        if checkpoint is None:
-            raise T2IError(f"{run}: no checkpoint to resume from")
-        trainer = Trainer(config, world=world)
-        trainer.restore(checkpoint)
-        if world.main:
-            _trim_metrics(run / "metrics.jsonl", trainer.step)
-            trainer.history = _read_metrics(run / "metrics.jsonl")
-    else:
-        config = world.main_first(lambda: _start(config))
+    with stop_signals() as stop:
         try:
-            trainer = Trainer(config, world=world)
-        except BaseException:
-            if world.main:
-                shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
+            _train(config, resume=resume, world=world, stop=stop)
+        except Exception as exc:  # the run's files and the pretraining's share the disk
+            raise_if_disk_full(exc, run)
             raise
-    trainer.fit()
     return run
 
 
-def _start(config: TrainConfig) -> TrainConfig:
-    """Makes the run folder with its config.json, pretraining the text encoder there first
-    when the run has none; on failure no folder is left. Returns the run's configuration."""
+def _train(config: TrainConfig, *, resume: bool, world: World, stop: StopSignals) -> None:
     run = Path(config.run)
-    if run.exists():
-        raise T2IError(f"{run}: run folder exists (pass --resume {run} to continue it, "
-                       "or choose another --run)")
-    with Dataset(config.data):
-        pass  # a bad dataset fails before the run folder exists
-    run.mkdir(parents=True)
+    config = world.main_first(lambda: _open(config, resume=resume))
     try:
-        if config.text_encoder is None and not config.train_text_encoder:
-            checkpoint = pretrain_text(config=PretrainConfig(
-                data=config.data, out=str(run / "text"), preset=config.preset,
-                # G must render every class: the encoder sees them all (pretrain-text
-                # alone holds classes out to measure zero-shot accuracy).
-                holdout=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
-                seed=config.seed, device=config.device))
-            config = dataclasses.replace(config, text_encoder=str(checkpoint))
-        config.save(run / "config.json")
-    except BaseException:
-        shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
+        trainer = Trainer(config, world=world)
+    except Exception:
+        if world.main and not resume:
+            shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
         raise
+    checkpoint = latest_checkpoint(run) if resume else None
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    if world.main and resume:
+        _trim_metrics(run / "metrics.jsonl", trainer.step)
+        trainer.history = _read_metrics(run / "metrics.jsonl")
+    trainer.fit(stop=stop)
+
+
+def _open(config: TrainConfig, *, resume: bool) -> TrainConfig:
+    """Makes the run folder and writes its config.json first, or opens the folder of a run
+    to resume and rewrites its config.json when ``config`` differs; then pretrains the text
+    encoder there unless that is done or not wanted. A failure on a new run leaves no
+    folder; an interruption leaves one to resume. Returns the run's configuration."""
+    run = Path(config.run)
+    if resume:
+        if not (run / "config.json").is_file():
+            raise T2IError(f"{run}: not a run folder (no config.json)")
+        remove_partial_checkpoints(run)
+        if TrainConfig.load(run / "config.json") != config:
+            config.save(run / "config.json")
+    else:
+        if run.exists():
+            raise T2IError(f"{run}: run folder exists (pass --resume {run} to continue it, "
+                           "or choose another --run)")
+        with Dataset(config.data):
+            pass  # a bad dataset fails before the run folder exists
+        run.mkdir(parents=True)
+    try:
+        if not resume:
+            config.save(run / "config.json")
+        return _pretrain(config)
+    except Exception:
+        if not resume:
+            shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
+        raise
+
+
+def _pretrain(config: TrainConfig) -> TrainConfig:
+    """Pretrains the run's own text encoder into RUN/text when the run needs one and has
+    none: a finished pretraining (its text_encoder.pt, written last) is kept, an unfinished
+    one is started again. Returns the config naming the encoder, saved."""
+    if config.text_encoder is not None or config.train_text_encoder:
+        return config
+    run = Path(config.run)
+    checkpoint = run / "text" / "text_encoder.pt"
+    if not checkpoint.is_file():
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        pretrain_text(config=PretrainConfig(
+            data=config.data, out=str(checkpoint.parent), preset=config.preset,
+            # G must render every class: the encoder sees them all (pretrain-text alone
+            # holds classes out to measure zero-shot accuracy).
+            holdout=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
+            seed=config.seed, device=config.device))
+    config = dataclasses.replace(config, text_encoder=str(checkpoint))
+    config.save(run / "config.json")
     return config
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a last row cut short (the process killed while writing
+    it) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as exc:
+            if number == len(lines):
+                break
+            raise T2IError(f"{path}: line {number} is not a JSON row ({exc})") from exc
+    return rows
 
 
 def _trim_metrics(path: Path, step: int) -> None:
     """Drops rows logged after the checkpoint, which the resumed run logs again."""
     rows = [row for row in _read_metrics(path) if row["step"] <= step]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
+    write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from t2i_fast.atomic import save_atomically
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.losses import sje_loss
@@ -120,8 +121,9 @@ def zero_shot(image_encoder: torch.nn.Module, text_encoder: TextEncoder, dataset
 
 
 def pretrain_text(*, config: PretrainConfig) -> Path:
-    """Trains the encoders; writes OUT/text_encoder.pt (what ``train --text-encoder`` loads),
-    OUT/config.json, OUT/metrics.jsonl and OUT/evaluation.json. Returns the checkpoint."""
+    """Trains the encoders; writes OUT/config.json, OUT/metrics.jsonl, OUT/evaluation.json
+    and, last, OUT/text_encoder.pt (what ``train --text-encoder`` loads). Returns the
+    checkpoint."""
     out = Path(config.out)
     if out.exists():
         raise T2IError(f"{out}: already exists; choose another --out")
@@ -186,11 +188,10 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
         evaluation = {"skipped": str(exc)}
     evaluation["classes_seen_in_training"] = not config.eval_data and not len(holdout)
     (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
-    checkpoint = out / "text_encoder.pt"
-    torch.save({"text_encoder": text_encoder.state_dict(),
-                "text_config": dataclasses.asdict(models.text),
-                "image_encoder": image_encoder.state_dict(),
-                "image_config": dataclasses.asdict(models.image),
-                "preset": config.preset, "held_out_classes": holdout.tolist(),
-                "evaluation": evaluation}, checkpoint)
-    return checkpoint
+    # Written last and whole: its presence means the pretraining finished.
+    return save_atomically({"text_encoder": text_encoder.state_dict(),
+                            "text_config": dataclasses.asdict(models.text),
+                            "image_encoder": image_encoder.state_dict(),
+                            "image_config": dataclasses.asdict(models.image),
+                            "preset": config.preset, "held_out_classes": holdout.tolist(),
+                            "evaluation": evaluation}, out / "text_encoder.pt")
