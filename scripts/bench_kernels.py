@@ -1,54 +1,76 @@
 """The fused kernels against their PyTorch forms, on a CUDA GPU.
 
     python scripts/bench_kernels.py [--batch 64 256] [--dtype bfloat16] [--channels-last]
-                                    [--no-compile] [--json PATH] [--csv PATH] [--dry-run]
+                                    [--no-compile] [--no-graph] [--max-size N]
+                                    [--step-json PATH]
+                                    [--json PATH] [--csv PATH] [--dry-run]
 
 Convolution → BatchNorm → LeakyReLU: every such layer of the ``reed`` generator and
 discriminator (found by walking the models, see ``conv_bn_act_layers``), at each batch size,
-in training forward, training forward+backward and eval forward, as
+training forward ("fwd") and forward+backward ("fwd+bwd"), as
 
-- ``triton``: ``conv_bn_act(impl="triton")`` (the implicit-GEMM kernel with the measured
-  tiling; conv gradients from aten),
+- ``triton``: ``conv_bn_act`` with the fastest measured non-split tiling,
+- ``triton-splitk``: the fastest measured split-K tiling (layers with few output tiles),
+- ``triton-prologue``: the layer reading the previous layer's convolution output and
+  applying its BatchNorm and LeakyReLU as the GEMM loads it (``in_scale``/``in_shift``),
 - ``cudnn_fused``: aten's (cuDNN) convolution and the fused BatchNorm/LeakyReLU kernels,
 - ``eager``: cuDNN convolution, then eager ``F.batch_norm`` and ``F.leaky_relu``,
-- ``compile``: ``torch.compile`` (Inductor) of the eager layer.
+- ``compile``: ``torch.compile`` of the eager layer: cuDNN with Inductor's fused BatchNorm
+  and LeakyReLU,
 
-Each layer is first measured for the dispatch table (``measure_dispatch``: the decisions
-``impl="auto"`` will use, written to the dispatch JSON and listed here), and every variant is
-checked before it is timed (``triton.testing.do_bench`` medians): its error against eager in
-float32 at most 3× eager's own error in the dtype, as in the parity tests.
-TFLOP/s counts the convolution's multiply-adds (×3 with the backward: input and weight
-gradients); GB/s counts the compulsory traffic, each tensor the step reads or writes once.
-Both are also given against this card's ceilings, measured here: a large bfloat16 matmul and
-a large device-to-device copy.
+each timed per call (``triton.testing.do_bench`` medians, launch overhead included) and
+inside CUDA-graph replay (``dispatch.graph_replay_ms`` medians: as the captured step runs
+it). Each layer is first measured for the dispatch table (``measure_dispatch``: the entry
+``impl="auto"`` and ``choose_fused_layers`` use, listed with its winner), and every variant
+is checked before it is timed: its error against eager in float32 at most 3× eager's own
+error in the dtype, as in the parity tests. TFLOP/s counts the convolution's multiply-adds
+(×3 with the backward: input and weight gradients); GB/s counts the compulsory traffic, each
+tensor the step reads or writes once. Both are also given against this card's ceilings,
+measured here: a large bfloat16 matmul and a large device-to-device copy.
 
-The fused GAN-CLS / GAN-INT losses (``t2i_fast.ops.matching_loss``) are timed against their
-eager forms, forward and forward+backward.
+The fused GAN-CLS / GAN-INT losses are timed against their eager forms, and
+``choose_matching_loss`` says which the captured step should use. ``--step-json`` reads
+``bench_step.py``'s JSON and adds the whole step's summary: the engine with fused layers
+off (``engine``), auto (``engine-fused-auto``) and on (``engine-fused-on``).
 
-``--dry-run`` lists the layer shapes and needs no GPU; otherwise a machine without CUDA gets
-one line on stderr and exit status 2.
+``--dry-run`` needs no GPU: it lists the layer shapes, then runs the whole pipeline on one
+tiny layer on the CPU (Triton's interpreter, wall-clock timing, no CUDA graphs) to check the
+script. Otherwise a machine without CUDA gets one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import functools
-import json
+import os
 import sys
-from pathlib import Path
 
-import torch
+if "--dry-run" in sys.argv[1:]:
+    # Triton picks interpreter or compiler when a kernel's module is imported: before that.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from t2i_fast.models.config import preset
-from t2i_fast.models.discriminator import Discriminator
-from t2i_fast.models.generator import Generator
-from t2i_fast.ops import conv_bn_act as cba
-from t2i_fast.ops import dispatch
-from t2i_fast.ops.fused_layers import LayerShape, conv_bn_act_layers
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-VARIANTS = ("triton", "cudnn_fused", "eager", "compile")
-MODES = ("train fwd", "train fwd+bwd", "eval fwd")
+import torch  # noqa: E402
+
+from t2i_fast.models.config import preset  # noqa: E402
+from t2i_fast.models.discriminator import Discriminator  # noqa: E402
+from t2i_fast.models.generator import Generator  # noqa: E402
+from t2i_fast.ops import conv_bn_act as cba  # noqa: E402
+from t2i_fast.ops import dispatch  # noqa: E402
+from t2i_fast.ops.fused_layers import LayerShape, conv_bn_act_layers  # noqa: E402
+
+VARIANTS = ("triton", "triton-splitk", "triton-prologue", "cudnn_fused", "eager", "compile")
+MODES = ("fwd", "fwd+bwd")
+TIMINGS = ("call", "graph")
+STEP_ROWS = ("engine", "engine-fused-auto", "engine-fused-on")
+# The dry run's layer: enough input channels for the interpreter's split-K candidate.
+DRY_LAYER = LayerShape("dry.0", "conv", 64, 8, 3, 1, 1, 4, 4, 0.2)
 
 
 def reed_layers() -> list[tuple[str, LayerShape]]:
@@ -68,18 +90,28 @@ def describe(layer: LayerShape) -> str:
             f"slope={layer.slope}")
 
 
-def dry_run(batches: list[int]) -> None:
-    print("model layer batch shape")
-    for batch in batches:
-        for model, layer in reed_layers():
-            print(f"{model} {layer.name} {batch} {describe(layer)}")
-
-
-# -- measurement ----------------------------------------------------------------------------
-def bench(fn, **kwargs) -> float:
+# -- timing ---------------------------------------------------------------------------------
+def per_call_ms(fn) -> float:
+    """Median ms of fn called from Python, launch overhead included."""
+    if not torch.cuda.is_available():  # the dry run: wall clock
+        return wall_ms(fn)
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median", **kwargs))
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def wall_ms(fn, reps: int = 2) -> float:
+    times = []
+    for _ in range(reps):
+        tick = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - tick))
+    return statistics.median(times)
+
+
+def cpu_timer(key: str, name: str, step) -> list[float]:
+    """The dry run's dispatch timer: wall clock (there are no CUDA graphs on the CPU)."""
+    return [wall_ms(step, reps=1) for _ in range(2)]
 
 
 def measure_ceilings() -> dict[str, float]:
@@ -87,10 +119,10 @@ def measure_ceilings() -> dict[str, float]:
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    tflops = 2 * n**3 / bench(lambda: a @ b) / 1e9
+    tflops = 2 * n**3 / per_call_ms(lambda: a @ b) / 1e9
     src = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
     dst = torch.empty_like(src)
-    gbps = 2 * src.numel() / bench(lambda: dst.copy_(src)) / 1e6
+    gbps = 2 * src.numel() / per_call_ms(lambda: dst.copy_(src)) / 1e6
     return {"bf16_matmul_tflops": round(tflops, 1), "copy_gbps": round(gbps, 1)}
 
 
@@ -111,14 +143,14 @@ def conv_work(layer: LayerShape, batch: int, dtype: torch.dtype) -> dict[str, di
     y = batch * layer.out_channels * out_hw[0] * out_hw[1] * size
     forward = x + w + y
     # Backward reads dy, x, w and the saved activation; writes dx and dw.
-    return {"train fwd": {"flop": flop, "bytes": forward},
-            "train fwd+bwd": {"flop": 3 * flop, "bytes": forward + y + x + w + y + x + w},
-            "eval fwd": {"flop": flop, "bytes": forward}}
+    return {"fwd": {"flop": flop, "bytes": forward},
+            "fwd+bwd": {"flop": 3 * flop, "bytes": forward + y + x + w + y + x + w}}
 
 
-def make_tensors(layer: LayerShape, batch: int, dtype: torch.dtype,
-                 channels_last: bool) -> dict:
-    x = torch.randn(batch, layer.in_channels, layer.height, layer.width, device="cuda",
+# -- the layer's variants -------------------------------------------------------------------
+def make_tensors(layer: LayerShape, batch: int, dtype: torch.dtype, channels_last: bool,
+                 device: str) -> dict:
+    x = torch.randn(batch, layer.in_channels, layer.height, layer.width, device=device,
                     dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -128,50 +160,82 @@ def make_tensors(layer: LayerShape, batch: int, dtype: torch.dtype,
     return {
         "x": x,
         "weight": 0.02 * torch.randn(*shape, layer.kernel_size, layer.kernel_size,
-                                     device="cuda", dtype=dtype),
+                                     device=device, dtype=dtype),
         "bias": None,
-        "bn_weight": 1 + 0.02 * torch.randn(c, device="cuda"),
-        "bn_bias": torch.zeros(c, device="cuda"),
-        "running_mean": torch.zeros(c, device="cuda"),
-        "running_var": torch.ones(c, device="cuda"),
+        "bn_weight": 1 + 0.02 * torch.randn(c, device=device),
+        "bn_bias": torch.zeros(c, device=device),
+        "running_mean": torch.zeros(c, device=device),
+        "running_var": torch.ones(c, device=device),
+        # The prologue variant's input BatchNorm (the previous layer's), and its slope.
+        "in_scale": 1 + 0.1 * torch.randn(layer.in_channels, device=device),
+        "in_shift": 0.1 * torch.randn(layer.in_channels, device=device),
     }
 
 
-def layer_fn(variant: str, layer: LayerShape, *, training: bool):
+def best_tilings(entry: dict) -> dict[str, str]:
+    """{"triton": fastest non-split impl, "triton-splitk": fastest split-K impl} of the
+    measured candidates, where there are such."""
+    found = {}
+    for variant, split in (("triton", False), ("triton-splitk", True)):
+        timed = {name: ms for name, ms in entry.get("ms", {}).items()
+                 if name.startswith("triton:") and ("/k" in name) == split}
+        if timed:
+            found[variant] = min(timed, key=timed.get)
+    return found
+
+
+def layer_fns(layer: LayerShape, impls: dict[str, str], variants: list[str]) -> dict:
+    """{variant: fn(tensors) → output}, the training layer of each variant."""
     options = {"kind": layer.kind, "stride": layer.stride, "padding": layer.padding,
-               "slope": layer.slope, "training": training}
-    if variant in ("triton", "cudnn_fused"):
-        return functools.partial(cba.conv_bn_act, **options, impl=variant)
-    eager = functools.partial(cba.conv_bn_act_ref, **options)
-    return torch.compile(eager, dynamic=False) if variant == "compile" else eager
+               "slope": layer.slope, "training": True}
+
+    def fused(impl, prologue=False):
+        def fn(t):
+            extra = ({"in_scale": t["in_scale"], "in_shift": t["in_shift"], "in_slope": 0.2}
+                     if prologue else {})
+            return cba.conv_bn_act(*_args(t), **options, impl=impl, **extra)
+        return fn
+
+    def eager(t):
+        return cba.conv_bn_act_ref(*_args(t), **options)
+
+    fns = {"cudnn_fused": fused("cudnn_fused"), "eager": eager}
+    if "triton" in impls:
+        fns["triton"] = fused(impls["triton"])
+        fns["triton-prologue"] = fused(impls["triton"], prologue=True)
+    if "triton-splitk" in impls:
+        fns["triton-splitk"] = fused(impls["triton-splitk"])
+    if "compile" in variants:
+        fns["compile"] = torch.compile(eager, dynamic=False)
+    return {v: fns[v] for v in variants if v in fns}
 
 
-def run_step(fn, t: dict, mode: str, grad_y: torch.Tensor | None):
+def _args(t: dict) -> tuple:
+    return (t["x"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], t["running_mean"],
+            t["running_var"])
+
+
+LEAVES = ("x", "weight", "bn_weight", "bn_bias")
+
+
+def run_step(fn, t: dict, mode: str, grad_y: torch.Tensor | None, *, prologue: bool = False):
     """One step of ``mode``; returns the tensors to compare: output (and gradients)."""
-    leaves = [t["x"], t["weight"], t["bn_weight"], t["bn_bias"]]
-    if mode == "eval fwd":
-        with torch.no_grad():
-            return [fn(t["x"], t["weight"], None, t["bn_weight"], t["bn_bias"],
-                       t["running_mean"], t["running_var"])]
-    y = fn(t["x"], t["weight"], None, t["bn_weight"], t["bn_bias"], t["running_mean"],
-           t["running_var"])
-    if mode == "train fwd":
-        return [y]
-    y.backward(grad_y)
-    grads = [leaf.grad.clone() for leaf in leaves]
-    for leaf in leaves:
-        leaf.grad = None
-    return [y.detach(), *grads]
+    y = fn(t)
+    if mode == "fwd":
+        return [y.detach()]
+    leaves = [t[k] for k in LEAVES] + ([t["in_scale"], t["in_shift"]] if prologue else [])
+    return [y.detach(), *torch.autograd.grad(y, leaves, grad_y)]
 
 
-def exact_step(fn, t: dict, mode: str, grad_y: torch.Tensor | None) -> list[torch.Tensor]:
+def exact_step(fn, t: dict, mode: str, grad_y, *, prologue: bool = False):
     """run_step in float32 without TF32, on float32 copies of the same (rounded) tensors."""
     exact = {k: v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
              for k, v in t.items()}
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return run_step(fn, exact, mode, None if grad_y is None else grad_y.float())
+        return run_step(fn, exact, mode, None if grad_y is None else grad_y.float(),
+                        prologue=prologue)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
@@ -186,78 +250,96 @@ def first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def bench_conv(args, ceilings: dict, report) -> tuple[list[dict], list[dict]]:
+def _reference(fn, t: dict, mode: str, grad_y, prologue: bool):
+    """(exact, eager in the dtype) outputs of the eager layer, with the prologue applied to
+    its input as the prologue variant's GEMM applies it."""
+    if not prologue:
+        return exact_step(fn, t, mode, grad_y), run_step(fn, t, mode, grad_y)
+
+    def eager_prologue(u):
+        return cba.conv_bn_act_ref(*_args(u), **u["options"], in_scale=u["in_scale"],
+                                   in_shift=u["in_shift"], in_slope=0.2)
+    return (exact_step(eager_prologue, t, mode, grad_y, prologue=True),
+            run_step(eager_prologue, t, mode, grad_y, prologue=True))
+
+
+def bench_conv(args, layers, ceilings: dict, report, *, device: str,
+               timer: dispatch.Timer | None) -> tuple[list[dict], list[dict]]:
     """Rows and dispatch decisions; both so far also go to ``report`` after each layer (a
     run cut off by a time limit keeps the layers it finished)."""
     dtype = getattr(torch, args.dtype)
     rows, decisions = [], []
     variants = [v for v in VARIANTS if v != "compile" or not args.no_compile]
+    timings = [m for m in TIMINGS if m == "call" or not args.no_graph]
     for batch in args.batch:
-        for model, layer in reed_layers():
-            t = make_tensors(layer, batch, dtype, args.channels_last)
-            stats = {k: t[k] for k in ("x", "weight", "bias", "bn_weight", "bn_bias",
-                                       "running_mean", "running_var")}
-            for training in (True, False):
-                try:
-                    decision = cba.measure_dispatch(
-                        **stats, kind=layer.kind, stride=layer.stride, padding=layer.padding,
-                        slope=layer.slope, training=training)
-                except Exception as exc:  # one layer failing must not hide the others
-                    decision = {"impl": "?", "key": f"{'train' if training else 'eval'}",
-                                "error": first_line(exc)}
-                decisions.append({"model": model, "layer": layer.name, "batch": batch,
-                                  **decision})
-            for leaf in ("x", "weight", "bn_weight", "bn_bias"):
+        for model, layer in layers:
+            t = make_tensors(layer, batch, dtype, args.channels_last, device)
+            t["options"] = {"kind": layer.kind, "stride": layer.stride,
+                            "padding": layer.padding, "slope": layer.slope, "training": True}
+            try:
+                decision = cba.measure_dispatch(*_args(t), **t["options"], timer=timer)
+            except Exception as exc:  # one layer failing must not hide the others
+                decision = {"winner": "?", "key": "", "error": first_line(exc)}
+            decisions.append({"model": model, "layer": layer.name, "batch": batch, **decision})
+            for leaf in (*LEAVES, "in_scale", "in_shift"):
                 t[leaf].requires_grad_(True)
             torch._dynamo.reset()  # a fresh compile per layer: no recompile limit to hit
-            fns = {v: {training: layer_fn(v, layer, training=training)
-                       for training in (True, False)} for v in variants}
+            fns = layer_fns(layer, best_tilings(decision), variants)
             work = conv_work(layer, batch, dtype)
             for mode in MODES:
-                training = mode != "eval fwd"
                 grad_y = None
-                if mode == "train fwd+bwd":
-                    grad_y = torch.randn_like(run_step(fns["eager"][True], t, "train fwd",
-                                                       None)[0])
+                if mode == "fwd+bwd":
+                    grad_y = torch.randn_like(fns["eager"](t))
                 # The check: each variant's error against eager in float32 (no TF32) is
                 # at most 3× eager's own error in this dtype plus 2^-10 of the scale, as in
                 # the parity tests; a fixed tolerance would fail rounding, such as bf16
                 # flipping the ReLU mask of values next to 0 (11% of dx's scale, eager's too).
-                exact = exact_step(fns["eager"][training], t, mode, grad_y)
-                expected = run_step(fns["eager"][training], t, mode, grad_y)
-                allowed = 3 * scaled_error(expected, exact) + 2**-10
-                for variant in variants:
-                    fn = fns[variant][training]
-                    row = {"op": "conv_bn_act", "model": model, "layer": layer.name,
-                           "shape": describe(layer), "batch": batch, "dtype": args.dtype,
-                           "layout": "channels_last" if args.channels_last else "nchw",
-                           "mode": mode, "variant": variant}
+                references = {}
+                for variant, fn in fns.items():
+                    prologue = variant == "triton-prologue"
+                    if prologue not in references:
+                        references[prologue] = _reference(fns["eager"], t, mode, grad_y,
+                                                          prologue)
+                    exact, expected = references[prologue]
+                    allowed = 3 * scaled_error(expected, exact) + 2**-10
+                    base = {"op": "conv_bn_act", "model": model, "layer": layer.name,
+                            "shape": describe(layer), "batch": batch, "dtype": args.dtype,
+                            "layout": "channels_last" if args.channels_last else "nchw",
+                            "mode": mode, "variant": variant}
+                    step = functools.partial(run_step, fn, t, mode, grad_y, prologue=prologue)
                     try:
-                        error = scaled_error(run_step(fn, t, mode, grad_y), exact)
+                        error = scaled_error(step(), exact)
                     except Exception as exc:
-                        row["check"] = f"error: {first_line(exc)}"
-                        rows.append(row)
+                        rows.append({**base, "check": f"error: {first_line(exc)}"})
                         continue
-                    row["max_scaled_error"] = error
-                    row["allowed_error"] = allowed
-                    if error > allowed:
-                        row["check"] = "MISMATCH"
+                    check = {"max_scaled_error": error, "allowed_error": allowed,
+                             "check": "ok" if error <= allowed else "MISMATCH"}
+                    for timing in timings:
+                        row = {**base, "timing": timing, **check}
                         rows.append(row)
-                        continue
-                    row["check"] = "ok"
-                    ms = bench(functools.partial(run_step, fn, t, mode, grad_y))
-                    flop, nbytes = work[mode]["flop"], work[mode]["bytes"]
-                    row.update(ms=ms, tflops=flop / ms / 1e9, gbps=nbytes / ms / 1e6)
-                    row["tflops_pct"] = 100 * row["tflops"] / ceilings["bf16_matmul_tflops"]
-                    row["gbps_pct"] = 100 * row["gbps"] / ceilings["copy_gbps"]
-                    rows.append(row)
+                        if row["check"] != "ok":
+                            continue
+                        try:
+                            ms = (per_call_ms(step) if timing == "call" else
+                                  statistics.median(dispatch.graph_replay_ms("", variant, step)))
+                        except Exception as exc:
+                            row["check"] = f"error: {first_line(exc)}"
+                            continue
+                        flop, nbytes = work[mode]["flop"], work[mode]["bytes"]
+                        row.update(ms=ms, tflops=flop / ms / 1e9, gbps=nbytes / ms / 1e6)
+                        if ceilings:
+                            row["tflops_pct"] = 100 * row["tflops"] / ceilings[
+                                "bf16_matmul_tflops"]
+                            row["gbps_pct"] = 100 * row["gbps"] / ceilings["copy_gbps"]
             report(rows, decisions)
     return rows, decisions
 
 
-def bench_matching_loss(batches: list[int]) -> list[dict]:
-    """The fused GAN-CLS / GAN-INT losses against their eager forms."""
+def bench_matching_loss(batches: list[int], *, device: str, timer) -> tuple[list[dict], list]:
+    """The fused GAN-CLS / GAN-INT losses against their eager forms, per call; and which of
+    them ``choose_matching_loss`` keeps for the captured step at each batch."""
     from t2i_fast.ops.matching_loss import (
+        choose_matching_loss,
         discriminator_loss_fused,
         discriminator_loss_ref,
         generator_loss_fused,
@@ -269,63 +351,100 @@ def bench_matching_loss(batches: list[int]) -> list[dict]:
                                    "eager": discriminator_loss_ref}),
         "generator_loss": (2, {"fused": generator_loss_fused, "eager": generator_loss_ref}),
     }
-    rows = []
+    rows, choices = [], []
     for batch in batches:
         for name, (count, fns) in losses.items():
-            logits = [torch.randn(batch, device="cuda", requires_grad=True)
+            logits = [torch.randn(batch, device=device, requires_grad=True)
                       for _ in range(count)]
 
             def step(fn, backward: bool, logits=logits):
                 loss = fn(*logits)
                 if backward:
-                    loss.backward()
+                    torch.autograd.grad(loss, logits)
                 return loss
 
-            expected = step(fns["eager"], False)
+            expected = step(fns["eager"], False).detach()
             for variant, fn in fns.items():
-                got = step(fn, False)
+                got = step(fn, False).detach()
                 for backward in (False, True):
                     mode = "fwd+bwd" if backward else "fwd"
-                    ms = bench(lambda fn=fn, backward=backward: step(fn, backward),
-                               grad_to_none=logits)
+                    ms = per_call_ms(lambda fn=fn, backward=backward: step(fn, backward))
                     # Reads each logit; with backward, writes its gradient.
                     nbytes = 4 * batch * count * (2 if backward else 1)
                     rows.append({"op": name, "batch": batch, "mode": mode, "variant": variant,
                                  "max_scaled_error": scaled_error([got], [expected]),
                                  "ms": ms, "gbps": nbytes / ms / 1e6})
-    return rows
+        choice, evidence = choose_matching_loss(batch_size=batch, device=device, timer=timer)
+        choices.append({"batch": batch, **evidence})
+    return rows, choices
+
+
+def step_summary(path: Path) -> list[dict]:
+    """bench_step.py's engine rows with fused layers off / auto / on, per preset and batch,
+    with each one's speed-up over ``engine`` (off) measured in the same run."""
+    rows = json.loads(path.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row.get("backend") in STEP_ROWS:
+            groups.setdefault((row.get("preset"), row.get("batch_size")),
+                              {})[row["backend"]] = row
+    summary = []
+    for (name, batch), by_backend in groups.items():
+        base = by_backend.get("engine", {}).get("images_per_s")
+        for backend in STEP_ROWS:
+            rate = by_backend.get(backend, {}).get("images_per_s")
+            summary.append({"preset": name, "batch_size": batch, "backend": backend,
+                            "images_per_s": rate,
+                            "vs_off": round(rate / base, 3) if rate and base else None,
+                            "fused_layers": by_backend.get(backend, {}).get("fused_layers")})
+    return summary
 
 
 # -- output ---------------------------------------------------------------------------------
 def print_conv_table(rows: list[dict], decisions: list[dict]) -> None:
-    chosen = {(d["model"], d["layer"], d["batch"], d["key"].endswith("train")): d["impl"]
-              for d in decisions}
+    chosen = {(d["model"], d["layer"], d["batch"]): d.get("winner", "?") for d in decisions}
     by_step: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        by_step.setdefault((row["model"], row["layer"], row["batch"], row["mode"]),
-                           {})[row["variant"]] = row
+        by_step.setdefault((row["model"], row["layer"], row["batch"], row["mode"],
+                            row.get("timing", "-")), {})[row["variant"]] = row
     variants = [v for v in VARIANTS if any(v in step for step in by_step.values())]
-    print(f"{'model':5} {'layer':18} {'batch':>5} {'mode':13} "
-          + " ".join(f"{v + ' ms':>14}" for v in variants)
-          + f" {'triton TFLOP/s (%)':>18} {'triton GB/s (%)':>17}  auto")
-    for (model, name, batch, mode), step in by_step.items():
+    print(f"{'model':5} {'layer':18} {'batch':>5} {'mode':7} {'timing':6} "
+          + " ".join(f"{v + ' ms':>19}" for v in variants)
+          + f" {'triton TFLOP/s (%)':>18} {'triton GB/s (%)':>17}  in-graph winner")
+    for (model, name, batch, mode, timing), step in by_step.items():
         cells = []
         for v in variants:
             row = step.get(v, {})
-            cells.append(f"{row['ms']:14.4f}" if "ms" in row else f"{row.get('check', '-'):>14}")
+            cells.append(f"{row['ms']:19.4f}" if "ms" in row
+                         else f"{row.get('check', '-')[:19]:>19}")
         tri = step.get("triton", {})
-        perf = (f"{tri['tflops']:10.1f} ({tri['tflops_pct']:4.1f}%)"
-                f"{tri['gbps']:10.0f} ({tri['gbps_pct']:4.1f}%)" if "ms" in tri else "")
-        auto = chosen.get((model, name, batch, mode != "eval fwd"), "?")
-        print(f"{model:5} {name:18} {batch:5} {mode:13} " + " ".join(cells)
-              + f" {perf:>36}  {auto}")
+        perf = ""
+        if "tflops_pct" in tri:
+            perf = (f"{tri['tflops']:10.1f} ({tri['tflops_pct']:4.1f}%)"
+                    f"{tri['gbps']:10.0f} ({tri['gbps_pct']:4.1f}%)")
+        winner = chosen.get((model, name, batch), "?")
+        print(f"{model:5} {name:18} {batch:5} {mode:7} {timing:6} " + " ".join(cells)
+              + f" {perf:>36}  {winner}")
 
 
-def print_loss_table(rows: list[dict]) -> None:
+def print_loss_table(rows: list[dict], choices: list[dict]) -> None:
     print(f"{'loss':20} {'batch':>5} {'mode':8} {'variant':8} {'ms':>10} {'GB/s':>8}")
     for row in rows:
         print(f"{row['op']:20} {row['batch']:5} {row['mode']:8} {row['variant']:8} "
               f"{row['ms']:10.4f} {row['gbps']:8.2f}")
+    for choice in choices:
+        print(f"captured step at batch {choice['batch']}: {choice['choice']} losses "
+              f"(in-graph ms {choice.get('ms', choice.get('refused'))})")
+
+
+def print_step_summary(summary: list[dict]) -> None:
+    print(f"{'preset':8} {'batch':>5} {'engine':18} {'images/s':>10} {'vs off':>7}")
+    for row in summary:
+        rate = f"{row['images_per_s']:10,.0f}" if row["images_per_s"] else f"{'-':>10}"
+        ratio = f"{row['vs_off']:7.3f}" if row["vs_off"] else f"{'-':>7}"
+        print(f"{row['preset'] or '-':8} {row['batch_size'] or '-':>5} {row['backend']:18} "
+              f"{rate} {ratio}")
 
 
 def write_outputs(args, result: dict) -> None:
@@ -347,34 +466,79 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile variant (its compiles take minutes)")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="time per call only, not also inside CUDA-graph replay")
+    parser.add_argument("--max-size", type=int, metavar="N",
+                        help="only the layers whose input is at most N×N (the small-M "
+                             "layers split-K is for: --max-size 8)")
+    parser.add_argument("--step-json", metavar="PATH", type=Path,
+                        help="bench_step.py's JSON: add the whole step's summary, fused "
+                             "layers off / auto / on")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--csv", metavar="PATH")
     parser.add_argument("--dry-run", action="store_true",
-                        help="list the layer shapes and exit (no GPU needed)")
+                        help="list the layer shapes and run one tiny layer on the CPU "
+                             "(Triton's interpreter; no GPU needed)")
     args = parser.parse_args(argv)
+    if not args.dry_run:
+        return run(args)
+    # The dry run's dispatch decisions (CPU timings) stay out of the real table.
+    saved = os.environ.get("T2I_FAST_DISPATCH")
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["T2I_FAST_DISPATCH"] = str(Path(scratch) / "dispatch.json")
+        try:
+            return run(args)
+        finally:
+            if saved is None:
+                del os.environ["T2I_FAST_DISPATCH"]
+            else:
+                os.environ["T2I_FAST_DISPATCH"] = saved
+
+
+def run(args) -> int:
+    result = {"conv": [], "loss": [], "dispatch": [], "matching_loss": [], "step": []}
+    summary = []
+    if args.step_json:
+        try:
+            summary = result["step"] = step_summary(args.step_json)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # the step's stage failed
+            result["step_error"] = f"{args.step_json}: {first_line(exc)}"
+            print(f"no step summary: {result['step_error']}")
     if args.dry_run:
-        dry_run(args.batch)
-        return 0
-    if not torch.cuda.is_available():
+        print("model layer batch shape")
+        for batch in args.batch:
+            for model, layer in reed_layers():
+                print(f"{model} {layer.name} {batch} {describe(layer)}")
+        args.batch, args.no_compile, args.no_graph, args.dtype = [2], True, True, "float32"
+        device, ceilings, timer = "cpu", {}, cpu_timer
+        layers = [("dry", DRY_LAYER)]
+    elif not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (torch.cuda.is_available() is False); "
-              "--dry-run lists the layer shapes without one", file=sys.stderr)
+              "--dry-run checks the script without one", file=sys.stderr)
         return 2
+    else:
+        device, timer = "cuda", None
+        layers = [(model, layer) for model, layer in reed_layers()
+                  if args.max_size is None or max(layer.height, layer.width) <= args.max_size]
+        ceilings = measure_ceilings()
+        name = torch.cuda.get_device_name()
+        print(f"{name}: bf16 matmul {ceilings['bf16_matmul_tflops']} TFLOP/s, "
+              f"copy {ceilings['copy_gbps']} GB/s")
+        result.update(device=name, torch=torch.__version__, ceilings=ceilings)
     torch.manual_seed(0)
-    ceilings = measure_ceilings()
-    device = torch.cuda.get_device_name()
-    print(f"{device}: bf16 matmul {ceilings['bf16_matmul_tflops']} TFLOP/s, "
-          f"copy {ceilings['copy_gbps']} GB/s")
-    result = {"device": device, "torch": torch.__version__, "ceilings": ceilings, "conv": [],
-              "loss": [], "dispatch": []}
 
     def report(conv_rows: list[dict], decisions: list[dict]) -> None:
         result.update(conv=conv_rows, dispatch=decisions)
         write_outputs(args, result)
 
+    if summary:
+        print_step_summary(summary)
     # The losses first: they take seconds, the layers minutes.
-    result["loss"] = bench_matching_loss(args.batch)
-    print_loss_table(result["loss"])
-    conv_rows, decisions = bench_conv(args, ceilings, report)
+    result["loss"], result["matching_loss"] = bench_matching_loss(
+        args.batch, device=device, timer=timer)
+    print_loss_table(result["loss"], result["matching_loss"])
+    conv_rows, decisions = bench_conv(args, layers, ceilings, report, device=device,
+                                      timer=timer)
     print_conv_table(conv_rows, decisions)
     print(f"dispatch decisions recorded in {dispatch.dispatch_file()}")
     write_outputs(args, result)

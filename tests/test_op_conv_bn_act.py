@@ -281,7 +281,8 @@ def test_compile_fullgraph():
 
 
 def test_operators_are_registered():
-    for name in ("conv_bn_act_train", "conv_bn_act_backward", "conv_bn_act_eval"):
+    for name in ("conv_bn_act_train", "conv_bn_stats_train", "conv_bn_act_backward",
+                 "conv_bn_act_eval"):
         assert hasattr(torch.ops.t2i_fast, name)
     inputs = _inputs("conv4s2", "nchw")
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
@@ -289,8 +290,12 @@ def test_operators_are_registered():
                 for k in ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean",
                           "running_var")]
         y, z, mean, invstd = torch.ops.t2i_fast.conv_bn_act_train(
-            *args, "conv", 2, 1, 0.2, 0.1, 1e-5, "triton")
-    assert y.shape == z.shape == (2, 5, 3, 4) and mean.shape == invstd.shape == (5,)
+            *args, "conv", 2, 1, 0.2, 0.1, 1e-5, "triton", None, None, None)
+        scale = mode.from_tensor(torch.ones(3))
+        z2, mean2, _ = torch.ops.t2i_fast.conv_bn_stats_train(
+            *args, "conv", 2, 1, 0.1, 1e-5, "triton", scale, scale, 0.2)
+    assert y.shape == z.shape == z2.shape == (2, 5, 3, 4)
+    assert mean.shape == invstd.shape == mean2.shape == (5,)
 
 
 @needs_kernels
@@ -355,8 +360,9 @@ def test_auto_measures_once_and_reuses(monkeypatch):
     table = dispatch.dispatch_table()
     assert len(table) == 1
     (entry,) = table.values()
-    assert entry["impl"] in ("triton", "cudnn_fused") and "cudnn_fused" in entry["ms"]
-    monkeypatch.setattr(cba, "_measure", lambda *a: pytest.fail("measured twice"))
+    assert {"unfused", "cudnn_fused"} <= entry["ms"].keys() and entry["winner"] in entry["ms"]
+    assert entry["timer"] == "graph_replay_ms"
+    monkeypatch.setattr(cba, "_measure", lambda *a, **k: pytest.fail("measured twice"))
     again = _run("auto", inputs)
     torch.testing.assert_close(again["y"], first["y"])
     monkeypatch.setattr(dispatch, "_TABLES", {})  # a new process reads the file
@@ -430,8 +436,10 @@ def bench_script():
     return module
 
 
-def test_bench_dry_run_lists_the_layers(bench_script, capsys):
-    assert bench_script.main(["--dry-run"]) == 0
+def test_bench_dry_run_lists_the_layers_and_runs_a_tiny_one(bench_script, capsys,
+                                                           tmp_path):
+    out_json = tmp_path / "bench.json"
+    assert bench_script.main(["--dry-run", "--json", str(out_json)]) == 0
     lines = capsys.readouterr().out.splitlines()
     g_layers, d_layers = _reed_layers()
     for batch in (64, 256):
@@ -439,6 +447,17 @@ def test_bench_dry_run_lists_the_layers(bench_script, capsys):
             for la in layers:
                 assert any(line.split()[:3] == [model, la.name, str(batch)] for line in lines), (
                     model, la.name, batch)
+    # The tiny layer went through the whole pipeline in the interpreter: every variant
+    # checked and timed per call, its dispatch measured, the loss choice made.
+    result = json.loads(out_json.read_text())
+    timed = {(row["variant"], row["mode"]) for row in result["conv"] if "ms" in row}
+    assert timed == {(v, m) for v in bench_script.VARIANTS if v != "compile"
+                     for m in bench_script.MODES}
+    assert all(row["check"] == "ok" for row in result["conv"])
+    (decision,) = result["dispatch"]
+    assert decision["winner"] in decision["ms"] and "triton:32/16/16/4/1/k2" in decision["ms"]
+    assert result["matching_loss"][0]["choice"] in ("triton", "reference")
+    assert any(line.startswith("dry ") and "fwd+bwd" in line for line in lines)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -452,19 +471,214 @@ def test_bench_report_writes_json_and_csv(bench_script, tmp_path, capsys):
     # The report of a GPU run, from made-up timings: the printing and files work on CPU.
     (model, layer), *_ = bench_script.reed_layers()
     rows = [{"op": "conv_bn_act", "model": model, "layer": layer.name, "batch": 64,
-             "mode": mode, "variant": variant, "check": "ok", "ms": 0.5, "tflops": 100.0,
-             "gbps": 900.0, "tflops_pct": 10.0, "gbps_pct": 30.0}
-            for mode in bench_script.MODES for variant in bench_script.VARIANTS]
-    decisions = [{"model": model, "layer": layer.name, "batch": 64, "key": "k | train",
-                  "impl": "triton"}]
+             "mode": mode, "timing": timing, "variant": variant, "check": "ok", "ms": 0.5,
+             "tflops": 100.0, "gbps": 900.0, "tflops_pct": 10.0, "gbps_pct": 30.0}
+            for mode in bench_script.MODES for timing in bench_script.TIMINGS
+            for variant in bench_script.VARIANTS]
+    decisions = [{"model": model, "layer": layer.name, "batch": 64, "key": "k | in-graph",
+                  "winner": "triton:64/64/64/4/4/k4", "impl": "triton:64/64/64/4/4/k4"}]
     loss = [{"op": "generator_loss", "batch": 64, "mode": "fwd", "variant": "fused",
              "ms": 0.01, "gbps": 0.1}]
+    choices = [{"batch": 64, "choice": "reference", "ms": {"reference": 0.01, "triton": 0.02}}]
     bench_script.print_conv_table(rows, decisions)
-    bench_script.print_loss_table(loss)
+    bench_script.print_loss_table(loss, choices)
     out = capsys.readouterr().out
-    assert layer.name in out and "generator_loss" in out and "triton" in out
+    assert layer.name in out and "generator_loss" in out and "k4" in out and "graph" in out
+    assert "batch 64: reference losses" in out
     args = argparse.Namespace(json=str(tmp_path / "r.json"), csv=str(tmp_path / "r.csv"))
     bench_script.write_outputs(args, {"conv": rows, "loss": loss, "dispatch": decisions})
     assert json.loads((tmp_path / "r.json").read_text())["dispatch"] == decisions
     lines = (tmp_path / "r.csv").read_text().splitlines()
     assert len(lines) == 1 + len(rows) + len(loss) and lines[0].startswith("op,model,layer")
+
+
+def test_bench_step_summary(bench_script, tmp_path, capsys):
+    """bench_step's engine rows with fused layers off / auto / on, each against off."""
+    rows = [{"preset": "reed", "batch_size": 64, "backend": backend, "images_per_s": rate}
+            for backend, rate in (("eager", 1000.0), ("engine", 10000.0),
+                                  ("engine-fused-auto", 12000.0),
+                                  ("engine-fused-on", 9000.0))]
+    rows.append({"preset": "reed", "batch_size": 256, "backend": "engine",
+                 "images_per_s": 20000.0})
+    path = tmp_path / "step.json"
+    path.write_text(json.dumps({"rows": rows}))
+    summary = bench_script.step_summary(path)
+    got = {(r["batch_size"], r["backend"]): r["vs_off"] for r in summary}
+    assert got == {(64, "engine"): 1.0, (64, "engine-fused-auto"): 1.2,
+                   (64, "engine-fused-on"): 0.9, (256, "engine"): 1.0,
+                   (256, "engine-fused-auto"): None, (256, "engine-fused-on"): None}
+    bench_script.print_step_summary(summary)
+    assert "engine-fused-auto" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError):  # run() reports it and goes on without it
+        bench_script.step_summary(tmp_path / "missing.json")
+
+
+# -- split-K, prologue fusion and the tilings chosen per shape -------------------------------
+# Layers with enough input channels for 16-channel K-blocks to split three ways.
+SPLIT_LAYERS = {
+    "conv3-split": ("conv", 40, 5, 3, 1, 1, 2, 3, 5, 0.2, True),
+    "convT4s2-split": ("conv_transpose", 36, 3, 4, 2, 1, 2, 3, 3, 0.0, False),
+}
+SPLIT_IMPL = "triton:16/16/16/4/1/k3"
+
+
+@needs_kernels
+@pytest.mark.parametrize(("name", "layout"), [("conv3-split", "nchw"),
+                                              ("convT4s2-split", "channels_last")])
+def test_split_k_matches_reference(name, layout, monkeypatch):
+    monkeypatch.setitem(LAYERS, name, SPLIT_LAYERS[name])
+    inputs = _inputs(name, layout)
+    for key in ("x", "weight", "bias"):  # the float32 reference sees the bf16 run's values
+        if inputs[key] is not None:
+            inputs[key] = inputs[key].bfloat16().float()
+    grad_y = _grad_y(inputs, torch.bfloat16)
+    expected = _run("ref", inputs, grad_y=grad_y)
+    got = _run(SPLIT_IMPL, inputs, grad_y=grad_y)
+    for key, want in expected.items():
+        torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5, msg=key)
+    again = _run(SPLIT_IMPL, inputs, grad_y=grad_y)
+    assert all(torch.equal(again[k], got[k]) for k in got)  # a fixed order of the splits
+    torch_bf16 = _run("ref", inputs, dtype=torch.bfloat16, grad_y=grad_y)
+    got = _run(SPLIT_IMPL, inputs, dtype=torch.bfloat16, grad_y=grad_y)
+    assert got["y"].dtype == torch.bfloat16
+    _assert_bf16_within_torchs(got, torch_bf16, expected)
+
+
+def _prologue_inputs(c_in: int) -> dict:
+    scale = 1 + 0.3 * torch.randn(c_in, device=DEVICE)
+    return {"in_scale": scale, "in_shift": 0.5 * torch.randn(c_in, device=DEVICE)}
+
+
+def _run_prologue(impl: str, inputs: dict, prologue: dict, *, dtype=torch.float32,
+                  grad_y=None, training=True) -> dict:
+    """_run with the prologue's scale and shift as leaves too (their gradients: d...)."""
+    leaves = {k: v.clone().requires_grad_(training) for k, v in prologue.items()
+              if k != "in_slope"}
+    tensors = {k: (v.to(dtype) if k in ("x", "weight", "bias") else v.clone())
+               .detach().requires_grad_(training and k not in ("running_mean", "running_var"))
+               for k, v in inputs.items() if k != "options" and v is not None}
+    with torch.set_grad_enabled(training):
+        y = cba.conv_bn_act(tensors["x"], tensors["weight"], tensors.get("bias"),
+                            tensors["bn_weight"], tensors["bn_bias"], tensors["running_mean"],
+                            tensors["running_var"], **inputs["options"], training=training,
+                            impl=impl, **leaves, in_slope=prologue["in_slope"])
+    out = {"y": y.detach(), "running_mean": tensors["running_mean"],
+           "running_var": tensors["running_var"]}
+    if training:
+        y.backward(grad_y.to(dtype))
+        out.update({f"d{k}": t.grad for k, t in {**tensors, **leaves}.items()
+                    if t.grad is not None})
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize(("name", "layout", "in_slope"), [("conv4s2", "nchw", 0.2),
+                                                          ("convT4s2", "channels_last", 0.0),
+                                                          ("conv1", "nchw", None)])
+def test_prologue_matches_reference(name, layout, in_slope):
+    inputs = _inputs(name, layout)
+    inputs["x"] = inputs["x"].bfloat16().float()
+    inputs["weight"] = inputs["weight"].bfloat16().float()
+    prologue = {**_prologue_inputs(inputs["x"].shape[1]), "in_slope": in_slope}
+    grad_y = _grad_y(inputs, torch.bfloat16)
+    exact = _run_prologue("ref", inputs, prologue, grad_y=grad_y)
+    assert {"din_scale", "din_shift", "dx", "dweight", "dbn_weight"} <= exact.keys()
+    for impl in ("triton", "cudnn_fused"):
+        got = _run_prologue(impl, inputs, prologue, grad_y=grad_y)
+        assert got.keys() == exact.keys()
+        for key, want in exact.items():
+            torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5, msg=(impl, key))
+    torch_bf16 = _run_prologue("ref", inputs, prologue, dtype=torch.bfloat16, grad_y=grad_y)
+    got = _run_prologue("triton", inputs, prologue, dtype=torch.bfloat16, grad_y=grad_y)
+    _assert_bf16_within_torchs(got, torch_bf16, exact)
+    with torch.no_grad():  # eval: the prologue in the eval GEMM too
+        want = _run_prologue("ref", inputs, prologue, training=False)
+        got = _run_prologue("triton", inputs, prologue, training=False)
+    torch.testing.assert_close(got["y"], want["y"], rtol=1e-4, atol=1e-5)
+
+
+def _chain(impl: str, tensors: dict, grad_y: torch.Tensor, *, dtype) -> dict:
+    """conv3 → BN → LeakyReLU(0.2) → conv4s2 → BN → ReLU: through conv_bn_stats and the
+    second layer's prologue with ``impl``, or (impl "layers") two reference layers."""
+    leaves = {k: (v.to(dtype) if k in ("x", "w1", "w2") else v).clone().requires_grad_()
+              for k, v in tensors.items() if not k.startswith("r")}
+    stats = {k: v.clone() for k, v in tensors.items() if k.startswith("r")}
+    first = {"kind": "conv", "stride": 1, "padding": 1}
+    second = {"kind": "conv", "stride": 2, "padding": 1, "slope": 0.0, "training": True}
+    x, w1, w2, g1, b1, g2, b2 = (leaves[k] for k in ("x", "w1", "w2", "g1", "b1", "g2", "b2"))
+    if impl == "layers":
+        y1 = cba.conv_bn_act_ref(x, w1, None, g1, b1, stats["rm1"], stats["rv1"], **first,
+                                 slope=0.2, training=True)
+        y = cba.conv_bn_act_ref(y1, w2, None, g2, b2, stats["rm2"], stats["rv2"], **second)
+    else:
+        z, scale, shift = cba.conv_bn_stats(x, w1, None, g1, b1, stats["rm1"], stats["rv1"],
+                                            **first, impl=impl)
+        assert z.dtype == dtype and scale.shape == (w1.shape[0],)
+        y = cba.conv_bn_act(z, w2, None, g2, b2, stats["rm2"], stats["rv2"], **second,
+                            impl=impl, in_scale=scale, in_shift=shift, in_slope=0.2)
+    y.backward(grad_y.to(dtype))
+    return {"y": y.detach(), **stats, **{f"d{k}": v.grad for k, v in leaves.items()}}
+
+
+@needs_kernels
+def test_stats_then_prologue_chain_matches_two_layers():
+    """conv_bn_stats → conv_bn_act with its prologue: the two reference layers' outputs,
+    running statistics and every gradient, the first layer's BatchNorm parameters'
+    included (they reach the loss only through the second layer's prologue)."""
+    tensors = {"x": torch.randn(2, 3, 6, 5, device=DEVICE).bfloat16().float(),
+               "w1": (torch.randn(6, 3, 3, 3, device=DEVICE) / 5).bfloat16().float(),
+               "w2": (torch.randn(4, 6, 4, 4, device=DEVICE) / 10).bfloat16().float(),
+               "g1": 1 + 0.2 * torch.randn(6, device=DEVICE),
+               "b1": 0.2 * torch.randn(6, device=DEVICE),
+               "g2": 1 + 0.2 * torch.randn(4, device=DEVICE),
+               "b2": 0.2 * torch.randn(4, device=DEVICE),
+               "rm1": torch.zeros(6, device=DEVICE), "rv1": torch.ones(6, device=DEVICE),
+               "rm2": torch.zeros(4, device=DEVICE), "rv2": torch.ones(4, device=DEVICE)}
+    grad_y = torch.randn(2, 4, 3, 2, device=DEVICE).bfloat16().float()
+    exact = _chain("layers", tensors, grad_y, dtype=torch.float32)
+    for impl in ("triton", "cudnn_fused", "ref"):  # "ref": conv_bn_stats' own reference
+        got = _chain(impl, tensors, grad_y, dtype=torch.float32)
+        for key, want in exact.items():
+            torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5, msg=(impl, key))
+    torch_bf16 = _chain("layers", tensors, grad_y, dtype=torch.bfloat16)
+    got = _chain("triton", tensors, grad_y, dtype=torch.bfloat16)
+    _assert_bf16_within_torchs(got, torch_bf16, exact)
+
+
+def test_tilings_are_chosen_per_shape(monkeypatch):
+    """Split-K candidates exactly for layers with fewer output tiles than multiprocessors
+    (reed's 4×4 layers at batch 64), none for large ones; names round-trip."""
+    from t2i_fast.ops import conv_bn_act_kernels as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)  # the GPU's candidates
+    x = torch.empty(64, 1024, 4, 4)
+    small = kernels.geometry(x, torch.empty(256, 1024, 1, 1), "conv", 1, 0)
+    splits = {t.split_k for t in kernels.candidate_tilings(small, multiprocessors=132)}
+    assert splits == {1, 2, 4, 8}
+    large = kernels.geometry(torch.empty(64, 64, 32, 32), torch.empty(128, 64, 4, 4), "conv",
+                             2, 1)
+    assert {t.split_k for t in kernels.candidate_tilings(large, multiprocessors=132)} == {1}
+    assert {t.split_k for t in kernels.candidate_tilings(small, multiprocessors=16)} == {1}
+    for t in kernels.candidate_tilings(small):
+        assert kernels.parse_tiling(kernels.tiling_name(t)) == t
+    for bad in ("64/64", "64/64/48/4/3", "a/b/c/d/e", "64/64/64/4/3/x2"):
+        with pytest.raises(ValueError, match="not a tiling"):
+            kernels.parse_tiling(bad)
+
+
+@needs_kernels
+def test_impl_strings_and_prologue_checks():
+    inputs = _inputs("conv3", "nchw")
+    args = [inputs[k] for k in ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean",
+                                "running_var")]
+    options = dict(inputs["options"])
+    with pytest.raises(ValueError, match="split-K is for training"):
+        with torch.no_grad():
+            cba.conv_bn_act(*args, **options, training=False, impl="triton:16/16/16/4/1/k2")
+    with pytest.raises(ValueError, match="not a tiling"):
+        cba.conv_bn_act(*args, **options, training=True, impl="triton:16/16")
+    with pytest.raises(ValueError, match="come together"):
+        cba.conv_bn_act(*args, **options, training=True, in_scale=torch.ones(5))
+    with pytest.raises(ValueError, match=r"\[C_in\]"):
+        cba.conv_bn_act(*args, **options, training=True, in_scale=torch.ones(4),
+                        in_shift=torch.ones(4))

@@ -2,6 +2,7 @@
 extreme logits, and tracing by torch.compile. Without CUDA the kernels run in Triton's
 interpreter on the CPU."""
 
+import json
 import os
 
 import torch
@@ -216,3 +217,56 @@ def test_no_host_sync_on_cuda():
         ml.generator_loss_fused(logits[2], logits[1]).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# -- keeping the kernels only where they win in the captured step --------------------------
+@pytest.fixture
+def _own_table(tmp_path, monkeypatch):
+    from t2i_fast.ops import dispatch
+
+    monkeypatch.setenv("T2I_FAST_DISPATCH", str(tmp_path / "dispatch.json"))
+    monkeypatch.setattr(dispatch, "_TABLES", {})
+
+
+@pytest.mark.parametrize("triton_ms", ([0.5, 9.0, 0.5], [1.5, 0.1, 1.5]))
+def test_choose_matching_loss_keeps_the_faster(_own_table, triton_ms):
+    """By the medians of the injected timer's samples; measured once per key: a second
+    call, here or in another process, times nothing."""
+    from t2i_fast.ops import dispatch
+
+    timed = []
+
+    def timer(key, name, step):
+        timed.append(name)
+        loss, *grads = step()  # the steps run: the kernels' results are checked and sized
+        # GAN-CLS with GAN-INT: five logit vectors; plain GAN: three.
+        assert len(grads) == (5 if "gan-cls" in key else 3) and loss.shape == ()
+        return triton_ms if name == "triton" else [1.0, 1.0, 1.0]
+
+    choice, evidence = ml.choose_matching_loss(batch_size=6, device=DEVICE, timer=timer,
+                                               interp_weight=0.5)
+    assert choice == ("triton" if triton_ms[0] < 1 else "reference")
+    assert sorted(timed) == ["reference", "triton"]
+    assert evidence["choice"] == choice and evidence["ms"]["triton"] == triton_ms[0]
+    assert "batch 6" in evidence["key"] and "interp 0.5" in evidence["key"]
+    json.dumps(evidence)
+
+    def no_timing(*_):
+        pytest.fail("measured again")
+    assert ml.choose_matching_loss(batch_size=6, device=DEVICE, timer=no_timing,
+                                   interp_weight=0.5) == (choice, evidence)
+    dispatch._TABLES.clear()
+    assert ml.choose_matching_loss(batch_size=6, device=DEVICE, timer=no_timing,
+                                   interp_weight=0.5)[0] == choice
+    # Another batch size or variant is another measurement.
+    ml.choose_matching_loss(batch_size=7, device=DEVICE, timer=timer, matching_aware=False,
+                            interp_weight=None)
+    assert len(timed) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_choose_matching_loss_refuses_to_guess_without_cuda(_own_table):
+    choice, evidence = ml.choose_matching_loss(batch_size=64, device="cpu")
+    assert choice == "reference" and "CUDA" in evidence["refused"]
+    with pytest.raises(ValueError, match="batch_size"):
+        ml.choose_matching_loss(batch_size=0, device="cpu")

@@ -33,15 +33,31 @@ def dot(a, b, acc, IEEE: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(v):
+    """float32 v rounded to the nearest bfloat16 (ties to even), kept in float32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def store(ptrs, v, mask, ROUND_BF16: tl.constexpr):
     """Stores float32 v in the pointers' dtype."""
     if ROUND_BF16:
         # Triton 3.9's interpreter truncates float32 → bfloat16 where GPUs round to nearest
         # even: round here so that the interpreter's results are the GPU's.
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        v = bits.to(tl.float32, bitcast=True)
+        v = _round_bf16(v)
     tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cast_like(v, ptr, ROUND_BF16: tl.constexpr):
+    """float32 v as a value of ptr's dtype, as ``dot`` takes it: with ROUND_BF16 (the
+    interpreter, whose casts truncate) rounded to bfloat16 but kept in float32, which
+    ``dot``'s EMULATE_BF16 multiplies exactly as a GPU multiplies the bfloat16 value."""
+    if ROUND_BF16:
+        return _round_bf16(v)
+    return v.to(ptr.dtype.element_ty)
 
 
 # With TRITON_INTERPRET=1, @triton.jit made interpreter functions rather than JIT ones.

@@ -27,9 +27,20 @@ Eval: BatchNorm with the running statistics is folded into the GEMM's epilogue a
 per-channel scale and shift (mathematically the folded weights and bias, without a pass to
 make them) followed by LeakyReLU: one kernel per layer. Eval has no backward.
 
-Launch configuration: ``geometry`` describes a layer's GEMM, ``candidate_tilings`` the GPU
-tilings the measured dispatch times for it, ``default_tiling`` the one used when nothing was
-measured (and under the interpreter), ``elementwise_blocks`` the blocks of the [P, C] passes.
+Split-K (a tiling's ``split_k`` > 1), for layers with fewer output tiles than the GPU has
+multiprocessors: the GEMM's programs each sum a share of the input channels into a float32
+workspace, and ``splitk_reduce_kernel`` adds the shares in a fixed order (deterministic),
+adds the bias and takes the tile statistics, in place of the GEMM epilogue.
+
+Prologue fusion: the GEMM can apply the previous layer's BatchNorm (as a per-channel scale
+and shift) and LeakyReLU to its input as it loads it, so a chain of layers writes each
+convolution's output once and reads it once: the normalised activation is never stored.
+
+Launch configuration: ``geometry`` describes a layer's GEMM, ``candidate_tilings`` the
+tilings the measured dispatch times for it (split-K ones for layers with few output tiles),
+``default_tiling`` the one used when nothing was measured (and under the interpreter),
+``tiling_name``/``parse_tiling`` how impl strings name them, ``elementwise_blocks`` the
+blocks of the [P, C] passes.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from t2i_fast.ops._common import INTERPRETED, dot, store
+from t2i_fast.ops._common import INTERPRETED, cast_like, dot, store
 
 
 # -- kernels --------------------------------------------------------------------------------
@@ -59,22 +70,32 @@ def conv_bn_act_fwd_kernel(
         x_ptr, w_ptr, bias_ptr, out_ptr,
         gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,  # FOLD_BN: BatchNorm on running statistics
         cnt_ptr, sum_ptr, m2_ptr,  # STATS: per-tile statistics, [T], [C_out, T], [C_out, T]
+        in_scale_ptr, in_shift_ptr,  # PROLOGUE: per-input-channel affine, [C_in]
         B, C_in, H, W, C_out, OH, OW,
         sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-        RH, RW, tiles_per_class, slope, eps,
+        RH, RW, tiles_per_class, slope, eps, in_slope, k_per_split, split_stride,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         TAPS_H: tl.constexpr, TAPS_W: tl.constexpr, TRANSPOSED: tl.constexpr,
         BATCH_INNER: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
         FOLD_BN: tl.constexpr, HAS_ACT: tl.constexpr, IEEE: tl.constexpr,
-        EMULATE_BF16: tl.constexpr,
+        EMULATE_BF16: tl.constexpr, PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
+        SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # x [B, C_in, H, W] (any strides); w packed [KH, KW, C_in, C_out] contiguous;
-    # out [B, C_out, OH, OW]. A transposed convolution's outputs fall in STRIDE² classes by
+    # out [B, C_out, OH, OW]. PROLOGUE: the GEMM reads act(x·in_scale + in_shift) (the
+    # previous layer's BatchNorm and LeakyReLU, applied as its output is loaded, zero padding
+    # kept zero), so that activation is never written. SPLIT_K > 1: program (m, n, k) sums
+    # input channels [k·k_per_split, (k+1)·k_per_split) only and stores its float32 partial
+    # at out + k·split_stride (a workspace, out's layout), without epilogue:
+    # splitk_reduce_kernel adds the partials in a fixed order (deterministic), the bias, and
+    # takes the statistics. A transposed convolution's outputs fall in STRIDE² classes by
     # (oh + PAD) mod STRIDE: within one, output (i, j) of the class's RH×RW grid takes the
     # taps kh = class_h + STRIDE·t (t < KH / STRIDE; the kernel size is a multiple of the
     # stride), a plain GEMM with no structurally-zero products.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    c_lo = tl.program_id(2) * k_per_split
+    c_hi = tl.minimum(c_lo + k_per_split, C_in)
     cls = pid_m // tiles_per_class
     r = (pid_m % tiles_per_class) * BLOCK_M + tl.arange(0, BLOCK_M)  # row in the class
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,36 +144,50 @@ def conv_bn_act_fwd_kernel(
         if tl.max(a_ok.to(tl.int32), axis=0) > 0:
             x_rows = x_ptr + b * sxb + ih * sxh + iw * sxw  # [BLOCK_M]
             w_tap = w_ptr + (kh * KW + kw) * C_in * C_out
-            for c0 in range(0, C_in, BLOCK_K):
+            for c0 in range(c_lo, c_hi, BLOCK_K):
                 ci = c0 + tl.arange(0, BLOCK_K)
-                ci_ok = ci < C_in
-                a = tl.load(x_rows[:, None] + ci[None, :] * sxc,
-                            mask=a_ok[:, None] & ci_ok[None, :], other=0.0)  # [M, K]
+                ci_ok = ci < c_hi
+                a_mask = a_ok[:, None] & ci_ok[None, :]
+                a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_mask,
+                            other=0.0)  # [M, K]
+                if PROLOGUE:
+                    s_in = tl.load(in_scale_ptr + ci, mask=ci_ok, other=0.0).to(tl.float32)
+                    t_in = tl.load(in_shift_ptr + ci, mask=ci_ok, other=0.0).to(tl.float32)
+                    v = a.to(tl.float32) * s_in[None, :] + t_in[None, :]
+                    if PROLOGUE_ACT:
+                        v = tl.where(v > 0, v, v * in_slope)
+                    # Padding is zero in the activation, not act(in_shift).
+                    a = cast_like(tl.where(a_mask, v, 0.0), x_ptr, EMULATE_BF16)
                 w = tl.load(w_tap + ci[:, None] * C_out + co[None, :],
                             mask=ci_ok[:, None] & co_ok[None, :], other=0.0)  # [K, N]
                 acc = dot(a, w, acc, IEEE, EMULATE_BF16)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if STATS:
-        # Taken from the float32 accumulator, before the output is rounded to its dtype.
-        T = tl.num_programs(0)
-        n, s, m2 = _tile_stats(acc, row_ok)
-        tl.store(sum_ptr + co * T + pid_m, s, mask=co_ok)
-        tl.store(m2_ptr + co * T + pid_m, m2, mask=co_ok)
-        if pid_n == 0:
-            tl.store(cnt_ptr + pid_m, n)
-    if FOLD_BN:
-        gamma = tl.load(gamma_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
-        beta = tl.load(beta_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-        rmean = tl.load(rmean_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-        rvar = tl.load(rvar_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
-        scale = gamma * tl.rsqrt(rvar + eps)
-        acc = acc * scale[None, :] + (beta - rmean * scale)[None, :]
-    if HAS_ACT:
-        acc = tl.where(acc > 0, acc, acc * slope)
-    out = out_ptr + b[:, None] * sob + co[None, :] * soc + (oh * soh + ow * sow)[:, None]
-    store(out, acc, row_ok[:, None] & co_ok[None, :], EMULATE_BF16)
+    if SPLIT_K > 1:
+        out = (out_ptr + tl.program_id(2) * split_stride + b[:, None] * sob + co[None, :] * soc
+               + (oh * soh + ow * sow)[:, None])
+        tl.store(out, acc, mask=row_ok[:, None] & co_ok[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+        if STATS:
+            # Taken from the float32 accumulator, before the output is rounded to its dtype.
+            T = tl.num_programs(0)
+            n, s, m2 = _tile_stats(acc, row_ok)
+            tl.store(sum_ptr + co * T + pid_m, s, mask=co_ok)
+            tl.store(m2_ptr + co * T + pid_m, m2, mask=co_ok)
+            if pid_n == 0:
+                tl.store(cnt_ptr + pid_m, n)
+        if FOLD_BN:
+            gamma = tl.load(gamma_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
+            beta = tl.load(beta_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
+            rmean = tl.load(rmean_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
+            rvar = tl.load(rvar_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
+            scale = gamma * tl.rsqrt(rvar + eps)
+            acc = acc * scale[None, :] + (beta - rmean * scale)[None, :]
+        if HAS_ACT:
+            acc = tl.where(acc > 0, acc, acc * slope)
+        out = out_ptr + b[:, None] * sob + co[None, :] * soc + (oh * soh + ow * sow)[:, None]
+        store(out, acc, row_ok[:, None] & co_ok[None, :], EMULATE_BF16)
 
 
 @triton.jit
@@ -173,6 +208,37 @@ def bn_stats_partial_kernel(z_ptr, cnt_ptr, sum_ptr, m2_ptr, P, C, HW, szb, szc,
     tl.store(m2_ptr + c * T + pid_p, m2, mask=c_ok)
     if tl.program_id(1) == 0:
         tl.store(cnt_ptr + pid_p, n)
+
+
+@triton.jit
+def splitk_reduce_kernel(ws_ptr, bias_ptr, z_ptr, cnt_ptr, sum_ptr, m2_ptr, P, C, HW,
+                         split_stride, swb, swc, swp, szb, szc, szp,
+                         SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         EMULATE_BF16: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # z = Σ_k ws[k] (+ bias) over [P, C] views, summed in k's order; tile statistics of the
+    # float32 sum in the GEMM epilogue's format.
+    pid_p = tl.program_id(0)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    c_ok = c < C
+    ok = p_ok[:, None] & c_ok[None, :]
+    b = p // HW
+    hw = p % HW
+    ws = ws_ptr + (b * swb + hw * swp)[:, None] + c[None, :] * swc
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for k in range(SPLIT_K):
+        acc += tl.load(ws + k * split_stride, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    T = tl.num_programs(0)
+    n, s, m2 = _tile_stats(acc, p_ok)
+    tl.store(sum_ptr + c * T + pid_p, s, mask=c_ok)
+    tl.store(m2_ptr + c * T + pid_p, m2, mask=c_ok)
+    if tl.program_id(1) == 0:
+        tl.store(cnt_ptr + pid_p, n)
+    store(z_ptr + (b * szb + hw * szp)[:, None] + c[None, :] * szc, acc, ok, EMULATE_BF16)
 
 
 @triton.jit
@@ -375,6 +441,27 @@ class Tiling(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1  # > 1: split-K over the input channels, then splitk_reduce_kernel
+
+
+def tiling_name(t: Tiling) -> str:
+    """"BM/BN/BK/warps/stages", with "/kS" for S-way split-K: how impl strings and the
+    dispatch table name a tiling."""
+    name = "/".join(map(str, t[:5]))
+    return name + f"/k{t.split_k}" if t.split_k > 1 else name
+
+
+def parse_tiling(name: str) -> Tiling:
+    """The tiling ``tiling_name`` gave ``name``; ValueError for anything else."""
+    fields = name.split("/")
+    try:
+        split = int(fields.pop()[1:]) if len(fields) == 6 and fields[-1][:1] == "k" else 1
+        t = Tiling(*map(int, fields), split_k=split)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a tiling: {name!r} (BM/BN/BK/warps/stages[/kS])") from None
+    if min(t) < 1 or any(v & (v - 1) for v in t[:3]):
+        raise ValueError(f"not a tiling: {name!r} (blocks are powers of two, all fields >= 1)")
+    return t
 
 
 # Candidates for the per-layer measurement on a GPU; shared memory per stage is
@@ -387,6 +474,12 @@ GPU_TILINGS = (
     Tiling(64, 64, 64, 4, 4),
     Tiling(64, 64, 32, 4, 4),
 )
+# Split-K, for layers with fewer output tiles than the GPU has multiprocessors (the 4×4 and
+# 8×8 layers: a few dozen tiles of ~1,000 K-steps each leave most of an H100 idle), on the
+# small tilings only: their many tiles times the splits fill the GPU.
+SPLIT_K_TILINGS = (Tiling(64, 64, 64, 4, 4), Tiling(64, 64, 32, 4, 4))
+SPLITS = (2, 4, 8)
+_INT32_MAX = 2**31 - 1
 
 
 def pow2_clamp(n: int, lo: int, hi: int) -> int:
@@ -400,9 +493,31 @@ def _fits(tiling: Tiling, g: Geometry) -> bool:
             and tiling.block_k <= pow2_clamp(g.c_in, 16, 1 << 30))
 
 
-def candidate_tilings(g: Geometry) -> list[Tiling]:
-    fitting = [t for t in GPU_TILINGS if _fits(t, g)]
-    return fitting or [default_tiling(g)]
+def output_tiles(g: Geometry, t: Tiling) -> int:
+    return g.classes * triton.cdiv(g.class_rows, t.block_m) * triton.cdiv(g.c_out, t.block_n)
+
+
+def split_fits(g: Geometry, t: Tiling) -> bool:
+    """Whether each split gets at least two K-blocks and the workspace (splits × output,
+    float32) has 32-bit offsets."""
+    k_blocks = triton.cdiv(g.c_in, t.block_k)
+    workspace = t.split_k * g.batch * g.c_out * g.out_height * g.out_width
+    return k_blocks >= 2 * t.split_k and workspace <= _INT32_MAX
+
+
+def candidate_tilings(g: Geometry, *, multiprocessors: int = 132) -> list[Tiling]:
+    """The tilings the measured dispatch times for this layer: the GPU tilings that fit, and
+    split-K ones where the layer has fewer output tiles than ``multiprocessors``. Under the
+    interpreter: the default tiling and, where it fits, a 2-way split of it with 16-channel
+    K-blocks (the paths the CPU tests exercise)."""
+    if INTERPRETED:
+        base = default_tiling(g)
+        split = base._replace(block_k=16, split_k=2)
+        return [base, split] if split_fits(g, split) else [base]
+    fitting = [t for t in GPU_TILINGS if _fits(t, g)] or [default_tiling(g)]
+    split = [t._replace(split_k=s) for t in SPLIT_K_TILINGS if _fits(t, g)
+             and output_tiles(g, t) < multiprocessors for s in SPLITS]
+    return fitting + [t for t in split if split_fits(g, t)]
 
 
 def default_tiling(g: Geometry) -> Tiling:

@@ -1,7 +1,9 @@
 """conv → BatchNorm2d (→ activation) as modules: ``ConvBNAct``, one layer computed by
 ``t2i_fast.ops.conv_bn_act``; ``conv_bn_act_layers``, the triples of a model that qualify;
 ``fuse_conv_bn_act``, which makes chosen triples of a model fused layers in place, its
-parameters, buffers and state-dict keys unchanged (``FusedSequential``).
+parameters, buffers and state-dict keys unchanged (``FusedSequential``);
+``choose_fused_layers``, which does so where the measured dispatch says the fused op makes
+the captured training step faster (``--fused-layers auto|on|off``), with the evidence.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from t2i_fast.ops.conv_bn_act import IMPLS, KINDS, conv_bn_act, measure_dispatch
+from t2i_fast.ops.dispatch import Timer
 
 
 # -- one layer ------------------------------------------------------------------------------
@@ -260,19 +263,88 @@ def fuse_conv_bn_act(model: nn.Module, *inputs: torch.Tensor, impl: str,
     return names
 
 
-def triton_wins(conv: nn.Module, bn: nn.Module, slope: float | None, x: torch.Tensor) -> bool:
-    """Whether conv_bn_act's measured dispatch picks its Triton GEMM for this layer (over
-    cuDNN followed by its BatchNorm kernels, no better than Inductor's own fusion); a
-    ``wanted`` for ``fuse_conv_bn_act``."""
+def _measure_layer(conv: nn.Module, bn: nn.Module, slope: float | None, x: torch.Tensor,
+                   timer: Timer | None) -> dict:
+    """The layer's dispatch entry for a training step on inputs like x (``measure_dispatch``:
+    recorded, or measured once); ValueError for a layer the kernels do not take."""
     bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+    # Outside autocast: cuDNN must run in x's dtype, as the Triton GEMM does.
+    with torch.autocast(x.device.type, enabled=False):
+        return measure_dispatch(
+            x.detach(), conv.weight.detach().to(x.dtype), bias, bn.weight.detach(),
+            bn.bias.detach(), bn.running_mean, bn.running_var,
+            kind="conv_transpose" if isinstance(conv, nn.ConvTranspose2d) else "conv",
+            stride=conv.stride[0], padding=conv.padding[0], slope=slope, training=True,
+            momentum=bn.momentum, eps=bn.eps, timer=timer)
+
+
+def triton_wins(conv: nn.Module, bn: nn.Module, slope: float | None, x: torch.Tensor) -> bool:
+    """Whether the fused op, in its fastest measured form, beats cuDNN with Inductor's
+    BatchNorm/LeakyReLU on this layer's training step in CUDA-graph replay; a ``wanted`` for
+    ``fuse_conv_bn_act`` (``choose_fused_layers`` with mode "auto" is this, with the
+    evidence)."""
     try:
-        # Outside autocast: cuDNN must run in x's dtype, as the Triton GEMM does.
-        with torch.autocast(x.device.type, enabled=False):
-            entry = measure_dispatch(
-                x, conv.weight.to(x.dtype), bias, bn.weight, bn.bias, bn.running_mean,
-                bn.running_var, kind="conv_transpose" if isinstance(conv, nn.ConvTranspose2d)
-                else "conv", stride=conv.stride[0], padding=conv.padding[0], slope=slope,
-                training=True, momentum=bn.momentum, eps=bn.eps)
+        return _measure_layer(conv, bn, slope, x, None)["winner"] != "unfused"
     except ValueError:  # a layer the kernels do not take
         return False
-    return entry["impl"] == "triton"
+
+
+FUSED_LAYER_MODES = ("auto", "on", "off")
+
+
+def choose_fused_layers(model: nn.Module, *inputs: torch.Tensor, mode: str,
+                        timer: Timer | None = None) -> tuple[list[str], dict]:
+    """Fuses ``model``'s conv → BatchNorm2d (→ activation) layers in place per ``mode`` and
+    returns (the fused convolutions' names, the evidence). ``inputs``: what the training
+    step gives ``model`` (under the step's autocast, if any: each layer is measured with the
+    dtype and layout its input has there).
+
+    - "auto": each layer the op takes is measured (``measure_dispatch``: its training
+      forward and backward at this shape, every candidate — cuDNN with Inductor's BatchNorm
+      and LeakyReLU ("unfused"), the fused BatchNorm kernels after cuDNN, each Triton tiling,
+      split-K ones included — timed inside CUDA-graph replay, medians, cached per card,
+      versions, shape, dtype and layout; a miss measures once), and fused exactly where a
+      fused candidate beats "unfused";
+    - "on": every layer the op takes is fused (measured as for "auto" where timing can run,
+      so the op uses its fastest form);
+    - "off": nothing is fused or measured.
+
+    Fused layers run ``impl="auto"``: the fastest fused candidate of the layer's entry.
+    Timing needs CUDA graphs: on a model not on a GPU and without ``timer`` (tests inject
+    one), "auto" fuses nothing and says why under "refused"; "on" fuses unmeasured.
+
+    The evidence, JSON-serialisable: {"mode", "layers": {name: {"key", "winner", "ms"
+    ({candidate: median ms}), "impl" (the fused op's choice), "fused", ...}}}, plus "refused"
+    or "unmeasured" (why nothing was timed), and per layer "refused" where the op does not
+    take it.
+    """
+    if mode not in FUSED_LAYER_MODES:
+        raise ValueError(f"mode must be one of {FUSED_LAYER_MODES}, got {mode!r}")
+    evidence: dict = {"mode": mode, "layers": {}}
+    if mode == "off":
+        return [], evidence
+    names_of = {module: name for name, module in model.named_modules()}
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    if timer is None and not on_gpu:
+        reason = ("timing in CUDA-graph replay needs CUDA: the model is not on a GPU and no "
+                  "timer was given")
+        if mode == "auto":
+            evidence["refused"] = reason + "; no layer is fused"
+            return [], evidence
+        evidence["unmeasured"] = reason
+
+    def wanted(conv: nn.Module, bn: nn.Module, slope: float | None, x: torch.Tensor) -> bool:
+        layer: dict = {}
+        evidence["layers"][names_of[conv]] = layer
+        if "unmeasured" in evidence:
+            layer["fused"] = True
+            return True
+        try:
+            layer.update(_measure_layer(conv, bn, slope, x, timer))
+        except ValueError as exc:  # a layer the kernels do not take
+            layer.update(fused=False, refused=str(exc))
+            return False
+        layer["fused"] = mode == "on" or layer["winner"] != "unfused"
+        return layer["fused"]
+
+    return fuse_conv_bn_act(model, *inputs, impl="auto", wanted=wanted), evidence

@@ -12,6 +12,9 @@ The operators are registered as ``torch.ops.t2i_fast.discriminator_loss`` and
 GPU), so ``torch.compile(fullgraph=True)`` traces them and Inductor sees the kernels. Nothing
 reads a value back to the host.
 
+``choose_matching_loss`` says whether the kernels beat the plain losses compiled into the
+step, timed inside CUDA-graph replay as the captured step runs them: keep them only then.
+
 On a machine without a GPU the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is
 set before this module is imported: Triton decides between compiling and interpreting when
 ``@triton.jit`` decorates a function, i.e. at this module's import, not at launch.
@@ -24,6 +27,7 @@ import triton
 import triton.language as tl
 
 from t2i_fast.losses import discriminator_loss, generator_loss
+from t2i_fast.ops import dispatch
 from t2i_fast.ops._common import device_refusal, launcher, register_op, resolve_impl
 
 BLOCK = 1024
@@ -231,3 +235,79 @@ def generator_loss_fused(fake_right: torch.Tensor, fake_interp: torch.Tensor | N
     interp = _flat(fake_interp) if fake_interp is not None else None
     return torch.ops.t2i_fast.generator_loss(_flat(fake_right), interp,
                                              float(interp_weight))[0]
+
+
+# -- keeping the kernels only where they win --------------------------------------------------
+LOSS_CHOICES = ("triton", "reference")
+
+
+def _loss_candidates(batch_size: int, device: torch.device, dtype: torch.dtype, *,
+                     matching_aware: bool, interp_weight: float | None) -> dict:
+    """{"reference": step, "triton": step}: one training step's losses (D's, then G's, as
+    the step computes them), forward and backward, on fixed logits of the step's batch; each
+    returns (D's loss + G's, the logits' gradients...). The reference is compiled on a GPU
+    (the compiled step compiles it): the interpreter's tests time it eagerly."""
+    seed = torch.Generator(device).manual_seed(0)
+    logits = [(3 * torch.randn(batch_size, generator=seed, device=device)).to(dtype)
+              .requires_grad_() for _ in range(5)]
+    real_right, real_wrong, fake_right, fake_for_g, fake_interp = logits
+    wrong = real_wrong if matching_aware else None
+    interp = fake_interp if interp_weight is not None else None
+    weight = 1.0 if interp_weight is None else float(interp_weight)
+    used = [x for x in (real_right, wrong, fake_right, fake_for_g, interp) if x is not None]
+
+    def losses_ref():
+        return (discriminator_loss_ref(real_right, wrong, fake_right,
+                                       matching_aware=matching_aware)
+                + generator_loss_ref(fake_for_g, interp, interp_weight=weight))
+
+    def losses_triton():
+        return (discriminator_loss_fused(real_right, wrong, fake_right,
+                                         matching_aware=matching_aware, impl="triton")
+                + generator_loss_fused(fake_for_g, interp, interp_weight=weight, impl="triton"))
+
+    reference = torch.compile(losses_ref, dynamic=False) if device.type == "cuda" else losses_ref
+
+    def step(losses):
+        def run():
+            with torch.enable_grad():
+                loss = losses()
+                return (loss.detach(), *torch.autograd.grad(loss, used))
+        return run
+
+    return {"reference": step(reference), "triton": step(losses_triton)}
+
+
+def choose_matching_loss(*, batch_size: int, device: torch.device | str,
+                         dtype: torch.dtype = torch.float32, matching_aware: bool = True,
+                         interp_weight: float | None = 1.0,
+                         timer: dispatch.Timer | None = None) -> tuple[str, dict]:
+    """Whether the step should use the fused loss kernels ("triton") or the plain losses of
+    ``t2i_fast.losses`` ("reference", which the compiled step compiles with the rest): the
+    one whose D and G losses, forward and backward at ``batch_size`` (``interp_weight``:
+    GAN-INT's interpolated term, None without it), run faster inside CUDA-graph replay,
+    measured once per card, versions, batch, dtype and variant (``dispatch.measured_choice``,
+    medians; ``timer`` replaces the CUDA-graph timing, for tests). Returns (the choice, the
+    evidence: the dispatch entry with its "key" and "choice", JSON-serialisable). Without
+    CUDA and a timer nothing can be timed: "reference", with the reason under "refused"."""
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    refusal = device_refusal([torch.empty(0, device=device)], op="matching_loss")
+    if refusal is None and device.type != "cuda" and timer is None:
+        refusal = "timing in CUDA-graph replay needs CUDA"
+    if refusal is not None:
+        return "reference", {"choice": "reference", "refused": refusal}
+    key = dispatch.key(device, "matching_loss", f"batch {batch_size}",
+                       str(dtype).removeprefix("torch."),
+                       "gan-cls" if matching_aware else "gan",
+                       "no interp" if interp_weight is None else f"interp {interp_weight:g}",
+                       "fwd+bwd", "in-graph")
+    entry = dispatch.measured_choice(
+        key, lambda: _loss_candidates(batch_size, device, dtype, matching_aware=matching_aware,
+                                      interp_weight=interp_weight),
+        reference="reference", tolerance=1e-4 if dtype == torch.float32 else 1e-2,
+        timer=timer if timer is not None else dispatch.graph_replay_ms)
+    return entry["winner"], {"key": key, **entry, "choice": entry["winner"]}
