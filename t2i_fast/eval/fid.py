@@ -77,7 +77,9 @@ def real_images(path: str | Path, *, n: int, size: int,
 def evaluate_fid(*, model: TrainedModel, dataset: str | Path, weights: str | Path | None = None,
                  n: int = 5000, seed: int = 0, batch_size: int = 64) -> dict:
     """FID between ``n`` real training views and ``n`` images generated from their captions,
-    and the Inception Score (mean and std over up to 10 splits) of the generated ones."""
+    and the Inception Score of the generated ones: mean and std over 10 splits, fewer when
+    ``n`` < 100 so that each split holds at least 10 images (the score of a split is at most
+    its size: 1 for a single image, whatever it shows)."""
     weights = Path(weights) if weights is not None else default_weights()
     _check_weights(weights)  # before the slow part, and before asking for the library
     fidelity = _fidelity()
@@ -107,7 +109,7 @@ def evaluate_fid(*, model: TrainedModel, dataset: str | Path, weights: str | Pat
                   for features in (fake_pools, real_pools)]
     fid = fidelity.metric_fid.fid_statistics_to_metric(*statistics, verbose=False)
     score = fidelity.metric_isc.isc_features_to_metric(torch.cat(logits),
-                                                       splits=min(10, len(captions)))
+                                                       splits=max(1, min(10, len(captions) // 10)))
     return {"fid": fid[fidelity.KEY_METRIC_FID],
             "inception_score": {"mean": score[fidelity.KEY_METRIC_ISC_MEAN],
                                 "std": score[fidelity.KEY_METRIC_ISC_STD]},
