@@ -64,6 +64,14 @@ py::dict to_python(const t2i::SlotLayout& layout) {
   return d;
 }
 
+t2i::CaptionFormat caption_format(const std::string& name) {
+  if (name == "indices") return t2i::CaptionFormat::kIndices;
+  if (name == "onehot") return t2i::CaptionFormat::kOnehot;
+  if (name == "ids") return t2i::CaptionFormat::kIds;
+  throw std::invalid_argument("caption_format must be 'indices', 'onehot' or 'ids', got '" +
+                              name + "'");
+}
+
 void raise_as(const char* name, const char* message) {
   py::object cls = py::module_::import("t2i_fast.errors").attr(name);
   PyErr_SetString(cls.ptr(), message);
@@ -86,20 +94,20 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "slot_layout",
-      [](int64_t batch_size, int size, int captions_per_sample, int doc_length, bool onehot,
-         int elem_bytes, bool nhwc) {
+      [](int64_t batch_size, int size, int captions_per_sample, int doc_length,
+         const std::string& captions, int elem_bytes, bool nhwc) {
         t2i::SlotGeometry g;
         g.batch_size = batch_size;
         g.size = size;
         g.captions_per_sample = captions_per_sample;
         g.doc_length = doc_length;
-        g.onehot = onehot;
+        g.captions = caption_format(captions);
         g.elem_bytes = elem_bytes;
         g.nhwc = nhwc;
         return to_python(t2i::slot_layout(g));
       },
       py::kw_only(), py::arg("batch_size"), py::arg("size"), py::arg("captions_per_sample"),
-      py::arg("doc_length"), py::arg("onehot"), py::arg("elem_bytes"), py::arg("nhwc"),
+      py::arg("doc_length"), py::arg("caption_format"), py::arg("elem_bytes"), py::arg("nhwc"),
       "The layout of one batch slot, as the loader fills it: {'fields': [(name, byte offset, "
       "dtype, shape)], 'bytes': the slot's size}; dtype is 'pixel' (elem_bytes wide, the "
       "caller's pixel type), 'uint8' or 'int64'.");
@@ -108,7 +116,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const std::string& path, int64_t count, int64_t num_classes,
                        int image_height, int image_width, int doc_length,
                        const std::string& encoding, int64_t batch_size, int size,
-                       int captions_per_sample, bool onehot, int elem_bytes, py::bytes lut,
+                       int captions_per_sample, const std::string& captions, int elem_bytes,
+                       py::bytes lut,
                        py::bytes one, bool nhwc, bool random_crop, bool flip, uint64_t seed,
                        int rank, int world_size, bool drop_last, int num_threads, bool verify) {
              if (encoding != "raw" && encoding != "jpeg")
@@ -126,7 +135,7 @@ PYBIND11_MODULE(_C, m) {
              o.batch_size = batch_size;
              o.size = size;
              o.captions_per_sample = captions_per_sample;
-             o.onehot = onehot;
+             o.captions = caption_format(captions);
              o.elem_bytes = elem_bytes;
              o.lut = to_bytes(lut);
              o.one = to_bytes(one);
@@ -147,7 +156,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("path"), py::kw_only(), py::arg("count"), py::arg("num_classes"),
            py::arg("image_height"), py::arg("image_width"), py::arg("doc_length"),
            py::arg("encoding"), py::arg("batch_size"),
-           py::arg("size"), py::arg("captions_per_sample"), py::arg("onehot"),
+           py::arg("size"), py::arg("captions_per_sample"), py::arg("caption_format"),
            py::arg("elem_bytes"), py::arg("lut"), py::arg("one"), py::arg("nhwc"),
            py::arg("random_crop"), py::arg("flip"), py::arg("seed"), py::arg("rank"),
            py::arg("world_size"), py::arg("drop_last"), py::arg("num_threads"),
@@ -155,6 +164,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("layout",
                              [](LoaderHandle& h) { return to_python(h.get().layout()); })
       .def_property_readonly("num_batches", [](LoaderHandle& h) { return h.get().num_batches(); })
+      .def_property_readonly("num_captions",
+                             [](LoaderHandle& h) { return h.get().num_captions(); })
       .def_property_readonly("num_slots", [](LoaderHandle& h) { return h.get().num_slots(); })
       .def_property_readonly("num_leased", [](LoaderHandle& h) { return h.get().num_leased(); })
       .def(

@@ -106,9 +106,16 @@ SlotLayout slot_layout(const SlotGeometry& g) {
   const int64_t B = g.batch_size, k = g.captions_per_sample, S = g.size, L = g.doc_length;
   const std::vector<int64_t> image = g.nhwc ? std::vector<int64_t>{B, S, S, 3}
                                             : std::vector<int64_t>{B, 3, S, S};
-  const std::vector<int64_t> captions = g.onehot ? std::vector<int64_t>{B, k, kAlphabetSize, L}
-                                                 : std::vector<int64_t>{B, k, L};
-  const SlotDtype caption_dtype = g.onehot ? SlotDtype::kPixel : SlotDtype::kUint8;
+  const bool onehot = g.captions == CaptionFormat::kOnehot;
+  std::vector<int64_t> captions{B, k, L};
+  SlotDtype caption_dtype = SlotDtype::kUint8;
+  if (onehot) {
+    captions = {B, k, kAlphabetSize, L};
+    caption_dtype = SlotDtype::kPixel;
+  } else if (g.captions == CaptionFormat::kIds) {
+    captions = {B, k};
+    caption_dtype = SlotDtype::kInt64;
+  }
   SlotLayout layout{};
   auto& f = layout.fields;  // filled by id, laid out in id order below
   f[kImages] = {"images", SlotDtype::kPixel, image, 0, 0};
@@ -119,7 +126,7 @@ SlotLayout slot_layout(const SlotGeometry& g) {
   f[kWrongClassIds] = {"wrong_class_ids", SlotDtype::kInt64, {B}, 0, 0};
   f[kIndices] = {"indices", SlotDtype::kInt64, {B}, 0, 0};
   f[kWrongIndices] = {"wrong_indices", SlotDtype::kInt64, {B}, 0, 0};
-  f[kOnehotShadow] = {"onehot_shadow", SlotDtype::kUint8, {B, k, g.onehot ? L : 0}, 0, 0};
+  f[kOnehotShadow] = {"onehot_shadow", SlotDtype::kUint8, {B, k, onehot ? L : 0}, 0, 0};
   size_t at = 0;
   for (SlotField& field : layout.fields) {
     size_t bytes = field.dtype == SlotDtype::kPixel   ? size_t(g.elem_bytes)
@@ -142,6 +149,11 @@ Loader::Loader(const std::string& path, const DatasetSpec& spec, LoaderOptions o
         for (int64_t i = 0; i < store_.size(); ++i) ids[i] = store_[i].class_id;
         return ids;
       }()),
+      first_caption_([&] {
+        std::vector<int64_t> first(store_.size() + 1, 0);
+        for (int64_t i = 0; i < store_.size(); ++i) first[i + 1] = first[i] + store_[i].n_captions;
+        return first;
+      }()),
       picker_(class_ids_) {
   const int64_t count = spec.count;
   require(count >= 2, path + ": the loader needs at least 2 records (mismatched images)");
@@ -157,7 +169,7 @@ Loader::Loader(const std::string& path, const DatasetSpec& spec, LoaderOptions o
   geometry.size = opt_.size;
   geometry.captions_per_sample = opt_.captions_per_sample;
   geometry.doc_length = doc_length_;
-  geometry.onehot = opt_.onehot;
+  geometry.captions = opt_.captions;
   geometry.elem_bytes = opt_.elem_bytes;
   geometry.nhwc = opt_.nhwc;
   layout_ = slot_layout(geometry);
@@ -372,7 +384,7 @@ void Loader::write_captions(const RecordView& rec, const int64_t* ids, uint8_t* 
   const int L = doc_length_;
   for (int j = 0; j < opt_.captions_per_sample; ++j) {
     const uint8_t* chars = rec.chars + ids[j] * L;
-    if (!opt_.onehot) {
+    if (opt_.captions == CaptionFormat::kIndices) {
       std::memcpy(out + size_t(j) * L, chars, L);
       continue;
     }
@@ -414,9 +426,15 @@ void Loader::fill(const Plan& plan, int64_t batch, uint8_t* base, std::vector<ui
     write_image(w, r, plan.key_wrong_crop_y, plan.key_wrong_crop_x, plan.key_wrong_flip,
                 field(kWrongImages) + s * image_bytes, scratch);
     const RecordView& rec = store_[r];
-    caption_choice(plan.key_caption, r, rec.n_captions, k, caption_ids + s * k);
-    write_captions(rec, caption_ids + s * k, field(kCaptions) + s * caption_bytes,
-                   field(kOnehotShadow) + s * k * doc_length_);
+    int64_t* ids = caption_ids + s * k;
+    caption_choice(plan.key_caption, r, rec.n_captions, k, ids);
+    if (opt_.captions == CaptionFormat::kIds) {
+      auto* global = reinterpret_cast<int64_t*>(field(kCaptions) + s * caption_bytes);
+      for (int j = 0; j < k; ++j) global[j] = first_caption_[r] + ids[j];
+    } else {
+      write_captions(rec, ids, field(kCaptions) + s * caption_bytes,
+                     field(kOnehotShadow) + s * k * doc_length_);
+    }
     class_ids[s] = rec.class_id;
     wrong_class_ids[s] = store_[w].class_id;
     indices[s] = r;

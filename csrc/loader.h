@@ -23,11 +23,16 @@
 
 namespace t2i {
 
+// What a sample's k captions are delivered as: character indices uint8 [k, L], their one-hot
+// [k, 70, L] in the pixel type, or global caption ids int64 [k] (a record's first caption id
+// plus the caption's index in it, records in key order) for a table of precomputed embeddings.
+enum class CaptionFormat { kIndices, kOnehot, kIds };
+
 struct LoaderOptions {
   int64_t batch_size = 64;
   int size = 64;                 // training crop, square
   int captions_per_sample = 4;   // k captions per sample
-  bool onehot = false;           // captions as one-hot [k, 70, L] instead of indices [k, L]
+  CaptionFormat captions = CaptionFormat::kIndices;
   int elem_bytes = 1;            // bytes per image / one-hot element: 1, 2 or 4
   std::vector<uint8_t> lut;      // 256 * elem_bytes: each pixel value's output bits
   std::vector<uint8_t> one;      // elem_bytes: the bits of 1 (one-hot)
@@ -79,7 +84,7 @@ struct SlotGeometry {
   int size = 64;
   int captions_per_sample = 4;
   int doc_length = 201;
-  bool onehot = false;
+  CaptionFormat captions = CaptionFormat::kIndices;
   int elem_bytes = 1;
   bool nhwc = true;
 };
@@ -106,6 +111,7 @@ class Loader {
   const SlotLayout& layout() const { return layout_; }
   int64_t num_batches() const { return num_batches_; }
   int64_t num_records() const { return store_.size(); }
+  int64_t num_captions() const { return first_caption_.back(); }  // captions of all records
   int num_slots();
   int num_leased();  // slots handed to the consumer and not yet released
   uint8_t* slot_data(int slot);
@@ -144,6 +150,7 @@ class Loader {
   const LoaderOptions opt_;
   RecordStore store_;
   std::vector<int64_t> class_ids_;
+  std::vector<int64_t> first_caption_;  // [records + 1]: prefix sums of the caption counts
   WrongImagePicker picker_;
   SlotLayout layout_{};
   int64_t num_batches_ = 0;

@@ -349,9 +349,9 @@ def _native(path: str, count: int) -> dict | None:
     try:
         _C.Loader(path, count=count, num_classes=3, image_height=SIZE, image_width=SIZE,
                   doc_length=201, encoding="raw", batch_size=2, size=SIZE, captions_per_sample=1,
-                  onehot=True, elem_bytes=1, lut=bytes(range(256)), one=b"\x01", nhwc=True,
-                  random_crop=True, flip=True, seed=0, rank=0, world_size=1, drop_last=True,
-                  num_threads=1, verify=True)
+                  caption_format="onehot", elem_bytes=1, lut=bytes(range(256)), one=b"\x01",
+                  nhwc=True, random_crop=True, flip=True, seed=0, rank=0, world_size=1,
+                  drop_last=True, num_threads=1, verify=True)
     except Exception as exc:
         return _error(exc)
     return None

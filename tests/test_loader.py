@@ -56,6 +56,9 @@ OPTIONS = [
     {"rank": 0, "world_size": 2},
     {"size": 20},  # the whole stored image: only flips vary
     {"size": 13, "layout": "nchw", "caption_format": "indices", "drop_last": False},
+    {"caption_format": "ids"},
+    {"caption_format": "ids", "captions_per_sample": 7, "rank": 1, "world_size": 2,
+     "drop_last": False},
 ]
 
 
@@ -200,6 +203,34 @@ def test_captions_are_the_records_captions(random_dataset):
         assert batch.keys == [record_key(int(i)).decode() for i in batch.indices]
 
 
+def all_captions(path) -> np.ndarray:
+    """Every caption's character indices [captions, L], records in key order: the rows
+    global caption ids index."""
+    with Dataset(path) as ds:
+        return np.concatenate([ds[i].char_indices for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("options", [{}, {"captions_per_sample": 7, "epoch": 3},
+                                     {"rank": 1, "world_size": 2, "drop_last": False}],
+                         ids=lambda o: ",".join(map(str, o.values())) or "default")
+def test_caption_ids_name_the_captions_the_indices_deliver(random_dataset, options):
+    """The same choices as the other formats: each global id is, in the dataset's captions,
+    the caption whose characters the "indices" format delivers for that sample."""
+    captions = all_captions(random_dataset)
+    kwargs = {"batch_size": 5, "seed": 11, **options}
+    by_ids = Loader(random_dataset, caption_format="ids", **kwargs)
+    assert by_ids.num_captions == len(captions)
+    by_chars = Loader(random_dataset, caption_format="indices", **kwargs)
+    for ids, chars in zip(by_ids, by_chars, strict=True):
+        assert ids.captions.dtype == torch.int64
+        assert ids.captions.shape == (len(ids), by_ids.captions_per_sample)
+        assert ((ids.captions >= 0) & (ids.captions < len(captions))).all()
+        np.testing.assert_array_equal(captions[ids.captions.numpy()], chars.captions.numpy())
+        for name in FIELDS:  # images, mismatched images, record ids: unaffected
+            if name != "captions":
+                assert torch.equal(getattr(ids, name), getattr(chars, name)), name
+
+
 def test_kept_batches_stay_valid_and_the_ring_grows_only_then(random_dataset):
     loader = Loader(random_dataset, batch_size=4, depth=3)
     kept = list(loader)  # more batches than slots, all alive at once
@@ -315,13 +346,13 @@ _ELEM_BYTES = {torch.uint8: 1, torch.bfloat16: 2, torch.float32: 4}
     {},
     {"layout": "nchw", "dtype": torch.float32, "captions_per_sample": 3},
     {"caption_format": "indices", "dtype": torch.bfloat16, "size": 13},
+    {"caption_format": "ids", "dtype": torch.float32, "captions_per_sample": 3},
 ])
 def test_batch_views_follow_the_layout_the_core_exports(random_dataset, options):
     loader = Loader(random_dataset, batch_size=4, **options)
-    onehot = loader.caption_format == "onehot"
     exported = _C.slot_layout(
         batch_size=4, size=loader.size, captions_per_sample=loader.captions_per_sample,
-        doc_length=loader.meta["doc_length"], onehot=onehot,
+        doc_length=loader.meta["doc_length"], caption_format=loader.caption_format,
         elem_bytes=_ELEM_BYTES[loader.dtype], nhwc=loader.layout == "nhwc")
     assert loader._core.layout == exported
     batch = next(iter(loader))
@@ -346,7 +377,7 @@ def test_batch_views_follow_the_layout_the_core_exports(random_dataset, options)
 
 def test_exported_slot_layout_is_aligned_and_disjoint():
     layout = _C.slot_layout(batch_size=3, size=5, captions_per_sample=2, doc_length=7,
-                            onehot=True, elem_bytes=4, nhwc=False)
+                            caption_format="onehot", elem_bytes=4, nhwc=False)
     size = {"pixel": 4, "uint8": 1, "int64": 8}
     end = 0
     for name, offset, dtype, shape in layout["fields"]:
@@ -358,6 +389,11 @@ def test_exported_slot_layout_is_aligned_and_disjoint():
     shapes = {field[0]: field[3] for field in layout["fields"]}
     assert shapes["images"] == (3, 3, 5, 5) and shapes["captions"] == (3, 2, 70, 7)
     assert shapes["onehot_shadow"] == (3, 2, 7)
+    ids = _C.slot_layout(batch_size=3, size=5, captions_per_sample=2, doc_length=7,
+                         caption_format="ids", elem_bytes=4, nhwc=False)
+    fields = {field[0]: field for field in ids["fields"]}
+    assert fields["captions"][2:] == ("int64", (3, 2))
+    assert fields["onehot_shadow"][3] == (3, 2, 0)
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -367,10 +403,11 @@ def test_exported_slot_layout_is_aligned_and_disjoint():
     ("captions_per_sample", 256, "captions_per_sample must be in"),
     ("doc_length", 0, "doc_length must be in"),
     ("elem_bytes", 3, "elem_bytes must be 1, 2 or 4"),
+    ("caption_format", "text", "caption_format must be 'indices', 'onehot' or 'ids'"),
 ])
 def test_slot_layout_names_a_bad_argument(name, value, message):
     geometry = {"batch_size": 2, "size": 4, "captions_per_sample": 1, "doc_length": 3,
-                "onehot": True, "elem_bytes": 1, "nhwc": True, name: value}
+                "caption_format": "onehot", "elem_bytes": 1, "nhwc": True, name: value}
     with pytest.raises(ValueError, match=message):
         _C.slot_layout(**geometry)
 
@@ -494,7 +531,7 @@ def test_lmdb_failures_name_the_file(tmp_path):
     with pytest.raises(DataError, match=r"garbage\.lmdb: mdb_env_open: .*"):
         _C.Loader(str(garbage), count=10, num_classes=2, image_height=8, image_width=8,
                   doc_length=8, encoding="raw", batch_size=4, size=4, captions_per_sample=1,
-                  onehot=False,
+                  caption_format="indices",
                   elem_bytes=1, lut=bytes(range(256)), one=b"\x01", nhwc=True,
                   random_crop=True, flip=True, seed=0, rank=0, world_size=1, drop_last=True,
                   num_threads=1, verify=True)
@@ -511,6 +548,8 @@ def test_device_batches_on_another_device(random_dataset):
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
     assert batch.captions.shape == (4, 4, 70, 201) and batch.captions.dtype == torch.bfloat16
     assert batch.class_ids.device.type == "meta"
+    ids = next(iter(Loader(random_dataset, batch_size=4, caption_format="ids", device="meta")))
+    assert ids.captions.shape == (4, 4) and ids.captions.dtype == torch.int64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

@@ -25,7 +25,7 @@ from t2i_fast.native import _C
 _ELEM_BYTES = {torch.uint8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 LAYOUTS = ("nhwc", "nchw")
-CAPTION_FORMATS = ("indices", "onehot")
+CAPTION_FORMATS = ("indices", "onehot", "ids")
 
 
 def pixel_lut(dtype: torch.dtype) -> torch.Tensor:
@@ -53,12 +53,14 @@ class Batch:
     """One batch. Images are indexed [B, 3, S, S] in either memory layout (``nhwc`` is
     PyTorch's channels_last); captions are one-hot [B, k, 70, L] in the images' dtype (the
     default: measured faster end to end than expanding indices in the consumer, see
-    docs/performance.md) or uint8 character indices [B, k, L]."""
+    docs/performance.md), uint8 character indices [B, k, L], or (``caption_format="ids"``)
+    int64 global caption ids [B, k] into the dataset's captions in record order, the rows of
+    a table of precomputed embeddings (``Loader.num_captions`` rows)."""
 
     images: torch.Tensor
     wrong_images: torch.Tensor  # a real image of another class for each sample (GAN-CLS)
     captions: torch.Tensor
-    caption_ids: torch.Tensor  # int64 [B, k]: which of the record's captions
+    caption_ids: torch.Tensor  # int64 [B, k]: which of the record's captions (its own index)
     class_ids: torch.Tensor  # int64 [B]
     wrong_class_ids: torch.Tensor  # int64 [B]
     indices: torch.Tensor  # int64 [B]: record indices
@@ -129,6 +131,7 @@ class Loader:
         # 280x fewer bytes to copy; the conversion runs there.
         host_dtype = torch.uint8 if self.device is not None else dtype
         host_onehot = caption_format == "onehot" and self.device is None
+        host_captions = "ids" if caption_format == "ids" else "indices"
         self._host_dtype = host_dtype
         elem = _ELEM_BYTES[host_dtype]
         one = torch.ones(1, dtype=host_dtype).view(_BITS[elem]).numpy().tobytes()
@@ -140,7 +143,8 @@ class Loader:
                 str(self.path), count=self.meta["count"], num_classes=len(self.meta["classes"]),
                 image_height=height, image_width=width, doc_length=self.meta["doc_length"],
                 encoding=self.meta["encoding"], batch_size=batch_size, size=self.size,
-                captions_per_sample=captions_per_sample, onehot=host_onehot, elem_bytes=elem,
+                captions_per_sample=captions_per_sample,
+                caption_format="onehot" if host_onehot else host_captions, elem_bytes=elem,
                 lut=lut, one=one, nhwc=layout == "nhwc", random_crop=random_crop, flip=flip,
                 seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
                 num_threads=num_threads, verify=verify,
@@ -148,6 +152,9 @@ class Loader:
         except ValueError as exc:  # the core's argument checks
             raise ConfigError(f"{self.path}: {exc}") from exc
         self.num_threads = num_threads
+        # Global caption ids run over [0, num_captions): a caption's id is the number of
+        # captions in the records before its own plus its index in the record.
+        self.num_captions = self._core.num_captions
         self._layout = self._core.layout
         self._fields = self._field_specs()
         self._buffers: list[torch.Tensor] = []

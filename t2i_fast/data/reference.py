@@ -30,12 +30,15 @@ class ReferenceLoader:
         self.batch_size = batch_size
         self.seed = seed
         self.k = captions_per_sample
-        self.onehot = caption_format == "onehot"
+        self.caption_format = caption_format
         self.nhwc = layout == "nhwc"
         self.random_crop, self.flip = random_crop, flip
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.class_ids = np.array([r.class_id for r in self.records])
         self.pick_wrong = sampling.WrongImagePicker(self.class_ids)
+        # Each record's first global caption id: captions numbered in record order.
+        counts = [len(r.char_indices) for r in self.records]
+        self.first_caption = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     def _crop(self, index: int, y0: int, x0: int, flipped: bool) -> np.ndarray:
         image = self.records[index].image(where=f"{self.path}: record '{index:08d}'")
@@ -60,18 +63,21 @@ class ReferenceLoader:
                                         available=len(self.records[r].captions), k=self.k)
                 for r in records
             ])
-            chars = np.stack([self.records[r].char_indices[i]
-                              for r, i in zip(records, ids, strict=True)])
-            if self.onehot:
+            if self.caption_format == "ids":
+                captions = self.first_caption[records][:, None] + ids  # [B, k]
+            else:
+                captions = np.stack([self.records[r].char_indices[i]
+                                     for r, i in zip(records, ids, strict=True)])
+            if self.caption_format == "onehot":
                 eye = np.eye(ALPHABET_SIZE + 1, dtype=np.uint8)[:, 1:]  # index 0 → zeros
-                chars = eye[chars].transpose(0, 1, 3, 2)  # [B, k, 70, L]
+                captions = eye[captions].transpose(0, 1, 3, 2)  # [B, k, 70, L]
             yield {
                 "images": np.stack([self._crop(r, y, x, f)
                                     for r, y, x, f in zip(records, ys, xs, fs, strict=True)]),
                 "wrong_images": np.stack([
                     self._crop(w, y, x, f) for w, y, x, f in zip(wrong, wys, wxs, wfs, strict=True)
                 ]),
-                "captions": chars,
+                "captions": captions,
                 "caption_ids": ids,
                 "class_ids": self.class_ids[records],
                 "wrong_class_ids": self.class_ids[wrong],
