@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,9 +10,11 @@ from PIL import Image
 
 from t2i_fast.data import Dataset
 from t2i_fast.data.alphabet import encode
+from t2i_fast.data.format import record_key
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Generator, TextEncoder, preset
 from t2i_fast.pictures import image_grid
+from t2i_fast.prepare.captions import read_class_list
 from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
 from t2i_fast.train.config import TrainConfig, resolve_device
 
@@ -65,6 +68,40 @@ class TrainedModel:
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """Noise that depends on the seed only, not on the device."""
         return torch.randn(n, self.z_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True)
+class DatasetCaption:
+    """A caption of a dataset's record, with what names the record."""
+
+    key: str  # the record's LMDB key
+    name: str  # where its image came from
+    class_name: str
+    caption_index: int  # among the record's captions
+    caption: str  # as written: TrainedModel.embed encodes it at the run's caption length
+
+
+def dataset_captions(path: str | Path, *, per_image: int, classes: Path | None = None,
+                     limit: int | None = None) -> list[DatasetCaption]:
+    """The first ``per_image`` captions (all, where a record has fewer) of every record of the
+    dataset at ``path``, in record order; with ``classes``, a file of class names one a line
+    (CUB's testclasses.txt, say), only records of those classes; with ``limit``, only the
+    first ``limit`` records chosen."""
+    found = []
+    with Dataset(path) as ds:
+        wanted = None if classes is None else set(read_class_list(classes, set(ds.classes)))
+        for index in range(len(ds)):
+            if limit is not None and len(found) == limit:
+                break
+            record = ds.record(index)
+            class_name = ds.classes[record.class_id]
+            if wanted is None or class_name in wanted:
+                found.append((index, record.name, class_name, record.captions[:per_image]))
+    if not found:
+        raise T2IError(f"{path}: no records of the classes in {classes}")
+    return [DatasetCaption(key=record_key(index).decode(), name=name, class_name=class_name,
+                           caption_index=c, caption=text)
+            for index, name, class_name, texts in found for c, text in enumerate(texts)]
 
 
 def interpolation_grid(model: TrainedModel, texts: list[str], *, steps: int = 8, rows: int = 4,

@@ -20,6 +20,8 @@ from t2i_fast.data.alphabet import onehot
 from t2i_fast.data.format import record_key
 from t2i_fast.data.loader import normalise, pixel_lut
 from t2i_fast.data.reference import ReferenceLoader
+from t2i_fast.data.sampling import WrongImagePicker
+from t2i_fast.data.writer import DatasetWriter
 from t2i_fast.errors import CorruptRecordError, DataError
 
 FIELDS = ("images", "wrong_images", "captions", "caption_ids", "class_ids", "wrong_class_ids",
@@ -187,6 +189,46 @@ def test_single_class_dataset_pairs_with_another_record(tmp_path):
     path = write_random_dataset(tmp_path / "one.lmdb", n=9, classes=1)
     for batch in Loader(path, batch_size=3, epoch=4):
         assert (batch.indices != batch.wrong_indices).all()
+
+
+def _one_populated_class(path: Path) -> Path:
+    """Three classes declared, every record in the second."""
+    with DatasetWriter(path, image_size=12, classes=["a", "b", "c"], source="test",
+                       split="all") as writer:
+        for i in range(11):
+            writer.add(np.full((12, 12, 3), i, np.uint8), [f"caption {i}"], class_id=1,
+                       name=f"{i}")
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: write_random_dataset(tmp / "one.lmdb", n=13, classes=1),  # as COCO
+    lambda tmp: _one_populated_class(tmp / "b.lmdb"),
+], ids=["one-class", "one-populated-class"])
+def test_without_classes_the_mismatched_image_matches_the_reference(tmp_path, make):
+    """Any record but the sample itself, uniformly: the C++ plan and the reference agree bit
+    for bit, and over epochs every other record is drawn."""
+    path = make(tmp_path)
+    reference = ReferenceLoader(path, batch_size=4, seed=5, size=10)
+    pairs = set()
+    with Loader(path, batch_size=4, seed=5, size=10) as loader:
+        for epoch in range(6):
+            got = list(loader)
+            for g, e in zip(got, reference.epoch(epoch), strict=True):
+                g = as_reference(g, "nhwc")
+                for name in FIELDS:
+                    np.testing.assert_array_equal(g[name], e[name], err_msg=name)
+                pairs.update(zip(e["indices"].tolist(), e["wrong_indices"].tolist(),
+                                 strict=True))
+    count = len(Dataset(path))
+    assert all(i != w for i, w in pairs)
+    assert {w for _, w in pairs} == set(range(count))
+    picker = WrongImagePicker(np.zeros(count, dtype=np.int64))
+    wrong = np.stack([picker(0, epoch, np.arange(count)) for epoch in range(2000)])  # [E, N]
+    assert (wrong != np.arange(count)).all()
+    # Uniform over the count - 1 others: each is drawn about 2000 / (count - 1) times.
+    hits = np.bincount(wrong[:, 0], minlength=count)
+    assert hits[0] == 0 and hits[1:].min() > 0.6 * 2000 / (count - 1)
 
 
 def test_captions_are_the_records_captions(random_dataset):

@@ -11,7 +11,8 @@ from conftest import tiny_run, write_random_dataset
 
 from t2i_fast.cli import main
 from t2i_fast.data import Dataset
-from t2i_fast.data.alphabet import encode
+from t2i_fast.data.alphabet import decode, encode
+from t2i_fast.data.writer import DatasetWriter
 from t2i_fast.errors import DataError
 from t2i_fast.eval.retrieval import evaluate_retrieval, r_precision, retrieval_trials
 from t2i_fast.prepare.cub import make_cub
@@ -71,9 +72,26 @@ def test_trials_pair_each_caption_with_other_classes_only(tmp_path):
     assert again.captions == trials.captions
     assert np.array_equal(again.candidates, trials.candidates)
     assert len(retrieval_trials(path, n=1000, distractors=2, seed=0).captions) == 40
-    one_class = write_random_dataset(tmp_path / "one.lmdb", n=5, classes=1)
-    with pytest.raises(DataError, match="at least 2 classes"):
-        retrieval_trials(one_class, n=5, distractors=3, seed=0)
+
+
+def test_without_classes_distractors_are_other_images_captions(tmp_path):
+    path = tmp_path / "one.lmdb"
+    with DatasetWriter(path, image_size=8, classes=["coco"], source="test", split="all") as w:
+        for i in range(6):
+            w.add(np.zeros((8, 8, 3), np.uint8), [f"image {i} caption {j}" for j in range(3)],
+                  class_id=0, name=f"{i}")
+    trials = retrieval_trials(path, n=6, distractors=20, seed=1)
+    owner = {row.tobytes(): int(decode(row).split()[1]) for row in trials.indices}
+    for caption, row in zip(trials.captions, trials.candidates, strict=True):
+        image = int(caption.split()[1])
+        assert owner[trials.indices[row[0]].tobytes()] == image
+        distractors = {owner[trials.indices[other].tobytes()] for other in row[1:]}
+        assert image not in distractors and len(distractors) > 1
+    single = tmp_path / "single.lmdb"
+    with DatasetWriter(single, image_size=8, classes=["coco"], source="test", split="all") as w:
+        w.add(np.zeros((8, 8, 3), np.uint8), ["alone"], class_id=0, name="0")
+    with pytest.raises(DataError, match="at least 2 records"):
+        retrieval_trials(single, n=1, distractors=3, seed=0)
 
 
 class EchoModel:

@@ -11,6 +11,8 @@ import click
 
 from t2i_fast.data.alphabet import DEFAULT_DOC_LENGTH
 from t2i_fast.data.format import ENCODINGS
+from t2i_fast.prepare.coco import SPLITS as COCO_SPLITS
+from t2i_fast.prepare.coco import make_coco
 from t2i_fast.prepare.cub import SPLITS, make_cub
 from t2i_fast.prepare.flowers import make_flowers
 from t2i_fast.prepare.folder import make_folder
@@ -124,3 +126,23 @@ def folder(root: Path, workers: int, out: Path, image_size: int, encoding: str,
     the sub-folder."""
     _done(out, make_folder(root=root, out=out, image_size=image_size, encoding=encoding,
                            doc_length=doc_length, overwrite=overwrite, workers=workers))
+
+
+@prepare.command()
+@_root
+@_out
+@click.option("--split", type=click.Choice(COCO_SPLITS), required=True,
+              help="Reads ROOT/annotations/captions_SPLIT.json and the images in ROOT/SPLIT/.")
+@_common
+@_workers
+def coco(root: Path, workers: int, out: Path, split: str, image_size: int, encoding: str,
+         doc_length: int, overwrite: bool) -> None:
+    """MS-COCO captions (2014 or 2017): every captioned image with all its captions (5 to 7),
+    one class for all (COCO has none)."""
+    summary = make_coco(root=root, out=out, split=split, image_size=image_size,
+                        encoding=encoding, doc_length=doc_length, overwrite=overwrite,
+                        workers=workers)
+    _done(out, summary.images)
+    if summary.uncaptioned:
+        click.echo(f"{out}: skipped {summary.uncaptioned} listed images without a caption",
+                   err=True)

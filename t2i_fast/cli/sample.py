@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from t2i_fast.cli.output import output_folder, save_image
-from t2i_fast.generate import TrainedModel, interpolation_grid
+from t2i_fast.generate import TrainedModel, dataset_captions, interpolation_grid
 from t2i_fast.pictures import image_grid, to_uint8
 from t2i_fast.prepare.captions import read_captions
 
@@ -25,22 +26,51 @@ def _captions(texts: tuple[str, ...], captions_file: Path | None) -> list[str]:
     return list(texts) if texts else read_captions(captions_file)
 
 
+def _entries(texts: tuple[str, ...], captions_file: Path | None, data: Path | None,
+             per_image: int | None, classes: Path | None, limit: int | None) -> list[dict]:
+    """What to draw: one entry per caption, ``caption`` and what index.json says of it."""
+    if data is None:
+        if per_image is not None or classes is not None or limit is not None:
+            raise click.UsageError("--captions-per-image, --classes and --limit go with --data")
+        return [{"caption": text} for text in _captions(texts, captions_file)]
+    if texts or captions_file is not None:
+        raise click.UsageError("pass captions with --text or --captions, or draw those of "
+                               "--data DATASET, not both")
+    found = dataset_captions(data, per_image=per_image or 1, classes=classes, limit=limit)
+    return [dataclasses.asdict(entry) for entry in found]
+
+
 @click.command()
 @_RUN
 @click.option("--text", "texts", multiple=True, help="A caption (repeat for more).")
 @click.option("--captions", "captions_file", type=click.Path(exists=True, path_type=Path),
               default=None, help="A file with one caption per line.")
-@click.option("--n", type=click.IntRange(min=1), default=8, help="Images per caption.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A dataset whose captions to draw (one split: for CUB's zero-shot classes, "
+                   "one prepared with --split test); index.json names each image's record.")
+@click.option("--captions-per-image", "per_image", type=click.IntRange(1, 255), default=None,
+              show_default="1", help="With --data: the first K captions of each record (all "
+                                     "where it has fewer).")
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, show_default="all",
+              help="With --data: a file of class names, one a line; only their records.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, show_default="all",
+              help="With --data: the first N records only.")
+@click.option("--n", type=click.IntRange(min=1), default=None, show_default="8; 1 with --data",
+              help="Images per caption.")
 @click.option("--seed", type=click.IntRange(min=0), default=0,
               help="Noise seed: image j of every caption shares its noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="A .png for one grid (a row per caption, the caption under it), else a "
                    "folder of PNGs with index.json.")
-def sample(run: Path, texts: tuple[str, ...], captions_file: Path | None, n: int, seed: int,
-           batch_size: int, out: Path) -> None:
-    """Generate images for captions."""
-    captions = _captions(texts, captions_file)
+def sample(run: Path, texts: tuple[str, ...], captions_file: Path | None, data: Path | None,
+           per_image: int | None, classes: Path | None, limit: int | None, n: int | None,
+           seed: int, batch_size: int, out: Path) -> None:
+    """Generate images for captions: given, or those of a dataset's records."""
+    entries = _entries(texts, captions_file, data, per_image, classes, limit)
+    captions = [entry["caption"] for entry in entries]
+    n = n or (1 if data else 8)
     model = TrainedModel.load(run)
     z = model.noise(n, seed)  # [n, Z]: column j shares its noise across captions
     jobs = [(c, j) for c in range(len(captions)) for j in range(n)]
@@ -57,10 +87,11 @@ def sample(run: Path, texts: tuple[str, ...], captions_file: Path | None, n: int
                 images.append(batch.cpu())
             else:
                 for (c, j), pixels in zip(chunk, to_uint8(batch), strict=True):
-                    name = f"{c:05d}_{j:02d}.png"
+                    entry = entries[c]
+                    name = (f"{entry['key']}_{entry['caption_index']:02d}_{j:02d}.png"
+                            if data else f"{c:05d}_{j:02d}.png")
                     Image.fromarray(pixels).save(out / name)
-                    index.append({"file": name, "caption": captions[c], "seed": seed,
-                                  "noise_index": j})
+                    index.append({"file": name, **entry, "seed": seed, "noise_index": j})
             bar.update(len(chunk))
     if grid:
         save_image(image_grid(torch.cat(images), rows=len(captions), row_labels=captions), out)

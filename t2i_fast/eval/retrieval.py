@@ -1,8 +1,9 @@
 """R-precision: does an image generated from a caption match that caption better than captions
 of other classes? Each image is ranked against its caption and ``distractors`` captions drawn
-from records of other classes, by the cosine similarity of the DS-SJE image and text
-embeddings (``pretrain-text``: the encoders that learnt which captions go with which images);
-the score is the share of images whose own caption ranks first.
+from records of other classes (of other images in a dataset without classes), by the cosine
+similarity of the DS-SJE image and text embeddings (``pretrain-text``: the encoders that learnt
+which captions go with which images); the score is the share of images whose own caption ranks
+first.
 
 The embeddings are the project's own small DS-SJE encoders, not a published evaluator, so
 scores compare runs judged by the same encoders, on the same data, and nothing else.
@@ -102,8 +103,8 @@ class Trials:
 
 def retrieval_trials(path: str | Path, *, n: int, distractors: int, seed: int) -> Trials:
     """``n`` random records (all where fewer), one random caption each, and for each
-    ``distractors`` random captions of records of other classes (drawn with replacement where
-    fewer records exist)."""
+    ``distractors`` random captions of records of other classes, or of other records where all
+    share one class (drawn with replacement where fewer records exist)."""
     rng = np.random.default_rng(seed)
     with Dataset(path) as ds:
         text: dict[int, tuple[list[str], np.ndarray]] = {}  # record → (captions, indices)
@@ -114,14 +115,17 @@ def retrieval_trials(path: str | Path, *, n: int, distractors: int, seed: int) -
                 text[index] = found.captions, found.char_indices
             return text[index]
 
+        if len(ds) < 2:
+            raise DataError(f"{path}: retrieval needs at least 2 records")
         classes = np.array([ds.record(i).class_id for i in range(len(ds))])
-        if len(np.unique(classes)) < 2:
-            raise DataError(f"{path}: retrieval needs records of at least 2 classes")
+        # Without classes (every record of one, as COCO) the distractors are the captions of
+        # any other image, as the loader's mismatched images are.
         others = {c: np.flatnonzero(classes != c) for c in np.unique(classes)}
+        classless = len(others) < 2
         rows: dict[tuple[int, int], int] = {}  # (record, caption) → row of indices
         captions, candidates = [], []
         for i in rng.choice(len(ds), size=min(n, len(ds)), replace=False):
-            pool = others[classes[i]]
+            pool = np.delete(np.arange(len(ds)), i) if classless else others[classes[i]]
             picks = [int(i), *rng.choice(pool, distractors, replace=len(pool) < distractors)]
             keys = [(int(j), int(rng.integers(len(text_of(j)[0])))) for j in picks]
             captions.append(text_of(keys[0][0])[0][keys[0][1]])

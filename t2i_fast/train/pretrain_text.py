@@ -94,7 +94,8 @@ def zero_shot(image_encoder: torch.nn.Module, text_encoder: TextEncoder, dataset
             texts[sample.class_id].append(torch.from_numpy(sample.char_indices))
     classes = np.array([c for c in classes if texts[int(c)]])  # classes with images
     if len(classes) < 2:
-        raise T2IError(f"{dataset}: zero-shot evaluation needs images of at least 2 classes")
+        raise T2IError(f"{dataset}: zero-shot evaluation needs images of at least 2 classes "
+                       "(a dataset without classes, such as COCO, has none to tell apart)")
     image_emb = torch.cat([
         image_encoder(_prepare(torch.stack(images[i: i + 256]).to(device), size))
         for i in range(0, len(images), 256)])  # [N, E]
@@ -132,7 +133,11 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,
                     captions_per_sample=1, dtype=torch.float32)
     n_classes = len(loader.meta["classes"])
-    holdout = np.array([], dtype=np.int64) if config.eval_data else \
+    # A dataset without classes (one class for every image, as COCO; docs/format.md): each
+    # image is its own class, so that an image is matched with its own captions against the
+    # other images' in the batch, and no class can be held out.
+    classless = n_classes == 1
+    holdout = np.array([], dtype=np.int64) if config.eval_data or classless else \
         held_out_classes(n_classes, config.holdout, config.seed)
     train_mask = torch.ones(n_classes, dtype=torch.bool)
     train_mask[torch.from_numpy(holdout)] = False
@@ -161,7 +166,7 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
                     bar.update(1)
                     continue
                 images = _prepare(batch.images[keep].to(device), size)
-                labels = batch.class_ids[keep].to(device)
+                labels = (batch.indices if classless else batch.class_ids)[keep].to(device)
                 text = text_encoder(batch.captions[keep].to(device))[:, 0]  # [B, E]
                 loss = sje_loss(image_encoder(images), class_averaged(text, labels), labels)
                 optimizer.zero_grad(set_to_none=True)
