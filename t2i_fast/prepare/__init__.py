@@ -1,5 +1,5 @@
 """``t2i-fast prepare``: turning sources (the synthetic shapes, CUB-200-2011, Oxford-102
-flowers, a folder of captioned images) into datasets.
+flowers, MS-COCO captions, a folder of captioned images) into datasets.
 
 Every source checks all it can (file lists, caption files) before the first record is written,
 then feeds a ``DatasetWriter``, which only gives the dataset its name once it is complete.
