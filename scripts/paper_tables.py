@@ -1,12 +1,15 @@
 """The paper's comparison on the shapes dataset: GAN, GAN-CLS, GAN-INT and GAN-INT-CLS trained
 the same way, then scored for attribute accuracy (seen and held-out colour-shape pairs),
-style disentangling (background and position AUCs) and retrieval R-precision.
+diversity (spread and style coverage against real images), style disentangling (background
+and position AUCs, beside a random encoder's and the captions') and retrieval R-precision.
 
     python scripts/paper_tables.py --out paper_runs --markdown docs/results.md
 
 Every stage writes its result into the run folder and is skipped when that result exists, so
 an interrupted run continues where it stopped. One text encoder (DS-SJE on every seen class)
 serves all four variants, so their differences come from the GAN objectives alone.
+``--markdown FILE`` replaces only the part of FILE between the START and END markers (a new
+file gets the markers), so the hand-written text around the tables stays.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 VARIANTS = {"gan": "GAN", "cls": "GAN-CLS", "int": "GAN-INT", "int-cls": "GAN-INT-CLS"}
 HOLDOUT = "red circle,blue square,green triangle"
+EVALS = ("attributes", "diversity", "disentangle", "retrieval")
+START, END = "<!-- paper_tables:start -->", "<!-- paper_tables:end -->"
 
 
 def _t2i(*args: str) -> str:
@@ -33,8 +38,10 @@ def _t2i(*args: str) -> str:
     return subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
-def _cached(path: Path, make) -> dict:
-    if not path.exists():
+def _cached(path: Path, make, *, needs: str | None = None) -> dict:
+    """The JSON saved at ``path``, made first where it is missing or lacks the key ``needs``
+    (a result saved before that key existed)."""
+    if not path.exists() or (needs is not None and needs not in json.loads(path.read_text())):
         path.write_text(make())
     return json.loads(path.read_text())
 
@@ -53,28 +60,61 @@ def run_variant(*, variant: str, data: Path, text_encoder: Path, out: Path, epoc
     if not (run / "style_encoder.pt").exists():
         _t2i("train-style", "--run", str(run), "--steps", str(style_steps), "--seed",
              str(seed), "--device", "cpu")
-    scores = {}
-    for name in ("attributes", "disentangle", "retrieval"):
-        scores.update(_cached(run / f"eval_{name}.json",
-                              lambda name=name: _t2i("eval", name, "--run", str(run),
-                                                     "--json")))
-    scores["minutes"] = round((time.perf_counter() - started) / 60, 1)
-    return scores
+    scores = {name: _cached(run / f"eval_{name}.json",
+                            lambda name=name: _t2i("eval", name, "--run", str(run), "--json"),
+                            needs="baselines" if name == "disentangle" else None)
+              for name in EVALS}
+    return {**scores, "minutes": round((time.perf_counter() - started) / 60, 1)}
 
 
 def markdown(results: dict[str, dict], *, epochs: int, seed: int, minutes: float) -> str:
-    head = ("| variant | colour | shape | size | held-out colour | held-out shape | "
-            "background AUC | position AUC | R-precision |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
-    rows = "".join(
-        f"| {VARIANTS[v]} | {r['color_acc']:.3f} | {r['shape_acc']:.3f} | {r['size_acc']:.3f} "
-        f"| {r['heldout_color_acc']:.3f} | {r['heldout_shape_acc']:.3f} "
-        f"| {r['background_auc']:.3f} | {r['position_auc']:.3f} | {r['r_precision']:.3f} |\n"
-        for v, r in results.items())
+    """The tables of ``results`` (variant → {eval name → its JSON}): what the text asks for,
+    then style (diversity, and disentangling beside its baselines)."""
+    text = ("| variant | colour | shape | size | held-out colour | held-out shape | "
+            "R-precision |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    for variant, r in results.items():
+        a = r["attributes"]
+        text += (f"| {VARIANTS[variant]} | {a['color_acc']:.3f} | {a['shape_acc']:.3f} "
+                 f"| {a['size_acc']:.3f} | {a['heldout_color_acc']:.3f} "
+                 f"| {a['heldout_shape_acc']:.3f} | {r['retrieval']['r_precision']:.3f} |\n")
+    style = ("| variant | diversity ratio | backgrounds covered | positions covered "
+             "| background AUC | random encoder | captions | position AUC | random encoder "
+             "| captions |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |\n")
+    for variant, r in results.items():
+        d, s = r["diversity"], r["disentangle"]
+        aucs = " | ".join(f"{found[f'{factor}_auc']:.3f}"
+                          for factor in ("background", "position")
+                          for found in (s, s["baselines"]["random_encoder"],
+                                        s["baselines"]["captions"]))
+        style += (f"| {VARIANTS[variant]} | {d['ratio']:.3f} "
+                  f"| {d['backgrounds']:.3f} ({d['real_backgrounds']:.3f}) "
+                  f"| {d['positions']:.3f} ({d['real_positions']:.3f}) | {aucs} |\n")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, no GPU (CPU, `small` preset)"
     return (f"Shapes dataset with {HOLDOUT.replace(',', ', ')} held out of training; "
             f"{epochs} epochs per variant, seed {seed}; {machine}; {minutes:.0f} minutes in "
-            f"all on {date.today().isoformat()}.\n\n" + head + rows)
+            f"all on {date.today().isoformat()}.\n\n" + text
+            + "\nStyle: the diversity ratio is the spread of images from different noise "
+              "over the real images' (1: as varied as the data); coverage is the share of the "
+              "8 backgrounds and 9 position cells one caption's 16 images show (the real "
+              "images' in parentheses); the AUCs of the style encoder stand beside a random "
+              "encoder's and the captions' (the paper's text baseline).\n\n" + style)
+
+
+def write_section(path: Path, table: str) -> None:
+    """Puts ``table`` between the START and END markers of ``path``, keeping the rest; a
+    missing file is made with the markers. A file without both markers, in order, is left
+    alone: SystemExit names it."""
+    section = f"{START}\n{table.rstrip()}\n{END}"
+    if not path.exists():
+        path.write_text(section + "\n")
+        return
+    text = path.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start or text.count(START) != 1 or text.count(END) != 1:
+        raise SystemExit(f"{path}: needs one '{START}' line before one '{END}' line around "
+                         "the generated tables (nothing written)")
+    path.write_text(text[:start] + section + text[end + len(END):])
 
 
 def main() -> None:
@@ -87,7 +127,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--markdown", type=Path, default=None,
-                        help="Write the table into this file (replacing it).")
+                        help="Write the tables into this file, between its markers.")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
@@ -114,7 +154,7 @@ def main() -> None:
                      minutes=(time.perf_counter() - started) / 60)
     print(table)
     if args.markdown:
-        args.markdown.write_text(table)
+        write_section(args.markdown, table)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,14 @@ def _neg_log_one_minus_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 def discriminator_loss(real_right: torch.Tensor, real_wrong: torch.Tensor | None,
                        fake_right: torch.Tensor, *, matching_aware: bool) -> torch.Tensor:
-    """D's loss from its logits [B] on (real image, right text), (real image, wrong text) and
-    (fake image, right text), averaged over the batch.
+    """D's loss from its logits [B] on (real image, right text), a mismatched pair and (fake
+    image, right text), averaged over the batch.
 
-    GAN-CLS (``matching_aware``): -[log D(real, right) + ½(log(1 - D(real, wrong))
+    The mismatched pair is a real image of another class with the right text, as Reed's code
+    makes it (the trainer passes D(wrong image, text)); the paper's Algorithm 1 writes it as
+    the real image with wrong text. Either way D learns to call a mismatch fake.
+
+    GAN-CLS (``matching_aware``): -[log D(real, right) + ½(log(1 - D(mismatched))
     + log(1 - D(fake, right)))]. Plain GAN: -[log D(real) + log(1 - D(fake))], and
     ``real_wrong`` is ignored (may be None).
     """

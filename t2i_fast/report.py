@@ -134,12 +134,77 @@ def _metrics(run: Path) -> str:
             results = json.loads(path.read_text())
         except ValueError as exc:
             raise T2IError(f"{path}: not JSON ({exc})") from exc
+        # Evaluations with columns to compare get a table of their own, when the file has
+        # them (an older or hand-edited one falls back to the plain list).
+        shape = _SHAPED.get(path.name)
+        shown = shape(results) if shape and isinstance(results, dict) else None
         parts.append(f"<h3>{html.escape(str(path.relative_to(run)))}</h3>"
-                     + _table(_flatten(results).items()))
+                     + (shown or _table(_flatten(results).items())))
     if not found:
         parts.append(_note("no evaluation results saved in the run (e.g. 't2i-fast eval "
                            "attributes --run RUN --json > RUN/eval_attributes.json')"))
     return _section("Metrics", parts)
+
+
+def _disentangle(results: dict) -> str | None:
+    """The AUCs beside their baselines (eval disentangle); None for a file without them."""
+    baselines = results.get("baselines")
+    factors = ("background_auc", "position_auc")
+    if not isinstance(baselines, dict) or not all(
+            isinstance(found, dict) and all(key in found for key in factors)
+            for found in (results, *baselines.values())):
+        return None
+    columns = {"style encoder": results, **{name.replace("_", " "): found
+                                            for name, found in baselines.items()}}
+    rows = [(key.removesuffix("_auc") + " AUC", [found[key] for found in columns.values()])
+            for key in factors]
+    return (_grid(["", *columns], rows)
+            + _note(f"{results.get('n_pairs', '?')} pairs; 0.5 is chance. The style encoder "
+                    "disentangles where it beats the random encoder; the captions are the "
+                    "paper's text baseline."))
+
+
+def _diversity(results: dict) -> str | None:
+    """Overall and per-caption spread and coverage, generated beside real (eval diversity);
+    None for a file without them."""
+    keys = ("spread", "backgrounds", "positions")
+    per_caption = results.get("per_caption")
+    if not isinstance(results.get("ratio"), int | float) or not isinstance(
+            per_caption, dict) or not all(
+            isinstance(row, dict) and all(k in row for k in (*keys, "ratio", "n"))
+            and all(f"real_{k}" in row for k in keys)
+            for row in (results, *per_caption.values())):
+        return None
+    labels = ("spread (mean pairwise distance)", "backgrounds covered (share of 8)",
+              "position cells covered (share of 9)")
+    overall = _grid(["", "generated", "real"],
+                    [(label, [results[key], results[f"real_{key}"]])
+                     for label, key in zip(labels, keys, strict=True)])
+    rows = [(caption, [row["ratio"], row["backgrounds"], row["real_backgrounds"],
+                       row["positions"], row["real_positions"], row["n"]])
+            for caption, row in per_caption.items()]
+    return (_note(f"spread ratio, generated over real: {results['ratio']:.3f}") + overall
+            + _grid(["caption", "spread ratio", "backgrounds", "real", "positions", "real",
+                     "images"], rows))
+
+
+_SHAPED = {"eval_disentangle.json": _disentangle, "eval_diversity.json": _diversity}
+
+
+def _grid(header: list[str], rows: list[tuple[str, list]]) -> str:
+    """A table with a header row and a label then values in each row."""
+    head = "".join(f"<th>{html.escape(str(name))}</th>" for name in header)
+    body = "".join(f"<tr><th>{html.escape(str(label))}</th>"
+                   + "".join(_cell(value) for value in values) + "</tr>"
+                   for label, values in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(value) -> str:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    style = ' class="number"' if number else ""
+    return f"<td{style}>{html.escape(shown)}</td>"
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -181,11 +246,5 @@ def _figure(picture: Path | Image.Image, caption: str) -> str:
 
 
 def _table(items) -> str:
-    cells = []
-    for key, value in items:
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        style = ' class="number"' if number else ""
-        cells.append(f"<tr><th>{html.escape(str(key))}</th>"
-                     f"<td{style}>{html.escape(shown)}</td></tr>")
-    return "<table>" + "".join(cells) + "</table>"
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(key))}</th>{_cell(value)}</tr>"
+                               for key, value in items) + "</table>"

@@ -78,6 +78,41 @@ def test_style_transfer_appears_with_the_run_that_has_it(run, tmp_path):
     assert "<h2>Style transfer</h2>" in page and len(_sources(page)) == 4 + 2 + 1 + 1
 
 
+def _row(page, label):
+    """The cells of the table row headed ``label``."""
+    found = re.search(rf"<tr><th>{re.escape(label)}</th>((?:<td[^>]*>[^<]*</td>)*)</tr>", page)
+    assert found, label
+    return re.findall(r"<td[^>]*>([^<]*)</td>", found.group(1))
+
+
+def test_diversity_and_the_disentangling_baselines_have_tables(run, tmp_path):
+    saved = tmp_path / "saved"
+    shutil.copytree(run, saved)
+    row = {"n": 16, "spread": 0.05, "real_spread": 0.2, "ratio": 0.25, "backgrounds": 0.125,
+           "real_backgrounds": 0.875, "positions": 0.25, "real_positions": 0.5}
+    (saved / "eval_diversity.json").write_text(json.dumps(
+        {**row, "ratio": 0.3125, "n_captions": 2, "n_images": 32,
+         "per_caption": {"a small red circle": row,
+                         "a large blue cross": {**row, "ratio": 0.375}}}))
+    (saved / "eval_disentangle.json").write_text(json.dumps(
+        {"background_auc": 0.75, "position_auc": 0.625, "n_pairs": 800,
+         "baselines": {"random_encoder": {"background_auc": 0.65, "position_auc": 0.55},
+                       "captions": {"background_auc": 0.5, "position_auc": 0.6875}}}))
+    page = make_report(run=saved)
+    assert "<h3>eval_diversity.json</h3>" in page and "generated over real: 0.312" in page
+    assert _row(page, "spread (mean pairwise distance)") == ["0.05", "0.2"]
+    assert _row(page, "backgrounds covered (share of 8)") == ["0.125", "0.875"]
+    assert _row(page, "a large blue cross") == ["0.375", "0.125", "0.875", "0.25", "0.5", "16"]
+    assert "<th>style encoder</th><th>random encoder</th><th>captions</th>" in page
+    assert _row(page, "background AUC") == ["0.75", "0.65", "0.5"]
+    assert _row(page, "position AUC") == ["0.625", "0.55", "0.6875"]
+    # A file from before the baselines is listed as it is.
+    (saved / "eval_disentangle.json").write_text(json.dumps(
+        {"background_auc": 0.75, "position_auc": 0.625, "n_pairs": 800}))
+    page = make_report(run=saved)
+    assert "random encoder" not in page and _row(page, "background_auc") == ["0.75"]
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if path := shutil.which(name):

@@ -215,13 +215,87 @@ def test_eval_disentangle_json(styled):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
-    assert set(scores) == {"background_auc", "position_auc", "n_pairs"}
+    assert set(scores) == {"background_auc", "position_auc", "n_pairs", "baselines"}
+    assert set(scores["baselines"]) == {"random_encoder", "captions"}
     assert scores["n_pairs"] == 800
-    assert all(0 <= scores[key] <= 1 for key in ("background_auc", "position_auc"))
+    for found in (scores, *scores["baselines"].values()):
+        assert all(0 <= found[key] <= 1 for key in ("background_auc", "position_auc"))
     assert json.loads(invoke(*args).output) == scores  # the seed fixes everything
     table = invoke("eval", "disentangle", "--run", styled, "--n", 64, "--pairs", 800)
-    assert [line.split()[0] for line in table.output.splitlines()] == [
-        "factor", "background", "position", "pairs"]
+    lines = table.output.splitlines()
+    assert [line.split()[0] for line in lines] == ["factor", "background", "position", "pairs"]
+    assert lines[0].split()[1:6] == ["style", "encoder", "random", "encoder", "captions"]
+    for line, factor in zip(lines[1:3], ("background", "position"), strict=True):
+        shown = [float(value) for value in line.split()[1:]]
+        assert shown == pytest.approx([scores[f"{factor}_auc"],
+                                       scores["baselines"]["random_encoder"][f"{factor}_auc"],
+                                       scores["baselines"]["captions"][f"{factor}_auc"]],
+                                      abs=5e-5)
+
+
+def test_the_random_encoder_is_fixed_by_its_seed():
+    config = StyleEncoderConfig(image_size=16, ndf=4, z_dim=8)
+    before = torch.random.get_rng_state()
+    first, again, other = (disentangle.random_encoder(config, seed=seed) for seed in (0, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), before), "the global state is untouched"
+    assert not first.training
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    weights = [name for name, p in first.named_parameters() if p.dim() > 1]
+    assert all(not torch.equal(first.state_dict()[n], other.state_dict()[n]) for n in weights)
+
+
+def test_the_baselines_match_an_independent_computation(styled, shapes):
+    from t2i_fast.generate import TrainedModel
+
+    model = TrainedModel.load(styled, device=CPU)
+    encoder, _ = load_style_encoder(styled, device=CPU)
+    scores = disentangle.evaluate_disentangle(encoder=encoder, dataset=shapes,
+                                              embed=model.embed, n=48, pairs=600, seed=5)
+    backgrounds, cells = _truth(shapes, 48)
+    with Dataset(shapes) as ds:
+        captions = [ds[i].captions for i in range(48)]
+    # The text baseline: each image's mean caption embedding, cosine similarity per pair.
+    features = torch.stack([model.embed(texts).mean(0) for texts in captions]).numpy()
+    assert np.allclose(disentangle.caption_features(model.embed, captions), features,
+                       atol=1e-5)
+    first, second = disentangle.sample_pairs(48, 600, 5)
+    similarity = torch.nn.functional.cosine_similarity(
+        torch.from_numpy(features[first]), torch.from_numpy(features[second]), dim=1).numpy()
+    # The random encoder: a fresh one of S's architecture under seed 5, on the same images.
+    torch.manual_seed(5)
+    fresh = StyleEncoder(encoder.config).eval()
+    images, *_ = disentangle.read_records(shapes, 48)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        styles = fresh(torch.nn.functional.interpolate(x, size=32, mode="area")).numpy()
+    random_similarity = disentangle.cosine_similarity(styles[first], styles[second])
+    for factor, truth in (("background", backgrounds), ("position", cells)):
+        same = truth[first] == truth[second]
+        # The briefly trained text encoder gives near-equal similarities, whose order the
+        # rounding of batched matrix products may swap.
+        assert scores["baselines"]["captions"][f"{factor}_auc"] == pytest.approx(
+            roc_auc(similarity, same), abs=5e-3)
+        assert scores["baselines"]["random_encoder"][f"{factor}_auc"] == pytest.approx(
+            roc_auc(random_similarity, same), abs=1e-6)
+    # A text feature that knows the sizes: large shapes sit in the middle cell, so the
+    # captions tell position above chance and background not at all.
+    from t2i_fast.eval.attributes import parse_caption
+    from t2i_fast.shapes_spec import SIZES
+
+    def sizes(texts):
+        return torch.tensor([[float(any(shape["size"] == size for shape in parse_caption(t)))
+                              for size in SIZES] for t in texts]) + 0.1
+    scores = disentangle.evaluate_disentangle(encoder=encoder, dataset=shapes, embed=sizes,
+                                              n=48, pairs=600, seed=5)["baselines"]["captions"]
+    features = torch.stack([sizes(texts).mean(0) for texts in captions]).double().numpy()
+    similarity = disentangle.cosine_similarity(features[first], features[second])
+    assert scores["position_auc"] == pytest.approx(
+        roc_auc(similarity, cells[first] == cells[second]), abs=1e-9)
+    assert scores["position_auc"] > 0.6 and abs(scores["background_auc"] - 0.5) < 0.1
+    assert "captions" not in disentangle.evaluate_disentangle(
+        encoder=encoder, dataset=shapes, n=48, pairs=600, seed=5)["baselines"]
 
 
 def _truth(shapes, n):

@@ -9,9 +9,11 @@ import click
 
 from t2i_fast.eval.attributes import ATTRIBUTES, evaluate_dataset, evaluate_generated
 from t2i_fast.eval.disentangle import evaluate_disentangle
+from t2i_fast.eval.diversity import evaluate_diversity
 from t2i_fast.eval.fid import WEIGHTS_ENV, WEIGHTS_NAME, evaluate_fid
 from t2i_fast.eval.retrieval import Encoders, evaluate_retrieval, find_encoders
 from t2i_fast.generate import TrainedModel
+from t2i_fast.pictures import to_uint8
 from t2i_fast.train import TrainConfig
 from t2i_fast.train.config import resolve_device
 from t2i_fast.train.style import load_style_encoder
@@ -80,6 +82,48 @@ def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None
 
 
 @eval_group.command()
+@_RUN
+@_DATA
+@click.option("--n", type=click.IntRange(min=2), default=16,
+              help="Images a caption and a side: noise draws, and real one-shape records.")
+@click.option("--captions", type=click.IntRange(min=1), default=None,
+              help="Colour-shape-size captions scored, drawn at random (by --seed) from "
+                   "those the data has  [default: all]")
+@click.option("--records", type=click.IntRange(min=2), default=None,
+              help="Records searched for real images: the first N  [default: all]")
+@click.option("--seed", type=click.IntRange(min=0), default=0,
+              help="Noise seed of the first caption; the k-th uses seed + k.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def diversity(run: Path, dataset: Path | None, n: int, captions: int | None,
+              records: int | None, seed: int, as_json: bool) -> None:
+    """Does the noise vary the images as the data does? For each one-shape caption of the
+    shapes dataset, N images from N noise draws against N real images of that colour, shape
+    and size: their spread (mean pairwise pixel distance at 16x16) as a ratio to the real
+    images', and the share of the 8 backgrounds and 9 position cells each side shows."""
+    model = TrainedModel.load(run)
+
+    def sampler(caption: str, count: int, noise_seed: int):
+        text = model.embed([caption] * count)
+        return to_uint8(model.generate(text, model.noise(count, noise_seed)))
+
+    scores = evaluate_diversity(sampler=sampler, dataset=dataset or _run_data(run),
+                                size=model.generator.config.image_size, n=n,
+                                captions=captions, seed=seed, records=records)
+    if as_json:
+        click.echo(json.dumps(scores))
+        return
+    width = max(len(caption) for caption in scores["per_caption"]) + 2
+    click.echo(f"{'caption':<{width}}{'ratio':>7}{'backgrounds':>13}{'positions':>11}"
+               "   (generated / real)")
+    rows = [*scores["per_caption"].items(), ("overall", scores)]
+    for caption, row in rows:
+        click.echo(f"{caption:<{width}}{row['ratio']:>7.3f}"
+                   f"{row['backgrounds']:>7.2f}/{row['real_backgrounds']:.2f}"
+                   f"{row['positions']:>6.2f}/{row['real_positions']:.2f}")
+    click.echo(f"{'images':<{width}}{scores['n_images']:>7} a side")
+
+
+@eval_group.command()
 @click.option("--run", type=click.Path(exists=True, file_okay=False, path_type=Path),
               required=True, help="A run folder with a style encoder ('t2i-fast train-style').")
 @click.option("--data", "dataset", type=click.Path(path_type=Path), default=None,
@@ -88,24 +132,34 @@ def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None
               help="Records whose style is predicted: the first N.")
 @click.option("--pairs", type=click.IntRange(min=1), default=10000,
               help="Random pairs of those records scored.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the pairs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0,
+              help="Seed of the pairs and of the random encoder's weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
                 as_json: bool) -> None:
     """The paper's disentangling study (Figure 5) on the shapes dataset: ROC AUC of the cosine
     similarity of real images' style vectors S(x), pairs with the same background (or the
     first shape's centre in the same cell of a 3x3 grid over the visible window) against
-    pairs without. 0.5 is chance, 1 perfect."""
-    encoder, _ = load_style_encoder(run, device=resolve_device("auto"))
-    scores = evaluate_disentangle(encoder=encoder, dataset=dataset or _run_data(run), n=n,
-                                  pairs=pairs, seed=seed)
+    pairs without. 0.5 is chance, 1 perfect. Beside it, the same AUCs of two baselines on the
+    same pairs: a randomly initialised encoder of S's architecture, and the paper's text
+    baseline, the images' caption embeddings (the run's text encoder)."""
+    device = resolve_device("auto")
+    encoder, _ = load_style_encoder(run, device=device)
+    model = TrainedModel.load(run, device=device)
+    scores = evaluate_disentangle(encoder=encoder, dataset=dataset or _run_data(run),
+                                  embed=model.embed, n=n, pairs=pairs, seed=seed)
     if as_json:
         click.echo(json.dumps(scores))
         return
-    click.echo(f"{'factor':<12}ROC AUC")
+    baselines = scores["baselines"]
+    click.echo(f"{'factor':<12}{'style encoder':>15}{'random encoder':>16}{'captions':>10}"
+               "   (ROC AUC)")
     for factor in ("background", "position"):
-        click.echo(f"{factor:<12}{scores[f'{factor}_auc']:.4f}")
-    click.echo(f"{'pairs':<12}{scores['n_pairs']}")
+        key = f"{factor}_auc"
+        click.echo(f"{factor:<12}{scores[key]:>15.4f}"
+                   f"{baselines['random_encoder'][key]:>16.4f}"
+                   f"{baselines['captions'][key]:>10.4f}")
+    click.echo(f"{'pairs':<12}{scores['n_pairs']:>15}")
 
 
 @eval_group.command()

@@ -12,10 +12,23 @@ AUC says how well that score tells pairs that share a style factor from pairs th
 
 Images are seen as the generator learnt them: the centred training crop
 (``shapes_spec.training_crop`` of the stored side), resized to the model's resolution.
+
+Two baselines, scored on the same pairs, say what the AUCs mean:
+
+- ``random_encoder``: a style encoder of the same architecture with its initial weights
+  (seeded; BatchNorm with its initial statistics, so a fixed random convolutional network).
+  Random features of pixels already tell backgrounds apart somewhat, so a trained S is
+  disentangling only where it beats this.
+- ``captions``: the paper's text-feature baseline, the cosine similarity of the images'
+  caption embeddings (each record's mean of the run's φ(t) over all its captions): what the
+  text alone tells. No caption names a background, so its background AUC stays near 0.5; but
+  captions name the size, and a large shape's centre has little room to move (the middle
+  cell, always), so its position AUC is above chance (0.6-0.7 on the shapes dataset).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +37,7 @@ import torch.nn.functional as F
 
 from t2i_fast.data.dataset import Dataset
 from t2i_fast.errors import DataError, T2IError
-from t2i_fast.models.style_encoder import StyleEncoder
+from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.shapes_spec import training_crop, visible_window
 
 POSITION_CELLS = 3  # per axis
@@ -58,14 +71,15 @@ def position_cells(positions: np.ndarray, *, low: float, high: float,
     return y * cells + x
 
 
-def read_records(dataset: str | Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first ``n`` records' training views uint8 [N, C, C, 3], background ids [N] and
-    position cells [N]."""
+def read_records(dataset: str | Path,
+                 n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:
+    """The first ``n`` records' training views uint8 [N, C, C, 3], background ids [N],
+    position cells [N] and captions."""
     with Dataset(dataset) as ds:
         count = min(n, len(ds))
         stored = min(ds.meta["image_size"])
         crop = training_crop(stored)
-        views, backgrounds, positions = [], [], []
+        views, backgrounds, positions, captions = [], [], [], []
         for i in range(count):
             sample = ds[i]
             truth = sample.attributes
@@ -78,9 +92,10 @@ def read_records(dataset: str | Path, n: int) -> tuple[np.ndarray, np.ndarray, n
             views.append(sample.image[top:top + crop, left:left + crop])
             backgrounds.append(truth["background_id"])
             positions.append(truth["position"])
+            captions.append(sample.captions)
     low, high = visible_window(stored)
     cells = position_cells(np.array(positions), low=low, high=high)
-    return np.stack(views), np.array(backgrounds), cells
+    return np.stack(views), np.array(backgrounds), cells, captions
 
 
 @torch.no_grad()
@@ -98,6 +113,28 @@ def predict_styles(encoder: StyleEncoder, images: np.ndarray, *, device: torch.d
     return torch.cat(styles).numpy()
 
 
+def random_encoder(config: StyleEncoderConfig, *, seed: int) -> StyleEncoder:
+    """A style encoder with the initial weights ``seed`` gives, in eval mode; the global
+    random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return StyleEncoder(config).eval()
+
+
+@torch.no_grad()
+def caption_features(embed: Callable[[list[str]], torch.Tensor],
+                     captions: list[list[str]], *, batch_size: int = 1024) -> np.ndarray:
+    """Each record's mean text embedding over its captions, [N, E]: the text feature of an
+    image, as ``embed`` (captions → [M, E]) gives it."""
+    flat = [text for texts in captions for text in texts]
+    owner = torch.tensor([i for i, texts in enumerate(captions) for _ in texts])  # [M]
+    embedded = torch.cat([embed(flat[start:start + batch_size]).float().cpu()
+                          for start in range(0, len(flat), batch_size)])  # [M, E]
+    sums = torch.zeros(len(captions), embedded.shape[1]).index_add_(0, owner, embedded)
+    counts = torch.bincount(owner, minlength=len(captions)).clamp(min=1)
+    return (sums / counts[:, None]).numpy()
+
+
 def sample_pairs(n: int, pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``pairs`` random pairs of distinct indices below ``n`` (with replacement)."""
     rng = np.random.default_rng(seed)
@@ -111,24 +148,36 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
 
 
-def evaluate_disentangle(*, encoder: StyleEncoder, dataset: str | Path, n: int = 1000,
-                         pairs: int = 10000, seed: int = 0,
+def evaluate_disentangle(*, encoder: StyleEncoder, dataset: str | Path,
+                         embed: Callable[[list[str]], torch.Tensor] | None = None,
+                         n: int = 1000, pairs: int = 10000, seed: int = 0,
                          device: torch.device | None = None) -> dict:
-    """{"background_auc", "position_auc", "n_pairs"} for ``pairs`` random pairs among the
-    first ``n`` records; the pairs depend on ``seed`` alone."""
-    images, backgrounds, cells = read_records(dataset, n)
+    """{"background_auc", "position_auc", "n_pairs", "baselines"} for ``pairs`` random pairs
+    among the first ``n`` records; the pairs and the random encoder depend on ``seed`` alone.
+    "baselines" holds the same AUCs of a random encoder of ``encoder``'s architecture
+    ("random_encoder") and, with ``embed`` (the run's text encoder: captions → [M, E]), of
+    the records' caption embeddings ("captions")."""
+    images, backgrounds, cells, captions = read_records(dataset, n)
     if len(images) < 2:
         raise T2IError(f"{dataset}: the study needs at least 2 images, got {len(images)}")
     device = device or next(encoder.parameters()).device
-    styles = predict_styles(encoder, images, device=device)
     first, second = sample_pairs(len(images), pairs, seed)
-    similarity = cosine_similarity(styles[first], styles[second])
-    scores = {}
-    for factor, values in (("background", backgrounds), ("position", cells)):
+    factors = {"background": backgrounds, "position": cells}
+    for factor, values in factors.items():
         same = values[first] == values[second]
         if same.all() or not same.any():
             raise T2IError(f"{dataset}: no {'different' if same.all() else 'same'}-{factor} "
                            f"pair among {pairs} pairs of {len(images)} images (raise --pairs "
                            "or --n)")
-        scores[f"{factor}_auc"] = roc_auc(similarity, same)
-    return {**scores, "n_pairs": pairs}
+
+    def aucs(features: np.ndarray) -> dict:
+        similarity = cosine_similarity(features[first], features[second])
+        return {f"{factor}_auc": roc_auc(similarity, values[first] == values[second])
+                for factor, values in factors.items()}
+
+    baselines = {"random_encoder": aucs(predict_styles(
+        random_encoder(encoder.config, seed=seed).to(device), images, device=device))}
+    if embed is not None:
+        baselines["captions"] = aucs(caption_features(embed, captions))
+    return {**aucs(predict_styles(encoder, images, device=device)), "n_pairs": pairs,
+            "baselines": baselines}

@@ -1,8 +1,9 @@
 """Typed model configurations and the named presets.
 
-``preset("reed")`` is the paper: Reed et al.'s 64×64 GAN-CLS networks with residual blocks
-and the 1024-d char-CNN-RNN text embedding. ``"dcgan"`` drops the residual blocks and uses
-the DCGAN widths (64). ``"small"`` is a 32×32 model with narrow layers for CPU runs.
+``preset("reed")`` is the paper: Reed et al.'s 64×64 GAN-CLS networks and the 1024-d
+char-CNN-RNN text embedding, with the bottleneck residual blocks of Reed's code (the paper's
+text does not describe them). ``"dcgan"`` drops the residual blocks and uses the DCGAN widths
+(64). ``"small"`` is a 32×32 model with narrow layers for CPU runs.
 """
 
 from __future__ import annotations

@@ -58,8 +58,9 @@ class TextEncoder(nn.Module):
         return emb.reshape(*lead, -1)  # [..., E]
 
     def encode_mean(self, captions: torch.Tensor) -> torch.Tensor:
-        """The mean of each sample's k caption embeddings [B, E] (the paper's φ(t) averages
-        4), from captions [B, k, 70, L] or indices [B, k, L]."""
+        """The mean of each sample's k caption embeddings [B, E] (Reed's code averages 4
+        captions of an image; the paper does not say), from captions [B, k, 70, L] or indices
+        [B, k, L]."""
         emb = self(captions)
         if emb.dim() != 3:
             raise ValueError(f"encode_mean needs k captions per sample, [B, k, 70, L] or "
