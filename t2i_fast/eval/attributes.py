@@ -45,7 +45,7 @@ _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 # Foreground is what has more chroma (max - min channel) than any background: beige, the most
 # coloured one, has 40; shapes have at least 0.85 * 0.85 * 255 = 184, so this is about half
 # coverage on every background.
-_MIN_CHROMA = 96.0
+MIN_CHROMA = 96.0
 # Components smaller than this share of the image are specks (noise, stripes' edges), not shapes.
 _MIN_AREA = 0.003
 # A shape is one flat colour: its core pixels point (in chroma) where their mean does, unlike
@@ -116,8 +116,8 @@ def score_image(image: np.ndarray) -> dict:
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {rgb.shape}")
     chroma = rgb.max(axis=2) - rgb.min(axis=2)
-    foreground = chroma >= _MIN_CHROMA
-    labels, count = _components(_cores(chroma, foreground))
+    foreground = chroma >= MIN_CHROMA
+    labels, count = components(_cores(chroma, foreground))
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     keep = np.flatnonzero(areas[1:] >= _MIN_AREA * labels.size) + 1
     if keep.size == 0:
@@ -141,7 +141,7 @@ def score_image(image: np.ndarray) -> dict:
 def _cores(chroma: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     """The well-covered middle of each foreground blob: at 32 pixels the gap between two
     shapes blurs into a bridge of partial coverage, which this cuts."""
-    labels, count = _components(foreground)
+    labels, count = components(foreground)
     peaks = np.zeros(count + 1, dtype=chroma.dtype)
     np.maximum.at(peaks, labels, chroma)
     return foreground & (chroma >= _CORE * peaks[labels])
@@ -164,7 +164,7 @@ def _chroma_vector(rgb: np.ndarray) -> np.ndarray:
     return rgb - rgb.mean(axis=-1, keepdims=True)
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected components of ``mask``: labels 1..count (0 outside), by min-propagation."""
     height, width = mask.shape
     big = mask.size

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from t2i_fast.data.dataset import Dataset
 from t2i_fast.errors import DataError, T2IError
-from t2i_fast.eval.attributes import _MIN_CHROMA, _components, score_image
+from t2i_fast.eval.attributes import MIN_CHROMA, components, score_image
 from t2i_fast.eval.disentangle import POSITION_CELLS, position_cells
 from t2i_fast.shapes_spec import (
     BACKGROUNDS,
@@ -72,9 +72,9 @@ def read_background(image: np.ndarray) -> int:
     rgb = np.asarray(image, dtype=np.float32)
     side = rgb.shape[0]
     chroma = rgb.max(axis=2) - rgb.min(axis=2)
-    background = ~_dilate(chroma >= _MIN_CHROMA, max(1, round(_EDGE * side / 64)))
+    background = ~_dilate(chroma >= MIN_CHROMA, max(1, round(_EDGE * side / 64)))
     if background.sum() < 0.1 * background.size:
-        background = chroma < _MIN_CHROMA  # a shape fills the view: its edge is all there is
+        background = chroma < MIN_CHROMA  # a shape fills the view: its edge is all there is
     if not background.any():
         return 0
     grey = rgb.mean(axis=2)
@@ -146,7 +146,7 @@ def read_position(image: np.ndarray) -> tuple[float, float] | None:
         return None
     rgb = np.asarray(image, dtype=np.float32)
     chroma = rgb.max(axis=2) - rgb.min(axis=2)
-    labels, count = _components(chroma >= _MIN_CHROMA)
+    labels, count = components(chroma >= MIN_CHROMA)
     largest = int(np.argmax(np.bincount(labels.ravel(), minlength=count + 1)[1:])) + 1
     ys, xs = np.nonzero(labels == largest)
     side = rgb.shape[0]
