@@ -696,3 +696,16 @@ def test_impl_strings_and_prologue_checks():
     with pytest.raises(ValueError, match=r"\[C_in\]"):
         cba.conv_bn_act(*args, **options, training=True, in_scale=torch.ones(4),
                         in_shift=torch.ones(4))
+
+
+def test_measured_compiles_do_not_fall_back_to_eager_past_dynamos_limit():
+    """Each layer shape a process measures recompiles the same candidate: past dynamo's
+    limit of 8 a plain torch.compile would run (and be timed) eagerly."""
+    counter = CompileCounterWithBackend("eager")
+    layers = [nn.Sequential(nn.Conv2d(3, c, 1), nn.BatchNorm2d(c), nn.ReLU())
+              for c in range(2, 14)]
+    for layer in layers:
+        x = torch.randn(2, 3, 4, 4)
+        torch.testing.assert_close(cba.compiled_for_timing(layer, backend=counter)(x),
+                                   layer(x))
+    assert counter.frame_count == len(layers) > torch._dynamo.config.recompile_limit

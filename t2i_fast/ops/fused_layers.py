@@ -20,6 +20,7 @@ from t2i_fast.ops import dispatch
 from t2i_fast.ops.conv_bn_act import (
     IMPLS,
     KINDS,
+    compiled_for_timing,
     conv_bn_act,
     conv_bn_stats,
     measure_dispatch,
@@ -432,7 +433,7 @@ def _chain_candidates(run: FusedSequential, plan: list[bool], x: torch.Tensor) -
             OrderedDict(own.named_children()),
             fused={p: own.fused[p] for p, f in zip(positions, fuse, strict=True) if f},
             chained=positions[:-1] if chained else ()).train()
-        forward = torch.compile(module, dynamic=False) if x.is_cuda else module
+        forward = compiled_for_timing(module) if x.is_cuda else module
         x_leaf = x.detach().requires_grad_()
         leaves = [x_leaf, *module.parameters()]
 
