@@ -1,9 +1,11 @@
 """conv → BatchNorm2d (→ activation) as modules: ``ConvBNAct``, one layer computed by
-``t2i_fast.ops.conv_bn_act``; ``conv_bn_act_layers``, the triples of a model that qualify;
+``t2i_fast.ops.conv_bn_act``; ``conv_bn_act_layers``, the triples of a model that qualify,
+and ``conv_bn_act_chains``, the runs of them each reading the previous one's activation;
 ``fuse_conv_bn_act``, which makes chosen triples of a model fused layers in place, its
-parameters, buffers and state-dict keys unchanged (``FusedSequential``);
-``choose_fused_layers``, which does so where the measured dispatch says the fused op makes
-the captured training step faster (``--fused-layers auto|on|off``), with the evidence.
+parameters, buffers and state-dict keys unchanged (``FusedSequential``), and chains chosen
+runs (each layer's BatchNorm and activation applied in the next one's prologue);
+``choose_fused_layers``, which does both where the measured dispatch says they make the
+captured training step faster (``--fused-layers auto|on|off``), with the evidence.
 """
 
 from __future__ import annotations
