@@ -28,6 +28,19 @@ error in the dtype, as in the parity tests. TFLOP/s counts the convolution's mul
 tensor the step reads or writes once. Both are also given against this card's ceilings,
 measured here: a large bfloat16 matmul and a large device-to-device copy.
 
+Chains: every run of such layers each reading the previous one's activation (the residual
+blocks' bodies) is also timed as one row (``op`` "conv_bn_act_chain", layer
+``<block>.<i>+<j>+…``), forward and forward+backward, per call and in graph, as
+
+- ``chained``: ``FusedSequential`` with the run chained: each layer but the last writes only
+  its convolution's output and BatchNorm scale/shift, the next applies them in its prologue,
+- ``unchained``: the same fused layers (``impl="triton"``, each its fastest measured
+  tiling), each writing its activation,
+- ``eager`` and ``compile``: the plain modules, eager and compiled by Inductor,
+
+checked as the layers are; ``choose_fused_layers(mode="auto")`` on the run gives the
+in-graph decision listed with it (the per-layer decisions and the chain's).
+
 The fused GAN-CLS / GAN-INT losses are timed against their eager forms, and
 ``choose_matching_loss`` says which the captured step should use. ``--step-json`` reads
 ``bench_step.py``'s JSON and adds the whole step's summary: the engine with fused layers
@@ -48,29 +61,44 @@ if "--dry-run" in sys.argv[1:]:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
 import csv  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from t2i_fast.models.config import preset  # noqa: E402
 from t2i_fast.models.discriminator import Discriminator  # noqa: E402
 from t2i_fast.models.generator import Generator  # noqa: E402
 from t2i_fast.ops import conv_bn_act as cba  # noqa: E402
 from t2i_fast.ops import dispatch  # noqa: E402
-from t2i_fast.ops.fused_layers import LayerShape, conv_bn_act_layers  # noqa: E402
+from t2i_fast.ops.fused_layers import (  # noqa: E402
+    ConvBNAct,
+    FusedSequential,
+    LayerShape,
+    choose_fused_layers,
+    conv_bn_act_chains,
+    conv_bn_act_layers,
+)
 
 VARIANTS = ("triton", "triton-splitk", "triton-prologue", "cudnn_fused", "eager", "compile")
 MODES = ("fwd", "fwd+bwd")
 TIMINGS = ("call", "graph")
 STEP_ROWS = ("engine", "engine-fused-auto", "engine-fused-on")
+CHAIN_VARIANTS = ("chained", "unchained", "eager", "compile")
 # The dry run's layer: enough input channels for the interpreter's split-K candidate.
 DRY_LAYER = LayerShape("dry.0", "conv", 64, 8, 3, 1, 1, 4, 4, 0.2)
+# The dry run's chain: a 3×3 layer whose LeakyReLU the next, a 1×1 one, applies.
+DRY_CHAIN = [LayerShape("dry.0", "conv", 3, 5, 3, 1, 1, 4, 4, 0.2),
+             LayerShape("dry.3", "conv", 5, 4, 1, 1, 0, 4, 4, 0.0, follows="dry.0")]
 
 
 def reed_layers() -> list[tuple[str, LayerShape]]:
@@ -82,6 +110,19 @@ def reed_layers() -> list[tuple[str, LayerShape]]:
         d = conv_bn_act_layers(Discriminator(gan).eval(),
                                torch.empty(2, 3, gan.image_size, gan.image_size), text)
     return [("G", layer) for layer in g] + [("D", layer) for layer in d]
+
+
+def reed_chains() -> list[tuple[str, list[LayerShape]]]:
+    """("G" or "D", chain) for every chain of the reed models' layers."""
+    layers = reed_layers()
+    return [(model, chain) for model in ("G", "D")
+            for chain in conv_bn_act_chains([la for m, la in layers if m == model])]
+
+
+def chain_name(chain: list[LayerShape]) -> str:
+    """``<block>.<i>+<j>+…``: the Sequential's name and its layers' positions."""
+    block = chain[0].name.rpartition(".")[0]
+    return f"{block}." + "+".join(layer.name.rpartition(".")[2] for layer in chain)
 
 
 def describe(layer: LayerShape) -> str:
@@ -227,17 +268,24 @@ def run_step(fn, t: dict, mode: str, grad_y: torch.Tensor | None, *, prologue: b
     return [y.detach(), *torch.autograd.grad(y, leaves, grad_y)]
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """float32 products without TF32, in cuDNN and cuBLAS."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def exact_step(fn, t: dict, mode: str, grad_y, *, prologue: bool = False):
     """run_step in float32 without TF32, on float32 copies of the same (rounded) tensors."""
     exact = {k: v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
              for k, v in t.items()}
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with exact_float32():
         return run_step(fn, exact, mode, None if grad_y is None else grad_y.float(),
                         prologue=prologue)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def scaled_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -307,30 +355,151 @@ def bench_conv(args, layers, ceilings: dict, report, *, device: str,
                             "layout": "channels_last" if args.channels_last else "nchw",
                             "mode": mode, "variant": variant}
                     step = functools.partial(run_step, fn, t, mode, grad_y, prologue=prologue)
-                    try:
-                        error = scaled_error(step(), exact)
-                    except Exception as exc:
-                        rows.append({**base, "check": f"error: {first_line(exc)}"})
-                        continue
-                    check = {"max_scaled_error": error, "allowed_error": allowed,
-                             "check": "ok" if error <= allowed else "MISMATCH"}
-                    for timing in timings:
-                        row = {**base, "timing": timing, **check}
-                        rows.append(row)
-                        if row["check"] != "ok":
-                            continue
-                        try:
-                            ms = (per_call_ms(step) if timing == "call" else
-                                  statistics.median(dispatch.graph_replay_ms("", variant, step)))
-                        except Exception as exc:
-                            row["check"] = f"error: {first_line(exc)}"
-                            continue
-                        flop, nbytes = work[mode]["flop"], work[mode]["bytes"]
-                        row.update(ms=ms, tflops=flop / ms / 1e9, gbps=nbytes / ms / 1e6)
-                        if ceilings:
-                            row["tflops_pct"] = 100 * row["tflops"] / ceilings[
-                                "bf16_matmul_tflops"]
-                            row["gbps_pct"] = 100 * row["gbps"] / ceilings["copy_gbps"]
+                    rows += checked_and_timed(base, step, exact, allowed, timings, work[mode],
+                                              ceilings)
+            report(rows, decisions)
+    return rows, decisions
+
+
+def checked_and_timed(base: dict, step, exact: list, allowed: float, timings: list[str],
+                      work: dict, ceilings: dict) -> list[dict]:
+    """The rows of one variant's step, one per timing: its scaled error against ``exact``
+    checked, then (if within ``allowed``) timed per call or in graph, with TFLOP/s and GB/s
+    from ``work`` ({"flop", "bytes"})."""
+    try:
+        error = scaled_error(step(), exact)
+    except Exception as exc:
+        return [{**base, "check": f"error: {first_line(exc)}"}]
+    check = {"max_scaled_error": error, "allowed_error": allowed,
+             "check": "ok" if error <= allowed else "MISMATCH"}
+    rows = []
+    for timing in timings:
+        row = {**base, "timing": timing, **check}
+        rows.append(row)
+        if row["check"] != "ok":
+            continue
+        try:
+            ms = (per_call_ms(step) if timing == "call" else
+                  statistics.median(dispatch.graph_replay_ms("", base["variant"], step)))
+        except Exception as exc:
+            row["check"] = f"error: {first_line(exc)}"
+            continue
+        row.update(ms=ms, tflops=work["flop"] / ms / 1e9, gbps=work["bytes"] / ms / 1e6)
+        if ceilings:
+            row["tflops_pct"] = 100 * row["tflops"] / ceilings["bf16_matmul_tflops"]
+            row["gbps_pct"] = 100 * row["gbps"] / ceilings["copy_gbps"]
+    return rows
+
+
+# -- chains of layers -----------------------------------------------------------------------
+class _Holder(nn.Module):
+    """A model holding the chain's Sequential, as ``choose_fused_layers`` takes one."""
+
+    def __init__(self, body: nn.Sequential):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def chain_modules(chain: list[LayerShape], device: str) -> tuple[nn.Sequential, list[int]]:
+    """The chain as plain modules (conv, BatchNorm, activation per layer; float32) and each
+    layer's position in it."""
+    children, positions = [], []
+    for layer in chain:
+        conv = nn.ConvTranspose2d if layer.kind == "conv_transpose" else nn.Conv2d
+        positions.append(len(children))
+        children += [conv(layer.in_channels, layer.out_channels, layer.kernel_size,
+                          layer.stride, layer.padding, bias=False),
+                     nn.BatchNorm2d(layer.out_channels)]
+        if layer.slope is not None:
+            children.append(nn.ReLU() if layer.slope == 0 else nn.LeakyReLU(layer.slope))
+    return nn.Sequential(*children).to(device).train(), positions
+
+
+def chain_fns(seq: nn.Sequential, chain: list[LayerShape], positions: list[int],
+              variants: list[str]) -> dict:
+    """{variant: module}: the chain chained, unchained (both fused, ``impl="triton"``),
+    eager and compiled, all on ``seq``'s parameters."""
+    fused = {p: ConvBNAct.from_modules(seq[p], seq[p + 1], layer.slope, impl="triton")
+             for p, layer in zip(positions, chain, strict=True)}
+    fns = {"chained": FusedSequential(OrderedDict(seq.named_children()), fused=fused,
+                                      chained=positions[:-1]),
+           "unchained": FusedSequential(OrderedDict(seq.named_children()), fused=fused),
+           "eager": seq}
+    if "compile" in variants:
+        fns["compile"] = torch.compile(seq, dynamic=False)
+    return {v: fn.train() if isinstance(fn, nn.Module) else fn for v, fn in fns.items()
+            if v in variants}
+
+
+def chain_step(fn, x: torch.Tensor, leaves: list[torch.Tensor], mode: str, grad_y):
+    """One step of the chain: under autocast when x is not float32, as the engine runs it."""
+    with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
+        y = fn(x)
+    if mode == "fwd":
+        return [y.detach()]
+    return [y.detach(), *torch.autograd.grad(y, leaves, grad_y)]
+
+
+def bench_chains(args, chains, ceilings: dict, report, *, device: str,
+                 timer: dispatch.Timer | None) -> tuple[list[dict], list[dict]]:
+    """Rows of each chain as one step, and ``choose_fused_layers``' decision on it; both so
+    far go to ``report`` after each chain."""
+    dtype = getattr(torch, args.dtype)
+    rows, decisions = [], []
+    variants = [v for v in CHAIN_VARIANTS if v != "compile" or not args.no_compile]
+    timings = [m for m in TIMINGS if m == "call" or not args.no_graph]
+    for batch in args.batch:
+        for model, chain in chains:
+            name = chain_name(chain)
+            seq, positions = chain_modules(chain, device)
+            first = chain[0]
+            x = torch.randn(batch, first.in_channels, first.height, first.width, device=device,
+                            dtype=dtype)
+            if args.channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            try:
+                with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                    _, evidence = choose_fused_layers(_Holder(copy.deepcopy(seq)), x,
+                                                      mode="auto", timer=timer)
+                (found,) = evidence["chains"]
+                names = {f"body.{p}": layer.name for p, layer in zip(positions, chain,
+                                                                      strict=True)}
+                decision = {**{k: v for k, v in found.items() if k != "layers"},
+                            "layer_winners": {names[n]: evidence["layers"][n].get("winner")
+                                              for n in found["layers"]}}
+            except Exception as exc:  # one chain failing must not hide the others
+                decision = {"winner": "?", "key": "", "error": first_line(exc)}
+            decisions.append({"model": model, "layer": name, "batch": batch, **decision})
+            torch._dynamo.reset()
+            fns = chain_fns(seq, chain, positions, variants)
+            x.requires_grad_(True)
+            leaves = [x, *seq.parameters()]
+            exact_seq = copy.deepcopy(seq)
+            x32 = x.detach().float().requires_grad_()
+            work = {mode: {key: sum(conv_work(layer, batch, dtype)[mode][key]
+                                    for layer in chain) for key in ("flop", "bytes")}
+                    for mode in MODES}
+            for mode in MODES:
+                grad_y = None
+                if mode == "fwd+bwd":
+                    grad_y = torch.randn_like(chain_step(seq, x, leaves, "fwd", None)[0])
+                with exact_float32():
+                    exact = chain_step(exact_seq, x32, [x32, *exact_seq.parameters()], mode,
+                                       None if grad_y is None else grad_y.float())
+                allowed = 3 * scaled_error(chain_step(seq, x, leaves, mode, grad_y),
+                                           exact) + 2**-10
+                for variant, fn in fns.items():
+                    base = {"op": "conv_bn_act_chain", "model": model, "layer": name,
+                            "shape": " ; ".join(describe(layer) for layer in chain),
+                            "batch": batch, "dtype": args.dtype,
+                            "layout": "channels_last" if args.channels_last else "nchw",
+                            "mode": mode, "variant": variant}
+                    step = functools.partial(chain_step, fn, x, leaves, mode, grad_y)
+                    rows += checked_and_timed(base, step, exact, allowed, timings, work[mode],
+                                              ceilings)
             report(rows, decisions)
     return rows, decisions
 
@@ -402,23 +571,26 @@ def step_summary(path: Path) -> list[dict]:
 
 
 # -- output ---------------------------------------------------------------------------------
-def print_conv_table(rows: list[dict], decisions: list[dict]) -> None:
+def print_conv_table(rows: list[dict], decisions: list[dict], *,
+                     variants: tuple[str, ...] = VARIANTS, perf: str = "triton") -> None:
+    """One line per layer (or chain), mode and timing: each variant's ms, ``perf``'s TFLOP/s
+    and GB/s, and the in-graph decision."""
     chosen = {(d["model"], d["layer"], d["batch"]): d.get("winner", "?") for d in decisions}
     by_step: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         by_step.setdefault((row["model"], row["layer"], row["batch"], row["mode"],
                             row.get("timing", "-")), {})[row["variant"]] = row
-    variants = [v for v in VARIANTS if any(v in step for step in by_step.values())]
+    variants = [v for v in variants if any(v in step for step in by_step.values())]
     print(f"{'model':5} {'layer':18} {'batch':>5} {'mode':7} {'timing':6} "
           + " ".join(f"{v + ' ms':>19}" for v in variants)
-          + f" {'triton TFLOP/s (%)':>18} {'triton GB/s (%)':>17}  in-graph winner")
+          + f" {perf + ' TFLOP/s (%)':>18} {perf + ' GB/s (%)':>17}  in-graph winner")
     for (model, name, batch, mode, timing), step in by_step.items():
         cells = []
         for v in variants:
             row = step.get(v, {})
             cells.append(f"{row['ms']:19.4f}" if "ms" in row
                          else f"{row.get('check', '-')[:19]:>19}")
-        tri = step.get("triton", {})
+        tri = step.get(perf, {})
         perf = ""
         if "tflops_pct" in tri:
             perf = (f"{tri['tflops']:10.1f} ({tri['tflops_pct']:4.1f}%)"
@@ -451,7 +623,7 @@ def write_outputs(args, result: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.csv:
-        rows = result["conv"] + result["loss"]
+        rows = result["conv"] + result.get("chain", []) + result["loss"]
         fields = list(dict.fromkeys(key for row in rows for key in row))
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
@@ -496,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    result = {"conv": [], "loss": [], "dispatch": [], "matching_loss": [], "step": []}
+    result = {"conv": [], "chain": [], "loss": [], "dispatch": [], "matching_loss": [],
+              "step": []}
     summary = []
     if args.step_json:
         try:
@@ -509,17 +682,22 @@ def run(args) -> int:
         for batch in args.batch:
             for model, layer in reed_layers():
                 print(f"{model} {layer.name} {batch} {describe(layer)}")
+            for model, chain in reed_chains():
+                print(f"{model} {chain_name(chain)} {batch} chain of {len(chain)} layers")
         args.batch, args.no_compile, args.no_graph, args.dtype = [2], True, True, "float32"
         device, ceilings, timer = "cpu", {}, cpu_timer
-        layers = [("dry", DRY_LAYER)]
+        layers, chains = [("dry", DRY_LAYER)], [("dry", DRY_CHAIN)]
     elif not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (torch.cuda.is_available() is False); "
               "--dry-run checks the script without one", file=sys.stderr)
         return 2
     else:
         device, timer = "cuda", None
-        layers = [(model, layer) for model, layer in reed_layers()
-                  if args.max_size is None or max(layer.height, layer.width) <= args.max_size]
+        def small(layer: LayerShape) -> bool:
+            return args.max_size is None or max(layer.height, layer.width) <= args.max_size
+        layers = [(model, layer) for model, layer in reed_layers() if small(layer)]
+        chains = [(model, chain) for model, chain in reed_chains()
+                  if all(small(layer) for layer in chain)]
         ceilings = measure_ceilings()
         name = torch.cuda.get_device_name()
         print(f"{name}: bf16 matmul {ceilings['bf16_matmul_tflops']} TFLOP/s, "
@@ -531,15 +709,22 @@ def run(args) -> int:
         result.update(conv=conv_rows, dispatch=decisions)
         write_outputs(args, result)
 
+    def report_chains(chain_rows: list[dict], decisions: list[dict]) -> None:
+        result.update(chain=chain_rows, dispatch=layer_decisions + decisions)
+        write_outputs(args, result)
+
     if summary:
         print_step_summary(summary)
     # The losses first: they take seconds, the layers minutes.
     result["loss"], result["matching_loss"] = bench_matching_loss(
         args.batch, device=device, timer=timer)
     print_loss_table(result["loss"], result["matching_loss"])
-    conv_rows, decisions = bench_conv(args, layers, ceilings, report, device=device,
-                                      timer=timer)
-    print_conv_table(conv_rows, decisions)
+    conv_rows, layer_decisions = bench_conv(args, layers, ceilings, report, device=device,
+                                            timer=timer)
+    print_conv_table(conv_rows, layer_decisions)
+    chain_rows, chain_decisions = bench_chains(args, chains, ceilings, report_chains,
+                                               device=device, timer=timer)
+    print_conv_table(chain_rows, chain_decisions, variants=CHAIN_VARIANTS, perf="chained")
     print(f"dispatch decisions recorded in {dispatch.dispatch_file()}")
     write_outputs(args, result)
     return 0

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from t2i_fast.ops import conv_bn_act, dispatch
+from t2i_fast.ops import conv_bn_act, dispatch, fused_layers
 from t2i_fast.ops.fused_layers import (
     ConvBNAct,
     FusedSequential,
     choose_fused_layers,
+    conv_bn_act_chains,
+    conv_bn_act_layers,
     fuse_conv_bn_act,
 )
 
@@ -119,11 +121,14 @@ class _Chain(nn.Module):
         return self.body(x)
 
 
-def _fake_timer(calls: list):
+def _fake_timer(calls: list, chain_winner: str = "layers"):
     """Triton wins the 3×3 layer by its median (not by its mean: one slow outlier), the
-    unfused step wins the 1×1 layer."""
+    unfused step wins the 1×1 layer; ``chain_winner`` ("layers" or "chained") wins the
+    chain of the two."""
     def timer(key, name, step):
         calls.append((key, name))
+        if "conv_bn_act chain" in key:
+            return [1.0, 1.0, 1.0] if name == chain_winner else [3.0, 3.0, 3.0]
         if "w 4x3x3x3" in key:
             return [9.0, 1.0, 1.0] if name.startswith("triton:") else [2.0, 2.0, 2.0]
         return [1.0, 1.0, 1.0] if name == "unfused" else [2.0, 2.0, 2.0]
@@ -149,8 +154,13 @@ def test_auto_fuses_the_layers_whose_in_graph_timing_wins(_own_table, monkeypatc
     assert first["winner"].startswith("triton:") and first["impl"] == first["winner"]
     assert first["ms"][first["winner"]] == 1.0 and first["ms"]["unfused"] == 2.0  # medians
     assert {"unfused", "cudnn_fused"} <= set(first["ms"]) and "in-graph" in first["key"]
-    # Every candidate of each layer timed exactly once.
-    assert sorted(calls) == sorted({(layer["key"], name) for layer in (first, second)
+    # The two layers are a chain, measured as one: chaining lost, so neither is chained.
+    (chain,) = evidence["chains"]
+    assert chain["layers"] == ["body.0", "body.3"] and not chain["chained"]
+    assert chain["ms"] == {"layers": 1.0, "chained": 3.0} and "in-graph" in chain["key"]
+    assert "unchained fused,unfused" in chain["key"] and net.body.chained == frozenset()
+    # Every candidate of each layer and of the chain timed exactly once.
+    assert sorted(calls) == sorted({(layer["key"], name) for layer in (first, second, chain)
                                     for name in layer["ms"]})
     # The fused model trains as the unfused one (auto on CPU tensors: the reference).
     for model in (net, reference):
@@ -177,8 +187,11 @@ def test_on_fuses_every_layer_and_off_none(_own_table):
     assert names == ["body.0", "body.3"]
     assert evidence["layers"]["body.3"]["winner"] == "unfused"  # fused all the same
     assert all(layer["fused"] for layer in evidence["layers"].values())
+    assert evidence["chains"][0]["key"].endswith(
+        "unchained fused,fused | train fwd+bwd | in-graph")
     names, evidence = choose_fused_layers(_Chain(), x, mode="on")  # no timer: unmeasured
     assert names == ["body.0", "body.3"] and "CUDA" in evidence["unmeasured"]
+    assert evidence["chains"] == [{"layers": ["body.0", "body.3"], "chained": True}]
     net = _Chain()
 
     def no_timing(*_):
@@ -188,3 +201,185 @@ def test_on_fuses_every_layer_and_off_none(_own_table):
     assert not isinstance(net.body, FusedSequential)
     with pytest.raises(ValueError, match="mode must be"):
         choose_fused_layers(net, x, mode="yes")
+
+
+def test_auto_chains_a_run_where_chaining_wins_in_graph(_own_table):
+    torch.manual_seed(0)
+    net, x = _Chain(), torch.randn(2, 3, 5, 5)
+    reference = copy.deepcopy(net)
+    calls = []
+    names, evidence = choose_fused_layers(net, x, mode="auto",
+                                          timer=_fake_timer(calls, chain_winner="chained"))
+    # The 1×1 layer lost alone, but chained to the 3×3 one the pair wins: both fused.
+    assert names == ["body.0", "body.3"] and net.body.chained == frozenset({0})
+    (chain,) = evidence["chains"]
+    assert chain["chained"] and chain["winner"] == "chained"
+    assert all(evidence["layers"][name]["chained"] for name in names)
+    json.loads(json.dumps(evidence))
+    for model in (net, reference):
+        model(x).sum().backward()
+    for a, b in zip(net.state_dict().values(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    # Recorded: another model takes the same decision without timing anything.
+    def no_timing(*_):
+        pytest.fail("measured again")
+    again = _Chain()
+    assert choose_fused_layers(again, x, mode="auto", timer=no_timing)[0] == names
+    assert again.body.chained == frozenset({0})
+
+
+# -- chained layers: the first layer's BatchNorm and activation in the next one's prologue --
+class _Chained(nn.Module):
+    """A run of three layers (odd channels; the middle one without activation, the last
+    transposed) read one from the next, then a layer that reads something else."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 5, 3, 1, 1), nn.BatchNorm2d(5), nn.LeakyReLU(0.2),
+            nn.Conv2d(5, 7, 1, bias=False), nn.BatchNorm2d(7),
+            nn.ConvTranspose2d(7, 3, 4, 2, 1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+            nn.Identity(), nn.Conv2d(3, 5, 1, bias=False), nn.BatchNorm2d(5))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _fused(net: nn.Module, x: torch.Tensor, *, chained: bool, impl: str = "triton") -> list:
+    return fuse_conv_bn_act(net, x, impl=impl, wanted=lambda *_: True,
+                            chain=lambda *_: chained)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, grad_y: torch.Tensor, *,
+                autocast: bool = False, forward=None) -> dict:
+    """{name: tensor} of the output, the input's and every parameter's gradient and every
+    buffer after one training step of ``model`` run by ``forward`` (default: itself)."""
+    model.train()
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = (model if forward is None else forward)(x)
+    y.backward(grad_y.to(y.dtype))
+    return {"y": y.detach(), "dx": x.grad, **{f"d{n}": p.grad for n, p in
+                                              model.named_parameters()},
+            **dict(model.named_buffers())}
+
+
+def test_chains_follow_the_activation_into_the_next_convolution():
+    net, x = _Chained(), torch.randn(2, 3, 5, 4)
+    follows = {layer.name: layer.follows for layer in conv_bn_act_layers(net, x)}
+    assert follows == {"body.0": None, "body.3": "body.0", "body.5": "body.3",
+                       "body.9": None}
+    assert [[la.name for la in c] for c in conv_bn_act_chains(
+        conv_bn_act_layers(net, x))] == [["body.0", "body.3", "body.5"]]
+
+    class Scaled(nn.Sequential):  # the activation's output is not what the next conv reads
+        def forward(self, x):
+            return self[4](self[3](self[2](self[1](self[0](x))) * 2))
+    scaled = nn.Module()
+    scaled.body = Scaled(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                         nn.BatchNorm2d(4))
+    scaled.forward = lambda x: scaled.body(x)
+    assert [layer.follows for layer in conv_bn_act_layers(scaled, x)] == [None, None]
+    with pytest.raises(ValueError, match="must be fused layers"):
+        FusedSequential(*_Chained().body, chained=[0])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_chained_layers_train_exactly_as_unchained_ones(layout, monkeypatch):
+    torch.manual_seed(0)
+    net = _Chained()
+    x = torch.randn(2, 3, 5, 4)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    reference, unchained = copy.deepcopy(net), copy.deepcopy(net)
+    modules = list(net.body)
+    assert _fused(net, x, chained=True) == ["body.0", "body.3", "body.5", "body.9"]
+    assert _fused(unchained, x, chained=False) == ["body.0", "body.3", "body.5", "body.9"]
+    assert net.body.chained == frozenset({0, 3}) and unchained.body.chained == frozenset()
+    # The module tree, parameters, buffers and state dict are the plain model's.
+    assert list(net.body) == modules and list(net.state_dict()) == list(reference.state_dict())
+    stats_calls = []
+    stats = fused_layers.conv_bn_stats
+    monkeypatch.setattr(fused_layers, "conv_bn_stats",
+                        lambda *a, **k: stats_calls.append(1) or stats(*a, **k))
+    grad_y = torch.randn(2, 5, 10, 8)
+    want = _train_step(reference, x, grad_y)
+    for model, links in ((net, 2), (unchained, 0)):
+        stats_calls.clear()
+        got = _train_step(model, x, grad_y)
+        assert len(stats_calls) == links
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # Eval runs the modules one by one (chains included): the plain model's output.
+    calls = _counted(monkeypatch)
+    stats_calls.clear()
+    for model in (net, reference):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x))
+    assert not calls and not stats_calls
+
+
+def test_chained_bf16_error_is_within_torchs():
+    """Under bfloat16 autocast, as the engine trains: each tensor's error against the float32
+    computation at most 3× PyTorch's own (the plain modules under autocast), plus a quarter
+    of a bfloat16 step at the tensor's scale, as the op's parity tests allow."""
+    torch.manual_seed(0)
+    net = _Chained()
+    with torch.no_grad():  # the float32 reference computes with the bf16 run's weights
+        for conv in (m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))):
+            conv.weight.copy_(conv.weight.bfloat16().float())
+    x = torch.randn(2, 3, 5, 4).bfloat16()
+    grad_y = torch.randn(2, 5, 10, 8).bfloat16()
+    reference = copy.deepcopy(net)
+    exact = _train_step(copy.deepcopy(net), x.float(), grad_y.float())
+    theirs = _train_step(reference, x, grad_y, autocast=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # finding the layers runs the model
+        _fused(net, x, chained=True)
+    assert net.body.chained == frozenset({0, 3})
+    ours = _train_step(net, x, grad_y, autocast=True)
+    assert ours["y"].dtype == ours["dx"].dtype == torch.bfloat16
+    for key, want in exact.items():
+        want = want.float()
+        scale = want.abs().max().item()
+        error = (ours[key].float() - want).abs().max().item()
+        allowed = 3 * (theirs[key].float() - want).abs().max().item() + 2**-10 * scale
+        assert error <= allowed, (key, error, allowed)
+
+
+def test_a_chained_model_copies_and_compiles_whole():
+    torch.manual_seed(0)
+    net, x = _Chained(), torch.randn(2, 3, 5, 4)
+    reference = copy.deepcopy(net)
+    _fused(net, x, chained=True)
+    copied = copy.deepcopy(net)
+    assert copied.body.chained == net.body.chained
+    assert all(copied.body.fused[i].conv is copied.body[i] for i in copied.body.fused)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(copied, backend=counter, fullgraph=True)
+    grad_y = torch.randn(2, 5, 10, 8)
+    want = _train_step(reference, x, grad_y)
+    got = _train_step(copied, x, grad_y, forward=compiled)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    copied.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 2  # training and eval, each one whole graph
+
+
+def test_reeds_chains_are_its_residual_blocks():
+    from t2i_fast.models.config import preset
+    from t2i_fast.models.discriminator import Discriminator
+    from t2i_fast.models.generator import Generator
+
+    gan = preset("reed").gan
+    with torch.device("meta"):
+        text = torch.empty(2, gan.embedding_dim)
+        g = conv_bn_act_layers(Generator(gan).eval(), torch.empty(2, gan.z_dim), text)
+        d = conv_bn_act_layers(Discriminator(gan).eval(),
+                               torch.empty(2, 3, gan.image_size, gan.image_size), text)
+    chains = [[layer.name for layer in chain] for chain in conv_bn_act_chains(g + d)]
+    assert chains == [[f"stages.{s}.2.body.{i}" for i in (0, 3, 6)] for s in (0, 1, 3)]

@@ -447,6 +447,9 @@ def test_bench_dry_run_lists_the_layers_and_runs_a_tiny_one(bench_script, capsys
             for la in layers:
                 assert any(line.split()[:3] == [model, la.name, str(batch)] for line in lines), (
                     model, la.name, batch)
+        for name in ("G stages.0.2.body.0+3+6", "G stages.1.2.body.0+3+6",
+                     "D stages.3.2.body.0+3+6"):  # the residual blocks' chains
+            assert f"{name} {batch} chain of 3 layers" in lines
     # The tiny layer went through the whole pipeline in the interpreter: every variant
     # checked and timed per call, its dispatch measured, the loss choice made.
     result = json.loads(out_json.read_text())
@@ -454,10 +457,21 @@ def test_bench_dry_run_lists_the_layers_and_runs_a_tiny_one(bench_script, capsys
     assert timed == {(v, m) for v in bench_script.VARIANTS if v != "compile"
                      for m in bench_script.MODES}
     assert all(row["check"] == "ok" for row in result["conv"])
-    (decision,) = result["dispatch"]
+    decision, chain_decision = result["dispatch"]
     assert decision["winner"] in decision["ms"] and "triton:32/16/16/4/1/k2" in decision["ms"]
     assert result["matching_loss"][0]["choice"] in ("triton", "reference")
     assert any(line.startswith("dry ") and "fwd+bwd" in line for line in lines)
+    # The tiny chain timed as one row per variant, mode and timing, checked against eager,
+    # with choose_fused_layers' in-graph decision on it.
+    assert {(row["layer"], row["variant"], row["mode"]) for row in result["chain"]
+            if "ms" in row and row["check"] == "ok"} == {
+        ("dry.0+3", v, m) for v in bench_script.CHAIN_VARIANTS if v != "compile"
+        for m in bench_script.MODES}
+    assert chain_decision["layer"] == "dry.0+3" and "conv_bn_act chain" in chain_decision["key"]
+    assert set(chain_decision["ms"]) == {"layers", "chained"}
+    assert chain_decision["chained"] == (chain_decision["winner"] == "chained")
+    assert set(chain_decision["layer_winners"]) == {"dry.0", "dry.3"}
+    assert any(line.split()[:2] == ["dry", "dry.0+3"] for line in lines)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -682,3 +696,16 @@ def test_impl_strings_and_prologue_checks():
     with pytest.raises(ValueError, match=r"\[C_in\]"):
         cba.conv_bn_act(*args, **options, training=True, in_scale=torch.ones(4),
                         in_shift=torch.ones(4))
+
+
+def test_measured_compiles_do_not_fall_back_to_eager_past_dynamos_limit():
+    """Each layer shape a process measures recompiles the same candidate: past dynamo's
+    limit of 8 a plain torch.compile would run (and be timed) eagerly."""
+    counter = CompileCounterWithBackend("eager")
+    layers = [nn.Sequential(nn.Conv2d(3, c, 1), nn.BatchNorm2d(c), nn.ReLU())
+              for c in range(2, 14)]
+    for layer in layers:
+        x = torch.randn(2, 3, 4, 4)
+        torch.testing.assert_close(cba.compiled_for_timing(layer, backend=counter)(x),
+                                   layer(x))
+    assert counter.frame_count == len(layers) > torch._dynamo.config.recompile_limit
