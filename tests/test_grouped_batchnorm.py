@@ -57,9 +57,18 @@ LAYERS = {
 }
 
 
+@pytest.fixture(params=["eager", "traced"])
+def tracing(request, monkeypatch):
+    """Both ways of grouped_batch_norm: eager, and as torch.compile traces it (one call
+    over the groups side by side), run here without compiling."""
+    if request.param == "traced":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param
+
+
 @pytest.mark.parametrize("sizes", [(6, 6, 6), (6, 6), (6, 3)])
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_a_layer_equals_one_call_per_group(kind, sizes):
+def test_a_layer_equals_one_call_per_group(kind, sizes, tracing):
     torch.manual_seed(0)
     make, shape = LAYERS[kind]
     bn = make()
@@ -83,7 +92,7 @@ def test_a_layer_equals_one_call_per_group(kind, sizes):
     assert int(bn.num_batches_tracked) == 2 * len(sizes)
 
 
-def test_channels_last_stays_channels_last():
+def test_channels_last_stays_channels_last(tracing):
     bn = nn.BatchNorm2d(4)
     x = torch.randn(6, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     y = grouped_batch_norm(bn, x, 3)
@@ -101,7 +110,7 @@ def test_eval_mode_and_one_group_are_the_layer_itself():
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_generator_and_discriminator_equal_one_call_per_group(memory_format):
+def test_generator_and_discriminator_equal_one_call_per_group(memory_format, tracing):
     """G over (fake, interpolated) and D over (real/right, real/wrong, fake/right) as one
     call each: outputs, gradients of every input and parameter, and BatchNorm statistics
     equal those of separate calls, over two steps; the state-dict keys are unchanged."""

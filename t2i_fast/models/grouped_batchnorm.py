@@ -10,11 +10,14 @@ groups' calls one after another would move them, with ``num_batches_tracked`` co
 each group. Parameters, buffers and state-dict keys are the layers' own: nothing about a
 network's checkpoint changes.
 
-``groups`` is the number of equal groups, or the groups' sizes in order. Equal groups of a
-plain BatchNorm are one ``F.batch_norm`` call over the batch rearranged so that group i's
-channel k is channel i·C + k (pure tensor ops that Inductor fuses); unequal groups, and the
-cumulative average (``momentum=None``), whose weight depends on each call's count, are one
-call per group.
+``groups`` is the number of equal groups, or the groups' sizes in order. Under
+torch.compile, equal groups of a plain BatchNorm are one ``F.batch_norm`` over the batch
+rearranged so that group i's channel k is channel i·C + k: pure tensor ops, which Inductor
+makes one reduction for all groups with the rearrangement folded into its indexing. Run
+eagerly, that rearrangement is two copies forward and two backward, which made G and D
+slower than one BatchNorm call per group (CPU, batch 64); so eagerly, and for unequal groups
+and the cumulative average (``momentum=None``, whose weight depends on each call's count),
+BatchNorm is called once per group, and the rest of the network still runs once.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor, groups: Groups) -> torch
         return bn(x)
     if not isinstance(bn, _PLAIN):
         raise TypeError(f"{type(bn).__name__} does not take statistics per group")
-    if len(set(sizes)) > 1 or (bn.track_running_stats and bn.momentum is None):
+    if (not torch.compiler.is_compiling() or len(set(sizes)) > 1
+            or (bn.track_running_stats and bn.momentum is None)):
         return torch.cat([bn(part) for part in x.split(sizes)])
     g, c = len(sizes), x.shape[1]
     nhwc = (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
@@ -90,9 +94,8 @@ def grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor, groups: Groups) -> torch
     stats = torch.zeros(2, g * c, dtype=bn.running_mean.dtype, device=x.device) \
         if tracked else None
     y = F.batch_norm(wide, stats[0] if tracked else None, stats[1] if tracked else None,
-                     bn.weight.repeat(g) if bn.weight is not None else None,
-                     bn.bias.repeat(g) if bn.bias is not None else None,
-                     training=True, momentum=1.0, eps=bn.eps)
+                     _tile(bn.weight, g), _tile(bn.bias, g), training=True, momentum=1.0,
+                     eps=bn.eps)
     if tracked:
         with torch.no_grad():
             bn.num_batches_tracked.add_(g)
@@ -100,6 +103,11 @@ def grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor, groups: Groups) -> torch
                 bn.running_mean.lerp_(mean, bn.momentum)
                 bn.running_var.lerp_(var, bn.momentum)
     return _one_above_another(y, g, nhwc)
+
+
+def _tile(parameter: torch.Tensor | None, g: int) -> torch.Tensor | None:
+    """[C] → [g·C], the parameter once per group (one copy; ``repeat`` makes four)."""
+    return parameter.expand(g, -1).reshape(-1) if parameter is not None else None
 
 
 def _side_by_side(x: torch.Tensor, g: int, nhwc: bool) -> torch.Tensor:
