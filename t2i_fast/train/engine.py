@@ -129,7 +129,6 @@ class StepEngine:
                 and config.batch_size // self.world.size < 4):
             raise ValueError("interp_batch='half' needs at least 4 samples per process: "
                              "BatchNorm needs 2 interpolated ones")
-        self.backend = backend
         self.compile = compiled  # whether the parts are compiled
         self.precision = precision
         self.graphs = compiled and cuda if graphs is None else graphs
