@@ -6,14 +6,18 @@
 
 On a GPU the table is GPU time per kind of kernel (from the trace's kernel, memcpy and memset
 events) with the number of kernel launches per step; on the CPU it is the operators' self
-CPU time, and launches are "n/a". Without ``--data`` a small shapes dataset is written to a
-temporary folder. The step trains the text encoder jointly (no pretrained one is given),
-as ``t2i-fast train`` does by default.
+CPU time, and launches are "n/a": there the count of ATen operators that compute, innermost
+(views and allocations left out; one kernel each on a GPU, run eagerly) stands in for them.
+Without ``--data`` a small shapes dataset is written to a temporary folder. The text encoder
+is frozen, as ``t2i-fast train`` has it after pretraining and as ``scripts/bench_step.py``
+measures the step (its weights do not change the step's work, so an untrained one is
+used); ``--train-text-encoder`` trains it with D instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import tempfile
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from t2i_fast.models import PRESETS
+from t2i_fast.models import PRESETS, TextEncoder, preset
 from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.train.config import VARIANTS, TrainConfig, resolve_device
 from t2i_fast.train.loop import Trainer
@@ -48,6 +52,13 @@ _PATTERNS = [
 ]
 _COMPILED = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in _PATTERNS]
 _DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+# ATen operators that launch no kernel: views, allocations, metadata, no-op conversions.
+_NO_KERNEL = re.compile(
+    r"aten::(empty|empty_strided|empty_like|as_strided_?|view|_unsafe_view|_reshape_alias|"
+    r"reshape|resize_|resolve_conj|resolve_neg|detach_?|alias|t|transpose|permute|expand|expand_as|"
+    r"slice|select|split|split_with_sizes|unbind|chunk|narrow|squeeze_?|unsqueeze_?|unfold|"
+    r"flatten|unflatten|lift_fresh|_local_scalar_dense|item|to|contiguous|"
+    r"cudnn_is_acceptable|is_nonzero|size|stride|numel)")
 # The host's launch calls: fewer than the kernels run when CUDA graphs replay many at once.
 _LAUNCH_CALL = re.compile(r"LaunchKernel|LaunchCooperativeKernel|GraphLaunch")
 
@@ -78,6 +89,36 @@ def _thread_self_times(events: list[dict]) -> list[tuple[str, str, float]]:
         stack.append([event["ts"] + event["dur"], event["name"], kind, float(event["dur"]),
                       event.get("cat") == "cpu_op"])
     return result
+
+
+def _compute_ops(events: list[dict]) -> int:
+    """The ATen operators in ``events`` that compute and hold no other computing operator
+    (a convolution that only allocates inside counts; ``conv2d`` around it does not):
+    those whose work on a GPU is its own kernel. Views, allocations and other operators
+    that launch nothing (``_NO_KERNEL``) are left out."""
+    count = 0
+    by_thread: dict[tuple, list[dict]] = defaultdict(list)
+    for event in events:
+        if event.get("cat") == "cpu_op" and event["name"].startswith("aten::"):
+            by_thread[(event.get("pid"), event.get("tid"))].append(event)
+    for thread in by_thread.values():
+        stack: list[list] = []  # open operators: [end, name, holds a computing operator]
+        for event in sorted(thread, key=lambda e: (e["ts"], -e["dur"])):
+            while stack and stack[-1][0] <= event["ts"]:
+                count += _close(stack)
+            stack.append([event["ts"] + event["dur"], event["name"], False])
+        while stack:
+            count += _close(stack)
+    return count
+
+
+def _close(stack: list[list]) -> int:
+    """Closes the innermost open operator: 1 if it is an innermost computing one."""
+    _, name, holds = stack.pop()
+    computes = holds or not _NO_KERNEL.fullmatch(name)
+    if stack and computes:
+        stack[-1][2] = True
+    return int(computes and not holds)
 
 
 def _cpu_op_times(events: list[dict]) -> list[tuple[str, str, float]]:
@@ -125,6 +166,7 @@ def summarize(trace: dict, *, steps: int) -> dict:
         "total_us_per_step": round(total / steps, 1),
         "kernel_launches_per_step": launches,
         "launch_calls_per_step": launch_calls,
+        "aten_ops_per_step": round(_compute_ops(events) / steps, 1),
         "kinds": kinds,
         "top_ops": [{"name": v["name"][:160], "kind": v["kind"],
                      "us_per_step": round(v["us"] / steps, 1),
@@ -142,6 +184,8 @@ def print_table(summary: dict, *, file=None) -> None:
     launches, calls = summary["kernel_launches_per_step"], summary["launch_calls_per_step"]
     print("kernel launches per step: " + ("n/a (CPU)" if launches is None else
           f"{launches:.0f} kernels run, {calls:.0f} launch calls from the host"), file=file)
+    print(f"ATen operators per step: {summary['aten_ops_per_step']:.0f} (those that compute, "
+          "innermost)", file=file)
     print("heaviest operations:", file=file)
     for v in summary["top_ops"][:10]:
         print(f"  {v['us_per_step']:>10.1f} µs  {v['calls_per_step']:>6.1f}x  {v['kind']:<11} "
@@ -185,6 +229,16 @@ def _run(trainer: Trainer, args: argparse.Namespace, device: torch.device):
     return seconds, prof
 
 
+def _text_encoder(name: str, folder: Path) -> Path:
+    """An untrained text encoder of preset ``name`` saved as pretrain-text saves one."""
+    torch.manual_seed(0)
+    config = preset(name).text
+    path = folder / "text_encoder.pt"
+    torch.save({"text_encoder": TextEncoder(config).state_dict(),
+                "text_config": dataclasses.asdict(config), "preset": name}, path)
+    return path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="dataset (default: shapes in a temp folder)")
@@ -194,6 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", default="int-cls", choices=VARIANTS)
     parser.add_argument("--backend", help="the training configuration's (default: its own)")
     parser.add_argument("--precision", help="the training configuration's (default: its own)")
+    parser.add_argument("--train-text-encoder", action="store_true",
+                        help="train the text encoder with D (default: frozen)")
     parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first")
     parser.add_argument("--steps", type=int, default=1, help="profiled steps (averaged)")
     parser.add_argument("--time-steps", type=int, default=5,
@@ -217,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
             make_shapes(out=data, n=max(4 * args.batch_size, 64))
         chosen = {k: v for k, v in (("backend", args.backend), ("precision", args.precision))
                   if v is not None}
+        if not args.train_text_encoder:
+            chosen["text_encoder"] = str(_text_encoder(args.preset, scratch))
         config = TrainConfig(data=str(data), run=str(scratch / "run"), preset=args.preset,
                              variant=args.variant, batch_size=args.batch_size,
                              device=str(device), **chosen)
@@ -232,12 +290,14 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "preset": args.preset, "variant": args.variant,
         "batch_size": args.batch_size, "steps_profiled": args.steps,
         "config": {k: getattr(config, k) for k in ("backend", "precision") if hasattr(config, k)},
+        "text_encoder": "trained with D" if config.joint_text_encoder else "frozen",
         "step_ms": round(1000 * seconds / args.time_steps, 3) if args.time_steps else None,
         **summarize(trace, steps=args.steps),
     }
     timed = summary["step_ms"]
-    print(f"{args.preset} preset, {args.variant}, batch {args.batch_size} on "
-          f"{summary['device']}" + ("" if timed is None else f": {timed:.2f} ms a step unprofiled"))
+    print(f"{args.preset} preset, {args.variant}, text encoder {summary['text_encoder']}, "
+          f"batch {args.batch_size} on {summary['device']}"
+          + ("" if timed is None else f": {timed:.2f} ms a step unprofiled"))
     print_table(summary)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

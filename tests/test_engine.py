@@ -65,7 +65,8 @@ class CaptionEmbedding(nn.Module):
         return self.proj(captions.flatten(-2)).mean(dim=1)  # [B, k, 70, L] → [B, E]
 
 
-def make_engine(backend: str, *, length: int, dtype=torch.float32, **config) -> StepEngine:
+def make_engine(backend: str, *, length: int, dtype=torch.float32, interp_batch: str = "full",
+                batch_size: int = BATCH, **config) -> StepEngine:
     torch.manual_seed(0)
     models = preset("small")
     G, D = Generator(models.gan), Discriminator(models.gan)
@@ -73,11 +74,11 @@ def make_engine(backend: str, *, length: int, dtype=torch.float32, **config) -> 
     text = CaptionEmbedding(length, models.gan.embedding_dim)
     for module in (G, D, G_ema, text):
         module.to(dtype)
-    settings = TrainConfig(data="-", run="-", preset="small", batch_size=BATCH,
+    settings = TrainConfig(data="-", run="-", preset="small", batch_size=batch_size,
                            train_text_encoder=True, **config)
     return StepEngine(G=G, D=D, text_encoder=text, G_ema=G_ema, config=settings,
                       device=torch.device("cpu"), noise=torch.Generator().manual_seed(1),
-                      backend=backend, precision="fp32")
+                      backend=backend, precision="fp32", interp_batch=interp_batch)
 
 
 def state(engine: StepEngine) -> dict[str, torch.Tensor]:
@@ -163,11 +164,69 @@ def test_compiled_discriminator_backward_in_channels_last(runs):
     engine = runs["compiled"]["engine"]
     assert runs["warnings"] == []
     assert engine.compiled_parts == {"generator forward": True, "discriminator step": True,
-                                     "generator step": True}
+                                     "generator step": True, "moving average": True}
     weight = engine.D.stages[1][0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)
     assert not weight.is_contiguous()
     assert deviation(runs["compiled"], runs["eager"], 0, ("D.", "text_encoder.")) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_the_moving_average_is_one_lerp_of_every_weight(runs, backend):
+    """Each step's average is G_ema + w·(G - G_ema) over all of G's weights, with the step's
+    weight w, to the bit: the compiled engine's one compiled update and eager's one foreach
+    call compute what a foreach lerp of the step's tensors computes."""
+    run = runs[backend]
+    names = [k.removeprefix("G_ema.") for k in run["init"] if k.startswith("G_ema.")
+             and k.removeprefix("G_ema.") in dict(run["engine"].G_ema.named_parameters())]
+    previous = run["init"]
+    for step, now in enumerate(run["states"]):
+        weight = 1 - min(run["engine"].config.ema_decay, 1 - 4 / (4 + step))
+        want = [previous[f"G_ema.{k}"].float() for k in names]
+        torch._foreach_lerp_(want, [now[f"G.{k}"].float() for k in names], weight)
+        for name, value in zip(names, want, strict=True):
+            assert torch.equal(now[f"G_ema.{name}"].float(), value), (step, name)
+        previous = now
+
+
+class CallCount:
+    """The batch sizes of each call of a network."""
+
+    def __init__(self, network: nn.Module):
+        self.sizes: list[int] = []
+        network.register_forward_pre_hook(lambda module, args: self.sizes.append(len(args[0])))
+
+
+@pytest.mark.parametrize("interp_batch", ["full", "half"])
+def test_each_network_runs_once_a_part_as_separate_calls_would(batches, interp_batch):
+    """GAN-INT-CLS: G runs once (fake and interpolated together), D once in the D update
+    (real/right, real/wrong, fake/right) and once in the G update (interpolated and fake),
+    BatchNorm statistics taken per group: the first step's losses and G's statistics equal
+    those of one call per group to float32 rounding, and the weights after it agree as
+    eager's with float64 (test_first_step_matches_eager says why not closer). With
+    interp_batch="half", GAN-INT's batch is half the size."""
+    length = batches[0].captions.shape[-1]
+    engines = [make_engine("eager", length=length, interp_batch=interp_batch)
+               for _ in range(2)]
+    engines[1].grouped = False
+    calls = [(CallCount(e.G), CallCount(e.D)) for e in engines]
+    init = state(engines[1])
+    got, want = (e.step(batches[0], step=0) for e in engines)
+    for key in want:
+        assert got[key].item() == pytest.approx(want[key].item(), rel=1e-5), key
+    b, m = BATCH, BATCH // 2 if interp_batch == "half" else BATCH
+    assert calls[0][0].sizes == [b + m] and calls[0][1].sizes == [3 * b, m + b]
+    assert calls[1][0].sizes == [b, m] and calls[1][1].sizes == [b, b, b, m, b]
+    grouped, separate = ({"init": init, "states": [state(e)]} for e in engines)
+    assert deviation(grouped, separate, 0) < 1e-2
+    for (name, a), b_ in zip(engines[0].G.named_buffers(), engines[1].G.buffers(),
+                             strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_half_interpolation_needs_four_samples():
+    with pytest.raises(ValueError, match="interp_batch='half' needs at least 4 samples"):
+        make_engine("eager", length=201, interp_batch="half", batch_size=2)
 
 
 def concat_forward(D: Discriminator, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -281,7 +340,7 @@ def test_a_part_that_fails_to_compile_runs_eagerly(batches, monkeypatch):
                         "expected size 32==32, stride 1==512 at dim=1 (convolution_backward)); "
                         "that part runs eagerly"]
     assert engine.compiled_parts == {"generator forward": True, "discriminator step": False,
-                                     "generator step": True}
+                                     "generator step": True, "moving average": True}
     want = eager.step(batches[0], step=0)
     for key in want:
         assert got[key].item() == pytest.approx(want[key].item(), rel=1e-5), key

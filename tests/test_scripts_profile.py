@@ -29,6 +29,9 @@ def test_profile_one_cpu_step(profile_step, tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text()) == summary
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert summary["time_source"] == "cpu" and summary["kernel_launches_per_step"] is None
+    # The benchmark's configuration: the text encoder frozen, its weights given.
+    assert summary["text_encoder"] == "frozen"
+    assert summary["aten_ops_per_step"] > 0
     assert set(summary["kinds"]) == set(profile_step.KINDS)
     assert summary["kinds"]["conv/gemm"]["us_per_step"] > 0
     assert summary["kinds"]["optimizer"]["calls_per_step"] > 0
@@ -36,6 +39,20 @@ def test_profile_one_cpu_step(profile_step, tmp_path, capsys):
     assert shares == pytest.approx(1, abs=1e-3)
     out = capsys.readouterr().out
     assert "kernel launches per step: n/a" in out and "conv/gemm" in out
+    assert "text encoder frozen" in out and "ATen operators per step:" in out
+
+
+def test_computing_operators_leave_out_views_and_allocations(profile_step):
+    def op(name, ts, dur):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": 1}
+
+    trace = {"traceEvents": [
+        op("aten::conv2d", 0, 10), op("aten::mkldnn_convolution", 1, 8),
+        op("aten::empty", 2, 1),  # inside the convolution: it still counts once
+        op("aten::view", 12, 1), op("aten::zeros", 14, 4), op("aten::empty", 15, 1),
+        op("aten::zero_", 16, 1),  # zeros counts as its zero_
+        op("aten::add_", 20, 1), op("aten::detach", 22, 1)]}
+    assert profile_step.summarize(trace, steps=1)["aten_ops_per_step"] == 3
 
 
 @pytest.mark.parametrize(("name", "kind"), [
@@ -67,6 +84,8 @@ def test_self_time_subtracts_nested_ops(profile_step):
     ]}
     summary = profile_step.summarize(trace, steps=2)
     assert summary["total_us_per_step"] == 6.0  # conv2d keeps 2 µs of its 10
+    # mkldnn_convolution and add compute; conv2d holds a computing operator.
+    assert summary["aten_ops_per_step"] == 1.0
     assert summary["kinds"]["conv/gemm"]["us_per_step"] == 5.0
     assert summary["kinds"]["elementwise"]["us_per_step"] == 1.0
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from t2i_fast.models.config import GANConfig
 from t2i_fast.models.generator import ResidualBlock, bottleneck
+from t2i_fast.models.grouped_batchnorm import Groups, grouped, grouped_batch_norm
 from t2i_fast.models.init import init_weights
 
 
@@ -30,6 +31,10 @@ class Discriminator(nn.Module):
     grid, with the same parameters. torch.compile of the concatenated form in channels_last
     failed in convolution_backward with a stride assertion (torch 2.11); the split form has
     no replica and no concatenation to get wrong, and moves 16 times less text data.
+
+    ``groups``: the batch is that many batches (or batches of those sizes) one after
+    another, each with its own BatchNorm statistics, as separate calls
+    (``t2i_fast.models.grouped_batchnorm``).
     """
 
     def __init__(self, config: GANConfig):
@@ -59,9 +64,10 @@ class Discriminator(nn.Module):
         self.logit = nn.Conv2d(widths[-1], 1, 4)
         init_weights(self)
 
-    def forward(self, images: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
-        x = self.stages(images)  # [B, C, 4, 4], C = ndf·2^(n-1)
-        h = self.project(text_embedding)  # [B, P]
+    def forward(self, images: torch.Tensor, text_embedding: torch.Tensor, *,
+                groups: Groups = 1) -> torch.Tensor:
+        x = grouped(self.stages, images, groups)  # [B, C, 4, 4], C = ndf·2^(n-1)
+        h = grouped(self.project, text_embedding, groups)  # [B, P]
         conv, norm, act = self.joint
         w_image, w_text = conv.weight.split([x.shape[1], h.shape[1]], dim=1)
         # The 1×1 convolution as a matrix product over channels, in channels_last: a
@@ -69,5 +75,6 @@ class Discriminator(nn.Module):
         # torch.compile (2.11, CUDA) predict one output layout where cuDNN gave the other.
         pixels = x.permute(0, 2, 3, 1)  # [B, 4, 4, C]
         joint = F.linear(pixels, w_image.flatten(1)) + F.linear(h, w_text.flatten(1))[:, None, None]
-        x = act(norm(joint.permute(0, 3, 1, 2)))  # [B, C, 4, 4], channels_last
+        joint = joint.permute(0, 3, 1, 2)  # [B, C, 4, 4], channels_last
+        x = act(grouped_batch_norm(norm, joint, groups))
         return self.logit(x).flatten()  # [B]

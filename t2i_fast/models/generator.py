@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from t2i_fast.models.config import GANConfig
+from t2i_fast.models.grouped_batchnorm import Groups, TakesGroups, grouped
 from t2i_fast.models.init import init_weights
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(TakesGroups):
     """x + f(x) with f a bottleneck: 1×1 conv to ``hidden``, 3×3, 3×3 back to ``channels``,
     each followed by BN, ``act`` between. The activation after the sum is the caller's."""
 
@@ -23,8 +24,8 @@ class ResidualBlock(nn.Module):
             nn.Conv2d(hidden, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+    def forward(self, x: torch.Tensor, *, groups: Groups = 1) -> torch.Tensor:
+        return x + grouped(self.body, x, groups)
 
 
 class ProjectTo4x4(nn.ConvTranspose2d):
@@ -59,6 +60,10 @@ class Generator(nn.Module):
     for n up-sampling stages); each stage doubles the resolution and halves the width down to
     ngf, and a last one makes the 3 channels, then tanh. With ``residual``, a bottleneck
     residual block follows the BN of the 4×4 map and of the 8×8 map, before their ReLU.
+
+    ``groups``: the batch is that many batches (or batches of those sizes) one after
+    another, each with its own BatchNorm statistics, as separate calls
+    (``t2i_fast.models.grouped_batchnorm``).
     """
 
     def __init__(self, config: GANConfig):
@@ -90,7 +95,8 @@ class Generator(nn.Module):
         layers.append(nn.ReLU())
         return nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
-        h = self.project(text_embedding)  # [B, projected_dim]
+    def forward(self, z: torch.Tensor, text_embedding: torch.Tensor, *,
+                groups: Groups = 1) -> torch.Tensor:
+        h = grouped(self.project, text_embedding, groups)  # [B, projected_dim]
         x = torch.cat([z, h], dim=1)[:, :, None, None]  # [B, z_dim + P, 1, 1]
-        return self.to_rgb(self.stages(x))  # [B, 3, S, S]
+        return self.to_rgb(grouped(self.stages, x, groups))  # [B, 3, S, S]

@@ -1,23 +1,29 @@
 """``StepEngine``: one training step of Reed et al.'s GAN (Algorithm 1: a D update, then a G
-update; then the moving average of G), in either of two backends.
+update; then the moving average of G's weights).
 
-``eager`` is the reference: plain PyTorch in float32 (or bfloat16 autocast when asked), the
-noise drawn from a CPU generator, and a resumed run bit-identical to an uninterrupted one.
+One step function for every backend. Its parts are functions of the networks: G's forward
+(the fake images and, for GAN-INT, those of the interpolated embeddings), D's forward and
+loss on (real, right), (real, wrong), (fake, right), G's loss (D on both fake batches), and
+the moving average. Each network runs once per part: its evaluations in a part are one call
+over the concatenated batches, with BatchNorm statistics taken per group
+(``t2i_fast.models.grouped_batchnorm``) so that the result is that of separate calls. Where
+the networks' BatchNorm cannot group (SyncBatchNorm under ``--sync-bn``, the fused layers'
+own BatchNorm) the part calls the network once per group instead. The text encoder (a GRU,
+which Dynamo does not trace) runs outside the parts.
 
-``compiled`` runs the same step with:
+``backend="eager"`` runs the parts as they are, in float32 (or bfloat16 autocast when
+asked), the noise drawn from the given generator: a resumed run is bit-identical to an
+uninterrupted one. ``backend="compiled"`` runs the same step with:
 
-- three parts under ``torch.compile(fullgraph=True)``: G's forward (the fake images and
-  GAN-INT's batch of interpolated embeddings), D's forward and loss on (real, right), (real,
-  wrong), (fake, right), and G's loss (D on both fake batches). Backward goes through
-  AOTAutograd's compiled graphs. The text encoder (a GRU, which Dynamo does not trace) stays
-  eager.
+- each part under ``torch.compile(fullgraph=True)``: backward goes through AOTAutograd's
+  compiled graphs, and the moving average is one fused update of all of G's weights;
 - channels_last parameters and images, bfloat16 autocast (``precision="bf16"``; the losses
   are taken in float32), fused Adam, the fused GAN-CLS/GAN-INT loss kernels when
-  ``t2i_fast.ops.matching_loss`` imports (they fall back to the plain losses on the CPU).
+  ``t2i_fast.ops.matching_loss`` imports (they fall back to the plain losses on the CPU);
 - with ``fused_layers`` (CUDA), the conv → BatchNorm → LeakyReLU layers for which the
   measured per-layer dispatch of ``t2i_fast.ops.conv_bn_act`` picks its Triton GEMM over
   cuDNN become single ``conv_bn_act`` calls (``t2i_fast.ops.fused_layers``); elsewhere
-  Inductor fuses BatchNorm and the activation around cuDNN's convolution as usual.
+  Inductor fuses BatchNorm and the activation around cuDNN's convolution as usual;
 - on CUDA, the whole step (both updates, the noise, the moving average) in one CUDA graph:
   the batch is copied into static buffers and the graph replayed. Nothing in a step waits
   for the GPU: the learning rate and the average's weight are device tensors written before
@@ -26,13 +32,17 @@ noise drawn from a CPU generator, and a resumed run bit-identical to an uninterr
 
 Stock PyTorch does fail to compile some parts now and then (torch 2.11's channels_last
 backward of the discriminator's old concatenation was one), so each part is tried once, on
-the first step, forward and backward, with the BatchNorm statistics put back afterwards; a
-part that fails is reported in one warning line and runs eagerly from then on. The CUDA graph
-capture falls back the same way, to compiled parts launched one by one.
+the first step, forward and backward, with the BatchNorm statistics (and the average)
+put back afterwards; a part that fails is reported in one warning line and runs eagerly from
+then on. The CUDA graph capture falls back the same way, to compiled parts launched one by
+one.
 
 On CUDA the compiled engine draws the noise from the device's default generator (inside the
 graph), so a resumed run repeats the schedule exactly (data, learning rates, steps) but not
 every bit of the noise; on the CPU both backends draw it from the same CPU generator.
+
+GAN-INT mixes each caption's embedding with another's over the whole batch; with
+``interp_batch="half"`` (as Reed's code does) G's loss sees only the first half of those.
 
 Under torch.distributed (``world``), each part that trains weights (the generator forward,
 the discriminator step, and the text encoder when it trains) is one DistributedDataParallel
@@ -54,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embeddings
+from t2i_fast.models.grouped_batchnorm import groupable
 from t2i_fast.train.config import TrainConfig
 from t2i_fast.train.distributed import World
 
@@ -67,8 +78,8 @@ DDP_WARMUP_STEPS = 11
 
 
 class _Part(nn.Module):
-    """One piece of the step: ``fn`` and, in the compiled engine once tried, what runs in
-    its place. A module holding the networks ``fn`` trains, so that DDP can wrap it: one
+    """One piece of the step: ``fn`` and, once tried under the compiled backend, what runs
+    in its place. A module holding the networks ``fn`` trains, so that DDP can wrap it: one
     DDP forward per backward, however many times ``fn`` calls them."""
 
     def __init__(self, name: str, fn: Callable, **networks: nn.Module):
@@ -97,11 +108,13 @@ class StepEngine:
                  G_ema: nn.Module | None, config: TrainConfig, device: torch.device,
                  noise: torch.Generator, backend: str, precision: str,
                  graphs: bool | None = None, fused_layers: bool = False,
-                 world: World | None = None):
+                 world: World | None = None, interp_batch: str = "full"):
         if backend not in ("eager", "compiled"):
             raise ValueError(f"backend must be 'eager' or 'compiled', got {backend!r}")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if interp_batch not in ("full", "half"):
+            raise ValueError(f"interp_batch must be 'full' or 'half', got {interp_batch!r}")
         compiled = backend == "compiled"
         cuda = device.type == "cuda"
         if graphs and not (compiled and cuda):
@@ -112,16 +125,25 @@ class StepEngine:
         self.G, self.D, self.text_encoder, self.G_ema = G, D, text_encoder, G_ema
         self.device = device
         self.world = world if world is not None else World(device=device)
-        self.noise = noise
-        self.backend = backend
+        if (interp_batch == "half" and config.interpolate
+                and config.batch_size // self.world.size < 4):
+            raise ValueError("interp_batch='half' needs at least 4 samples per process: "
+                             "BatchNorm needs 2 interpolated ones")
+        self.compile = compiled  # whether the parts are compiled
         self.precision = precision
         self.graphs = compiled and cuda if graphs is None else graphs
+        self.interp_batch = interp_batch
+        # Each network's evaluations in a part are one call, unless its BatchNorm layers
+        # take the statistics their own way (SyncBatchNorm; the fused layers' BatchNorm).
+        self.grouped = not fused_layers and groupable(G) and groupable(D)
         self.z_dim = G.config.z_dim
         self.image_size = G.config.image_size
         if compiled:
             for module in (G, D, G_ema):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
+        # None: the device's default generator, which a CUDA graph draws from.
+        self._noise_source = None if compiled and cuda else noise
         # Under a graph the learning rate must be read from memory the graph knows.
         self._lr = torch.tensor(config.lr, device=device) if self.graphs else None
         self._adam_flags = {"fused": True, "capturable": self.graphs} if compiled else {}
@@ -132,18 +154,23 @@ class StepEngine:
             d_params += list(text_encoder.parameters())  # φ learns from D's judgement
         self.opt_d = torch.optim.Adam(d_params, lr=lr, betas=betas, **self._adam_flags)
         self.opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas, **self._adam_flags)
+        # The average's weight: a device tensor for compiled parts (a float argument would
+        # recompile at each new value, and a graph reads it from memory), else a float.
         self._ema_weight = torch.zeros((), device=device) if compiled else None
         self._d_loss, self._g_loss = _losses() if compiled else (discriminator_loss,
                                                                  generator_loss)
-        self._parts = {
-            "generator forward": _Part("generator forward", self._generate, G=G),
-            "discriminator step": _Part("discriminator step", self._discriminator_step, D=D),
-            # D is frozen for G's loss: the gradient reaches G through the generator forward.
-            "generator step": _Part("generator step", self._generator_step)}
+        parts = [_Part("generator forward", self._generate, G=G),
+                 _Part("discriminator step", self._discriminator_step, D=D),
+                 # D is frozen for G's loss: the gradient reaches G through the generator
+                 # forward.
+                 _Part("generator step", self._generator_step)]
+        if G_ema is not None:
+            parts.append(_Part("moving average", self._average))
+        self._parts = {part.name: part for part in parts}
         # Under DDP, the forward of each part that trains weights averages their gradients
         # across ranks; the text encoder trains through the discriminator step's backward.
-        self._calls = {name: self.world.wrap(part) if name != "generator step" else part
-                       for name, part in self._parts.items()}
+        self._calls = {part.name: self.world.wrap(part) if any(part.children()) else part
+                       for part in parts}
         self._encode = text_encoder.encode_mean
         if config.joint_text_encoder and self.world.distributed:
             self._encode = self.world.wrap(_Part("text encoder", text_encoder.encode_mean,
@@ -181,7 +208,7 @@ class StepEngine:
     @property
     def compiled_parts(self) -> dict[str, bool]:
         """Each compiled part's name → whether it runs compiled (False: fell back)."""
-        if self.backend != "compiled":
+        if not self.compile:
             return {}
         return {name: part.compiled for name, part in self._parts.items()}
 
@@ -190,55 +217,48 @@ class StepEngine:
         """One D and one G update on ``batch``, the ``step``-th of the run (from 0)."""
         # The average spans the last quarter of the steps so far, up to the decay's span, so
         # that the untrained start fades out of it within a short run too.
-        decay = min(self.config.ema_decay, 1 - 4 / (4 + step))
-        if self.backend == "eager":
-            with self._autocast():
-                return self._eager_step(batch, decay)
-        self._ema_weight.fill_(1 - decay)
+        weight = 1 - min(self.config.ema_decay, 1 - 4 / (4 + step))
+        if self._ema_weight is not None:
+            weight = self._ema_weight.fill_(weight)
         if self.fused_layers and self.fused is None:
             self.fused = self._fuse_layers(len(batch))
         if self.graphs:
             return self._graph_step(batch)
-        images, wrong = (t.to(self.device, non_blocking=True)
-                         .contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if self.compile else torch.preserve_format
+        images, wrong = (t.to(self.device, non_blocking=True, memory_format=layout)
                          for t in (batch.images, batch.wrong_images))
-        return self._compiled_step(images, wrong,
-                                   batch.captions.to(self.device, non_blocking=True))
+        return self._updates(images, wrong, batch.captions.to(self.device, non_blocking=True),
+                             weight)
 
     def _autocast(self):
         if self.precision != "bf16":
             return contextlib.nullcontext()
         # No cast cache: cached bf16 copies of the weights would outlive the D update inside
-        # one autocast region (the eager step), and a graph must redo the casts each replay.
+        # one autocast region, and a graph must redo the casts each replay.
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
-    # -- eager: the reference ----------------------------------------------------------------
-    def _z(self, n: int) -> torch.Tensor:
+    def _noise(self, n: int) -> torch.Tensor:
         """Noise for this rank's ``n`` samples: its rows of the global batch's."""
-        z = torch.randn(n * self.world.size, self.z_dim, generator=self.noise,
-                        device=self.noise.device)
+        source = self._noise_source
+        z = torch.randn(n * self.world.size, self.z_dim, generator=source,
+                        device=self.device if source is None else source.device)
         return self.world.take(z).to(self.device, non_blocking=True)
 
-    def _eager_step(self, batch, decay: float) -> dict[str, torch.Tensor]:
-        images, wrong, captions = (t.to(self.device, non_blocking=True) for t in
-                                   (batch.images, batch.wrong_images, batch.captions))
-        return self._updates(images, wrong, captions, decay)
-
     def _updates(self, images: torch.Tensor, wrong: torch.Tensor, captions: torch.Tensor,
-                 decay: float | None) -> dict[str, torch.Tensor]:
-        """The D update, the G update, then G's average (by ``decay``; None: by the device
-        tensor the compiled engine fills)."""
+                 ema_weight: torch.Tensor | float) -> dict[str, torch.Tensor]:
+        """The D update, the G update, then G's average (by ``ema_weight``)."""
         config = self.config
         n = images.shape[0]
+        n_mixed = n // 2 if self.interp_batch == "half" else n
         with self._autocast():
             with torch.set_grad_enabled(config.joint_text_encoder):
                 text = self._encode(captions)  # [B, E]
             fixed = text.detach()
             # GAN-INT's generator batch is made here with the other: G does not change in
             # the D update, and one generator forward per step is what DDP expects.
-            mixed = self._mix(fixed) if config.interpolate else None
+            mixed = self._mix(fixed)[:n_mixed] if config.interpolate else None
             z = self._noise(n)
-            z_mixed = self._noise(n) if config.interpolate else None
+            z_mixed = self._noise(n_mixed) if config.interpolate else None
             fake, interp = self._run("generator forward", z, fixed, z_mixed, mixed)
             d_loss, scores = self._run("discriminator step", images, wrong, text,
                                        fake.detach())
@@ -258,10 +278,7 @@ class StepEngine:
             self.D.requires_grad_(True)
         self.opt_g.step()
         if self.G_ema is not None:
-            if decay is None:
-                self._average()
-            else:
-                self._update_ema(decay)
+            self._run("moving average", ema_weight)
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), **scores}
 
     def _mix(self, text: torch.Tensor) -> torch.Tensor:
@@ -270,19 +287,23 @@ class StepEngine:
         whole = self.world.gather(text)
         return self.world.take(interpolate_embeddings(whole, beta=self.config.interp_beta))
 
-    @torch.no_grad()
-    def _update_ema(self, decay: float) -> None:
-        # Weights only: the trainer gives the average BatchNorm statistics of its own weights
-        # before it samples (G's would not fit it: t2i_fast/models/batchnorm_stats.py).
-        torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()),
-                             1 - decay)
-
     # -- the parts ----------------------------------------------------------------------------
+    def _each(self, network: nn.Module, images: tuple[torch.Tensor, ...],
+              text: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``network`` on each pair (images[i], text[i]): one call over the concatenated
+        batches with BatchNorm statistics per group, or one call per group."""
+        if not self.grouped:
+            return tuple(network(x, t) for x, t in zip(images, text, strict=True))
+        sizes = tuple(len(x) for x in images)
+        return network(torch.cat(images), torch.cat(text), groups=sizes).split(sizes)
+
     def _generate(self, z: torch.Tensor, text: torch.Tensor, z_mixed: torch.Tensor | None,
                   mixed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fake images [B, 3, S, S] and, with GAN-INT, those of the mixed embeddings."""
-        fake = self.G(z, text)
-        return fake, (self.G(z_mixed, mixed) if mixed is not None else None)
+        if mixed is None:
+            return self.G(z, text), None
+        fake, interp = self._each(self.G, (z, z_mixed), (text, mixed))
+        return fake, interp
 
     def _discriminator_step(self, images: torch.Tensor, wrong: torch.Tensor,
                             text: torch.Tensor, fake: torch.Tensor
@@ -292,9 +313,12 @@ class StepEngine:
         if images.shape[-1] != self.image_size:
             images = F.adaptive_avg_pool2d(images, self.image_size)  # = interpolate "area"
             wrong = F.adaptive_avg_pool2d(wrong, self.image_size)
-        real_right = self.D(images, text)  # [B]
-        real_wrong = self.D(wrong, text) if config.matching_aware else None
-        fake_right = self.D(fake, text)
+        if config.matching_aware:
+            real_right, real_wrong, fake_right = self._each(
+                self.D, (images, wrong, fake), (text, text, text))  # [B] each
+        else:
+            (real_right, fake_right), real_wrong = self._each(
+                self.D, (images, fake), (text, text)), None
         loss = self._d_loss(real_right, real_wrong, fake_right,
                             matching_aware=config.matching_aware)
         scores = {"d_real": torch.sigmoid(real_right.detach().float()).mean(),
@@ -308,34 +332,48 @@ class StepEngine:
                         ) -> torch.Tensor:
         """G's loss (the G update's): D on ``fake`` and, with GAN-INT, on ``interp``, the
         images of the ``mixed`` embeddings."""
-        interp_logits = self.D(interp, mixed) if interp is not None else None
-        return self._g_loss(self.D(fake, text), interp_logits,
-                            interp_weight=self.config.interp_weight)
+        if interp is None:
+            return self._g_loss(self.D(fake, text), None,
+                                interp_weight=self.config.interp_weight)
+        # The interpolated batch first: D's running statistics follow its calls' order.
+        interp_logits, fake_logits = self._each(self.D, (interp, fake), (mixed, text))
+        return self._g_loss(fake_logits, interp_logits, interp_weight=self.config.interp_weight)
+
+    @torch.no_grad()
+    def _average(self, weight: torch.Tensor | float) -> None:
+        """G_ema += weight·(G - G_ema), all weights in one foreach update. Weights only: the
+        trainer gives the average BatchNorm statistics of its own weights before it samples
+        (G's would not fit it: t2i_fast/models/batchnorm_stats.py)."""
+        average = list(self.G_ema.parameters())
+        weights = [weight] * len(average) if torch.is_tensor(weight) else weight
+        torch._foreach_lerp_(average, list(self.G.parameters()), weights)
 
     def _run(self, name: str, *args):
         part = self._parts[name]
-        if self.backend == "compiled" and part.impl is None:
+        if self.compile and part.impl is None:
             self._try_compile(part, args)
         return self._calls[name](*args)
 
     def _try_compile(self, part: _Part, args: tuple) -> None:
         """Compiles ``part`` and runs it forward and backward once on copies of ``args``;
-        on any failure the part stays eager. BatchNorm statistics the trial moved are put
-        back, so the step itself is the first to count. The trial calls the part directly,
-        not through DDP, whose gradient hooks it must not arm."""
-        buffers = [b for module in (self.G, self.D) for b in module.buffers()]
-        saved = [b.clone() for b in buffers]
+        on any failure the part stays eager. The BatchNorm statistics and the average the
+        trial moved are put back, so the step itself is the first to count. The trial calls
+        the part directly, not through DDP, whose gradient hooks it must not arm."""
+        kept = [*self.G.buffers(), *self.D.buffers(),
+                *(self.G_ema.parameters() if self.G_ema is not None else ())]
+        saved = [t.clone() for t in kept]
         trial = [a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
                  for a in args]
         try:
             compiled = torch.compile(part.fn, fullgraph=True, dynamic=False)
             out = compiled(*trial)
-            outputs = out if isinstance(out, tuple) else (out,)
-            loss = sum(o.float().sum() for o in outputs
-                       if torch.is_tensor(o) and o.requires_grad)
-            wanted = [t for t in (*trial, *self.G.parameters(), *self.D.parameters())
-                      if torch.is_tensor(t) and t.requires_grad]
-            torch.autograd.grad(loss, wanted, allow_unused=True)
+            outputs = [o for o in (out if isinstance(out, tuple) else (out,))
+                       if torch.is_tensor(o) and o.requires_grad]
+            if outputs:
+                wanted = [t for t in (*trial, *self.G.parameters(), *self.D.parameters())
+                          if torch.is_tensor(t) and t.requires_grad]
+                torch.autograd.grad(sum(o.float().sum() for o in outputs), wanted,
+                                    allow_unused=True)
         except Exception as exc:  # whatever Dynamo, AOTAutograd or Inductor raise
             lines = [line for line in str(exc).splitlines() if line.strip()]
             reason = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
@@ -345,31 +383,12 @@ class StepEngine:
         else:
             part.impl, part.compiled = compiled, True
         finally:
-            for buffer, value in zip(buffers, saved, strict=True):
+            for tensor, value in zip(kept, saved, strict=True):
                 # Through .data: the values are those an eager part may have saved for its
-                # backward, and copying through the buffer itself would mark them changed.
-                buffer.data.copy_(value)
+                # backward, and copying through the tensor itself would mark them changed.
+                tensor.data.copy_(value)
 
-    # -- compiled: the step ------------------------------------------------------------------
-    def _noise(self, n: int) -> torch.Tensor:
-        if self.backend == "compiled" and self.device.type == "cuda":
-            # On the device, inside the graph: no host copy.
-            z = torch.randn(n * self.world.size, self.z_dim, device=self.device)
-            return self.world.take(z)
-        return self._z(n)
-
-    def _compiled_step(self, images: torch.Tensor, wrong: torch.Tensor,
-                       captions: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._updates(images, wrong, captions, None)
-
-    @torch.no_grad()
-    def _average(self) -> None:
-        # average += w·(G - average), w a device tensor (lerp takes no tensor weight).
-        average, current = list(self.G_ema.parameters()), list(self.G.parameters())
-        delta = torch._foreach_sub(current, average)
-        torch._foreach_mul_(delta, self._ema_weight)
-        torch._foreach_add_(average, delta)
-
+    # -- CUDA graphs ---------------------------------------------------------------------------
     def _graph_step(self, batch) -> dict[str, torch.Tensor]:
         if self._static is None:
             self._static = (
@@ -393,25 +412,24 @@ class StepEngine:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
-                out = self._compiled_step(*self._static)
+                out = self._updates(*self._static, self._ema_weight)
             current.wait_stream(side)
             return out
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                outputs = self._compiled_step(*self._static)
+                outputs = self._updates(*self._static, self._ema_weight)
         except Exception as exc:  # an operation that cannot be captured
             lines = [line for line in str(exc).splitlines() if line.strip()]
             warnings.warn(f"CUDA graph capture of the step failed ({type(exc).__name__}: "
                           f"{lines[0][:200] if lines else ''}); stepping without a graph",
                           RuntimeWarning, stacklevel=2)
             self.graphs = False
-            return self._compiled_step(*self._static)
+            return self._updates(*self._static, self._ema_weight)
         # Capturing ran nothing: the replay is this step.
         self._graph, self._outputs = graph, outputs
         graph.replay()
         return outputs
-
 
     def _fuse_layers(self, n: int) -> list[str]:
         """Fuses the layers where Triton wins, measured on inputs of batch ``n`` as the step
