@@ -22,6 +22,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from t2i_fast.run import Run, TextEncoderFolder
+
 VARIANTS = {"gan": "GAN", "cls": "GAN-CLS", "int": "GAN-INT", "int-cls": "GAN-INT-CLS"}
 HOLDOUT = "red circle,blue square,green triangle"
 
@@ -41,22 +43,22 @@ def _cached(path: Path, make) -> dict:
 
 def run_variant(*, variant: str, data: Path, text_encoder: Path, out: Path, epochs: int,
                 seed: int, style_steps: int) -> dict:
-    run = out / variant
+    run = Run(out / variant)
     started = time.perf_counter()
-    if any(run.glob("checkpoints/step_*.pt")):
-        _t2i("train", "--resume", str(run))  # continues to the end; a no-op when finished
+    if run.checkpoints():
+        _t2i("train", "--resume", str(run.root))  # continues to the end; a no-op when finished
     else:
-        shutil.rmtree(run, ignore_errors=True)  # stopped before its first checkpoint
-        _t2i("train", "--data", str(data), "--run", str(run), "--variant", variant,
+        shutil.rmtree(run.root, ignore_errors=True)  # stopped before its first checkpoint
+        _t2i("train", "--data", str(data), "--run", str(run.root), "--variant", variant,
              "--preset", "small", "--epochs", str(epochs), "--seed", str(seed),
              "--text-encoder", str(text_encoder), "--device", "cpu")
-    if not (run / "style_encoder.pt").exists():
-        _t2i("train-style", "--run", str(run), "--steps", str(style_steps), "--seed",
+    if not run.style_encoder.exists():
+        _t2i("train-style", "--run", str(run.root), "--steps", str(style_steps), "--seed",
              str(seed), "--device", "cpu")
     scores = {}
     for name in ("attributes", "disentangle", "retrieval"):
-        scores.update(_cached(run / f"eval_{name}.json",
-                              lambda name=name: _t2i("eval", name, "--run", str(run),
+        scores.update(_cached(run.evaluation_path(name),
+                              lambda name=name: _t2i("eval", name, "--run", str(run.root),
                                                      "--json")))
     scores["minutes"] = round((time.perf_counter() - started) / 60, 1)
     return scores
@@ -106,7 +108,7 @@ def main() -> None:
              "--epochs", str(args.pretrain_epochs), "--holdout", "0", "--seed",
              str(args.seed), "--device", "cpu")
         partial.rename(text)
-    results = {v: run_variant(variant=v, data=data, text_encoder=text / "text_encoder.pt",
+    results = {v: run_variant(variant=v, data=data, text_encoder=TextEncoderFolder(text).encoder,
                               out=args.out, epochs=args.epochs, seed=args.seed,
                               style_steps=args.style_steps) for v in variants}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from t2i_fast import __version__
+from t2i_fast.config import FieldError
 from t2i_fast.errors import T2IError
-from t2i_fast.train.config import FieldError
 
 
 class _Group(click.Group):

@@ -7,25 +7,21 @@ from pathlib import Path
 
 import click
 
+from t2i_fast.config import resolve_device
 from t2i_fast.eval.attributes import ATTRIBUTES, evaluate_dataset, evaluate_generated
 from t2i_fast.eval.disentangle import evaluate_disentangle
 from t2i_fast.eval.fid import WEIGHTS_ENV, WEIGHTS_NAME, evaluate_fid
 from t2i_fast.eval.retrieval import Encoders, evaluate_retrieval, find_encoders
 from t2i_fast.generate import TrainedModel
-from t2i_fast.train import TrainConfig
-from t2i_fast.train.config import resolve_device
-from t2i_fast.train.style import load_style_encoder
+from t2i_fast.run import Run
+from t2i_fast.style_transfer import load_style_encoder
 
 _CROP = 64  # the training view of the 76-pixel records
 
 
-def _run_folder(run: Path) -> Path:
-    """The run folder of a run folder or of one of its checkpoints (RUN/checkpoints/*.pt)."""
-    return run if run.is_dir() else run.parent.parent
-
-
 def _run_data(run: Path) -> Path:
-    return Path(TrainConfig.load(_run_folder(run) / "config.json").data)
+    """The dataset of a run folder or of the run holding a checkpoint file."""
+    return Path(Run.at(run).config().data)
 
 
 _RUN = click.option("--run", type=click.Path(exists=True, path_type=Path), required=True,
@@ -96,7 +92,7 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     similarity of real images' style vectors S(x), pairs with the same background (or the
     first shape's centre in the same cell of a 3x3 grid over the visible window) against
     pairs without. 0.5 is chance, 1 perfect."""
-    encoder, _ = load_style_encoder(run, device=resolve_device("auto"))
+    encoder, _ = load_style_encoder(Run(run), device=resolve_device("auto"))
     scores = evaluate_disentangle(encoder=encoder, dataset=dataset or _run_data(run), n=n,
                                   pairs=pairs, seed=seed)
     if as_json:
@@ -128,7 +124,7 @@ def retrieval(run: Path, dataset: Path | None, encoders: Path | None, n: int, di
     A relative measure: the project's own encoders judge, so compare runs scored with the
     same encoders on the same dataset only. Chance is 1 / (1 + distractors)."""
     model = TrainedModel.load(run)
-    scorer = Encoders(encoders or find_encoders(_run_folder(run)), device=model.device)
+    scorer = Encoders(encoders or find_encoders(Run.at(run)), device=model.device)
     scores = evaluate_retrieval(model=model, scorer=scorer, dataset=dataset or _run_data(run),
                                 n=n, distractors=distractors, seed=seed)
     if as_json:

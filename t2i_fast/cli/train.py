@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,16 +12,17 @@ import torch
 from click.core import ParameterSource
 
 from t2i_fast.cli.data import BUILT_IN, ensure_built_in
-from t2i_fast.errors import T2IError
-from t2i_fast.models import PRESETS
-from t2i_fast.train import VARIANTS, TrainConfig, train
-from t2i_fast.train.config import (
+from t2i_fast.config import (
     BACKENDS,
     PRECISIONS,
     resolve_backend,
     resolve_device,
     resolve_precision,
 )
+from t2i_fast.errors import T2IError
+from t2i_fast.models import PRESETS
+from t2i_fast.run import Run, TextEncoderFolder
+from t2i_fast.train import VARIANTS, TrainConfig, train
 from t2i_fast.train.distributed import World, process_group
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 from t2i_fast.train.signals import TrainingStopped
@@ -125,10 +125,10 @@ def train_command(ctx: click.Context, **options) -> None:
         given = {name for name in options
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
         if given - _RESUMABLE:
-            raise T2IError(f"--resume takes its settings from {resume}/config.json; only "
+            raise T2IError(f"--resume takes its settings from {Run(resume).config_file}; only "
                            f"--epochs and --max-steps may change ({sorted(given - _RESUMABLE)} "
                            "given)")
-        config = TrainConfig.load(Path(resume) / "config.json")
+        config = Run(resume).config()
         # The folder given is the run, wherever it was made from.
         changes = {k: options[k] for k in ("epochs", "max_steps") if k in given}
         config = dataclasses.replace(config, run=str(resume), **changes)
@@ -156,7 +156,9 @@ def train_command(ctx: click.Context, **options) -> None:
         with _stopped(ctx, Path(options["run"]), world):
             run = train(config=TrainConfig(**options), world=world)
     if world.main:
-        click.echo(f"{run}: done; samples in {run}/samples, metrics in {run}/metrics.jsonl")
+        folder = Run(run)
+        click.echo(f"{run}: done; samples in {folder.samples_dir}, metrics in "
+                   f"{folder.metrics_file}")
 
 
 @click.command(name="pretrain-text")
@@ -185,7 +187,7 @@ def pretrain_text_command(**options) -> None:
     ensure_built_in(options["data"])
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     checkpoint = pretrain_text(config=PretrainConfig(**options))
-    evaluation = json.loads((checkpoint.parent / "evaluation.json").read_text())
+    evaluation = TextEncoderFolder(checkpoint.parent).read_evaluation()
     for key, value in evaluation.items():
         click.echo(f"{key:<16}{value:.3f}" if isinstance(value, float) else f"{key:<16}{value}")
     click.echo(f"{checkpoint}: pass it to 't2i-fast train --text-encoder'")

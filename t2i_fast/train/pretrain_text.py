@@ -17,13 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from t2i_fast.atomic import save_atomically
+from t2i_fast.atomic import save_atomically, write_text_atomically
+from t2i_fast.config import FieldError, check_types, resolve_device
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.losses import sje_loss
 from t2i_fast.models import ImageEncoder, TextEncoder, preset
 from t2i_fast.models.image_encoder import BackboneImageEncoder
-from t2i_fast.train.config import FieldError, check_types, resolve_device
+from t2i_fast.run import TextEncoderFolder, jsonl_writer
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,9 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     """Trains the encoders; writes OUT/config.json, OUT/metrics.jsonl, OUT/evaluation.json
     and, last, OUT/text_encoder.pt (what ``train --text-encoder`` loads). Returns the
     checkpoint."""
-    out = Path(config.out)
-    if out.exists():
-        raise T2IError(f"{out}: already exists; choose another --out")
+    out = TextEncoderFolder(config.out)
+    if out.root.exists():
+        raise T2IError(f"{out.root}: already exists; choose another --out")
     device = resolve_device(config.device)
     models = preset(config.preset)
     loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,
@@ -147,12 +148,11 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     optimizer = torch.optim.Adam([*text_encoder.parameters(), *image_encoder.parameters()],
                                  lr=config.lr)
     size = models.gan.image_size
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    log = (out / "metrics.jsonl").open("w")
+    out.root.mkdir(parents=True)
+    write_text_atomically(out.config, json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     bar = click.progressbar(length=config.epochs * len(loader), label="pretraining text",
                             file=sys.stderr)
-    with bar, log:
+    with bar, jsonl_writer(out.metrics, append=False) as log:
         for epoch in range(config.epochs):
             losses, start = [], time.perf_counter()
             for batch in loader:
@@ -171,8 +171,7 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
                 bar.update(1)
             row = {"epoch": epoch, "loss": torch.stack(losses).mean().item(),
                    "seconds": round(time.perf_counter() - start, 2)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            log.write(row)
     evaluation_data = Path(config.eval_data or config.data)
     if config.eval_data:
         with Dataset(evaluation_data) as ds:
@@ -187,11 +186,11 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     except T2IError as exc:  # too few held-out classes to rank: say so, keep the encoder
         evaluation = {"skipped": str(exc)}
     evaluation["classes_seen_in_training"] = not config.eval_data and not len(holdout)
-    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    write_text_atomically(out.evaluation, json.dumps(evaluation, indent=2) + "\n")
     # Written last and whole: its presence means the pretraining finished.
     return save_atomically({"text_encoder": text_encoder.state_dict(),
                             "text_config": dataclasses.asdict(models.text),
                             "image_encoder": image_encoder.state_dict(),
                             "image_config": dataclasses.asdict(models.image),
                             "preset": config.preset, "held_out_classes": holdout.tolist(),
-                            "evaluation": evaluation}, out / "text_encoder.pt")
+                            "evaluation": evaluation}, out.encoder)
