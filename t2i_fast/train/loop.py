@@ -223,67 +223,50 @@ class Trainer:
     def fit(self, *, stop: StopSignals | None = None) -> None:
         """Trains to ``total_steps()``; when ``stop`` receives a signal, stops at a step
         boundary with a checkpoint and raises TrainingStopped."""
-        config = self.config
         total = self.total_steps()
-        main = self.world.main
-        if main:
-            self._say_where_it_stops(total)
-        # Metrics come back from the GPU while it works on: waiting for them at each log step
-        # would drain its queue.
-        reader = MetricsReader()
-        tick, images_done = time.perf_counter(), 0
-        shown = {"rate": ""}
         stop = stop if stop is not None else StopSignals()
+        if self.world.main:
+            self._say_where_it_stops(total)
         with contextlib.ExitStack() as stack:
             stack.enter_context(stop.deferred())
-            if main:
-                metrics_file = stack.enter_context(self.run.metrics_writer())
-                bar = stack.enter_context(click.progressbar(
-                    length=total, label="training", file=sys.stderr,
-                    item_show_func=lambda _: shown["rate"]))
-                bar.update(self.step)
+            log = _Log(self, stack, total=total)
             while self.step < total:
                 epoch = self.loader.epoch
                 lr = self._set_lr(epoch)
                 for batch in self.loader:
                     values = self.train_step(batch)
                     self.step += 1
-                    images_done += len(batch) * self.world.size
-                    if main:
-                        bar.update(1)
-                    logged = self.step % config.log_every == 0 or self.step == total
+                    log.count(len(batch) * self.world.size)
+                    logged = self._due(self.config.log_every, total)
                     if logged:
-                        values = self.world.mean(values)  # every rank takes part
-                        rate = round(images_done / (time.perf_counter() - tick), 1)
-                        tick, images_done = time.perf_counter(), 0
-                        shown["rate"] = f"{rate:.0f} img/s"
-                        if main:
-                            reader.submit(({"step": self.step, "epoch": epoch, "lr": lr},
-                                           rate), values)
+                        log.submit(values, epoch=epoch, lr=lr)
                     # At the last step the run is complete: it ends as if no signal came.
                     signum = self._stop_signal(stop, logged=logged) if self.step < total else 0
-                    sample = main and not signum and (self.step % config.sample_every == 0
-                                                      or self.step == total)
-                    keep = main and (self.step % config.checkpoint_every == 0
-                                     or self.step == total or bool(signum))
+                    sample = self.world.main and not signum \
+                        and self._due(self.config.sample_every, total)
+                    keep = self.world.main and (bool(signum)
+                                                or self._due(self.config.checkpoint_every, total))
                     # The curves and each checkpoint's metrics.jsonl hold every row so far.
-                    for (head, rate), read in reader.collect(wait=sample or keep):
-                        row = {**head, **{k: round(v, 5) for k, v in read.items()},
-                               "images_per_s": rate}
-                        self.history.append(row)
-                        metrics_file.write(row)
+                    log.write(wait=sample or keep)
                     if sample:
                         self.write_samples()
                         self.write_curves()
                     if signum:
-                        # The others wait for rank 0's checkpoint: under torchrun, a process
-                        # that ends first gets the rest killed.
-                        self.world.main_first(self._save)
-                        raise TrainingStopped(signum, step=self.step)
+                        self._stop_with_checkpoint(signum)
                     if keep:
                         self._save()
                     if self.step >= total:
                         break
+
+    def _due(self, every: int, total: int) -> bool:
+        """Whether the step just taken is one of every ``every``, or the last."""
+        return self.step % every == 0 or self.step == total
+
+    def _stop_with_checkpoint(self, signum: int) -> None:
+        # The others wait for rank 0's checkpoint: under torchrun, a process that ends first
+        # gets the rest killed.
+        self.world.main_first(self._save)
+        raise TrainingStopped(signum, step=self.step)
 
     def _save(self) -> None:
         self.calibrate_average()
@@ -306,6 +289,47 @@ class Trainer:
         if self.step >= total:
             click.echo(f"{self.run.root}: already at step {self.step} of {total}; nothing to train "
                        "(raise --epochs or --max-steps to train on)", err=True)
+
+
+class _Log:
+    """The progress bar and the logged steps' metrics: averaged over the processes, brought
+    back from the device without waiting for it (waiting at each logged step would drain its
+    queue), and written by rank 0 to metrics.jsonl and the trainer's history."""
+
+    def __init__(self, trainer: Trainer, stack: contextlib.ExitStack, *, total: int):
+        self.trainer = trainer
+        self.reader = MetricsReader()
+        self.tick, self.images = time.perf_counter(), 0
+        self.rate = ""
+        if trainer.world.main:
+            self.file = stack.enter_context(trainer.run.metrics_writer())
+            self.bar = stack.enter_context(click.progressbar(
+                length=total, label="training", file=sys.stderr,
+                item_show_func=lambda _: self.rate))
+            self.bar.update(trainer.step)
+
+    def count(self, images: int) -> None:
+        """One step done, of ``images`` images over all processes."""
+        self.images += images
+        if self.trainer.world.main:
+            self.bar.update(1)
+
+    def submit(self, values: dict[str, torch.Tensor], *, epoch: int, lr: float) -> None:
+        """Starts bringing back this step's metrics; every process takes part."""
+        values = self.trainer.world.mean(values)
+        rate = round(self.images / (time.perf_counter() - self.tick), 1)
+        self.tick, self.images = time.perf_counter(), 0
+        self.rate = f"{rate:.0f} img/s"
+        if self.trainer.world.main:
+            self.reader.submit(({"step": self.trainer.step, "epoch": epoch, "lr": lr}, rate),
+                               values)
+
+    def write(self, *, wait: bool) -> None:
+        """Writes the rows that have arrived, or all of them when ``wait``."""
+        for (head, rate), read in self.reader.collect(wait=wait):
+            row = {**head, **{k: round(v, 5) for k, v in read.items()}, "images_per_s": rate}
+            self.trainer.history.append(row)
+            self.file.write(row)
 
 
 def train(*, config: TrainConfig, resume: bool = False, world: World | None = None) -> Path:
