@@ -99,13 +99,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "shapes_holdout.lmdb"
     if not data.exists():
-        _t2i("prepare", "shapes", "--out", str(data), "--n", str(args.n), "--holdout", HOLDOUT)
+        _t2i("prepare", "shapes", "--out", str(data), "--n", str(args.n), "--holdout-pairs",
+             HOLDOUT)
     text = args.out / "text"
     if not text.exists():
         partial = args.out / "text.partial"  # renamed when complete
         shutil.rmtree(partial, ignore_errors=True)
         _t2i("pretrain-text", "--data", str(data), "--out", str(partial), "--preset", "small",
-             "--epochs", str(args.pretrain_epochs), "--holdout", "0", "--seed",
+             "--epochs", str(args.pretrain_epochs), "--holdout-share", "0", "--seed",
              str(args.seed), "--device", "cpu")
         partial.rename(text)
     results = {v: run_variant(variant=v, data=data, text_encoder=TextEncoderFolder(text).encoder,

@@ -134,20 +134,21 @@ def test_a_failed_start_leaves_no_run_folder(shapes, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_held_out_classes_are_fixed_and_bounded():
-    from t2i_fast.train.pretrain_text import held_out_classes
+def test_zero_shot_classes_are_fixed_and_bounded():
+    from t2i_fast.train.pretrain_text import zero_shot_classes
 
-    a = held_out_classes(24, 0.25, seed=0)
+    a = zero_shot_classes(24, 0.25, seed=0)
     assert len(a) == 6 and len(set(a.tolist())) == 6 and a.max() < 24
-    assert (a == held_out_classes(24, 0.25, seed=0)).all()
-    assert len(held_out_classes(24, 0.0, seed=0)) == 0
-    assert len(held_out_classes(5, 0.1, seed=0)) == 2, "at least two to rank"
+    assert (a == zero_shot_classes(24, 0.25, seed=0)).all()
+    assert len(zero_shot_classes(24, 0.0, seed=0)) == 0
+    assert len(zero_shot_classes(5, 0.1, seed=0)) == 2, "at least two to rank"
 
 
 def test_pretrain_text_command(shapes, tmp_path):
     out = tmp_path / "text"
     result = CliRunner().invoke(main, ["pretrain-text", "--data", str(shapes), "--out", str(out),
-                                       "--epochs", "1", "--batch-size", "8", "--holdout", "0.3"])
+                                       "--epochs", "1", "--batch-size", "8",
+                                       "--holdout-share", "0.3"])
     assert result.exit_code == 0, result.output
     assert "zero_shot_top1" in result.output and "text_encoder.pt" in result.output
     state = torch.load(out / "text_encoder.pt")

@@ -52,7 +52,7 @@ def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None
                as_json: bool) -> None:
     """Colour, shape and size accuracy on the shapes dataset: each image scored by a fixed
     image analysis against its record's first (largest) shape. A dataset made with
-    'prepare shapes --holdout' adds a held-out column: images of the combinations no
+    'prepare shapes --holdout-pairs' adds a held-out column: images of the combinations no
     training image shows, from the dataset's caption templates."""
     if real == (run is not None):
         raise click.UsageError("pass either --run RUN (generated images) or --data DATASET "

@@ -357,7 +357,8 @@ def train(*, config: TrainConfig, resume: bool = False, world: World | None = No
 
 def _train(config: TrainConfig, *, resume: bool, world: World, stop: StopSignals) -> None:
     run = Run(config.run)
-    config = world.main_first(lambda: _open(config, resume=resume))
+    # config.json records what ran, not "auto".
+    config = world.main_first(lambda: _open(config.on_device(world.device), resume=resume))
     try:
         trainer = Trainer(config, world=world)
     except Exception:
@@ -414,7 +415,7 @@ def _pretrain(config: TrainConfig) -> TrainConfig:
             data=config.data, out=str(run.text.root), preset=config.preset,
             # G must render every class: the encoder sees them all (pretrain-text alone
             # holds classes out to measure zero-shot accuracy).
-            holdout=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
+            holdout_share=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
             seed=config.seed, device=config.device))
     config = dataclasses.replace(config, text_encoder=str(run.text.encoder))
     run.save_config(config)
