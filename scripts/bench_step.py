@@ -78,11 +78,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from t2i_fast.bench.plain import PlainStep, load_project_weights, plain_networks
+from t2i_fast.config import TrainConfig
 from t2i_fast.data import Loader
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.provenance import commit
-from t2i_fast.train.config import TrainConfig
 from t2i_fast.train.engine import WARMUP_STEPS, StepEngine
 
 SEED = 0

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.run import Run
 
 KEYS = ("d_loss", "g_loss", "d_real", "d_wrong", "d_fake")
 FALLBACKS = ("torch.compile failed", "CUDA graph capture")
@@ -44,8 +45,7 @@ def launch(command: list[str], *, cwd: Path) -> dict:
 
 
 def metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return Run(run).metrics()
 
 
 def compare(plain: list[dict], ddp: list[dict]) -> dict:

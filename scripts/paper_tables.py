@@ -25,6 +25,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from t2i_fast.run import Run, TextEncoderFolder
+
 VARIANTS = {"gan": "GAN", "cls": "GAN-CLS", "int": "GAN-INT", "int-cls": "GAN-INT-CLS"}
 HOLDOUT = "red circle,blue square,green triangle"
 EVALS = ("attributes", "diversity", "disentangle", "retrieval")
@@ -48,20 +50,21 @@ def _cached(path: Path, make, *, needs: str | None = None) -> dict:
 
 def run_variant(*, variant: str, data: Path, text_encoder: Path, out: Path, epochs: int,
                 seed: int, style_steps: int) -> dict:
-    run = out / variant
+    run = Run(out / variant)
     started = time.perf_counter()
-    if any(run.glob("checkpoints/step_*.pt")):
-        _t2i("train", "--resume", str(run))  # continues to the end; a no-op when finished
+    if run.checkpoints():
+        _t2i("train", "--resume", str(run.root))  # continues to the end; a no-op when finished
     else:
-        shutil.rmtree(run, ignore_errors=True)  # stopped before its first checkpoint
-        _t2i("train", "--data", str(data), "--run", str(run), "--variant", variant,
+        shutil.rmtree(run.root, ignore_errors=True)  # stopped before its first checkpoint
+        _t2i("train", "--data", str(data), "--run", str(run.root), "--variant", variant,
              "--preset", "small", "--epochs", str(epochs), "--seed", str(seed),
              "--text-encoder", str(text_encoder), "--device", "cpu")
-    if not (run / "style_encoder.pt").exists():
-        _t2i("train-style", "--run", str(run), "--steps", str(style_steps), "--seed",
+    if not run.style_encoder.exists():
+        _t2i("train-style", "--run", str(run.root), "--steps", str(style_steps), "--seed",
              str(seed), "--device", "cpu")
-    scores = {name: _cached(run / f"eval_{name}.json",
-                            lambda name=name: _t2i("eval", name, "--run", str(run), "--json"),
+    scores = {name: _cached(run.evaluation_path(name),
+                            lambda name=name: _t2i("eval", name, "--run", str(run.root),
+                                                   "--json"),
                             needs="baselines" if name == "disentangle" else None)
               for name in EVALS}
     return {**scores, "minutes": round((time.perf_counter() - started) / 60, 1)}
@@ -137,16 +140,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "shapes_holdout.lmdb"
     if not data.exists():
-        _t2i("prepare", "shapes", "--out", str(data), "--n", str(args.n), "--holdout", HOLDOUT)
+        _t2i("prepare", "shapes", "--out", str(data), "--n", str(args.n), "--holdout-pairs",
+             HOLDOUT)
     text = args.out / "text"
     if not text.exists():
         partial = args.out / "text.partial"  # renamed when complete
         shutil.rmtree(partial, ignore_errors=True)
         _t2i("pretrain-text", "--data", str(data), "--out", str(partial), "--preset", "small",
-             "--epochs", str(args.pretrain_epochs), "--holdout", "0", "--seed",
+             "--epochs", str(args.pretrain_epochs), "--holdout-share", "0", "--seed",
              str(args.seed), "--device", "cpu")
         partial.rename(text)
-    results = {v: run_variant(variant=v, data=data, text_encoder=text / "text_encoder.pt",
+    results = {v: run_variant(variant=v, data=data, text_encoder=TextEncoderFolder(text).encoder,
                               out=args.out, epochs=args.epochs, seed=args.seed,
                               style_steps=args.style_steps) for v in variants}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from t2i_fast.config import VARIANTS, TrainConfig, resolve_device
 from t2i_fast.models import PRESETS, TextEncoder, preset
 from t2i_fast.prepare.shapes import make_shapes
-from t2i_fast.train.config import VARIANTS, TrainConfig, resolve_device
 from t2i_fast.train.loop import Trainer
 
 KINDS = ("conv/gemm", "batchnorm", "elementwise", "reduction", "optimizer", "copy", "other")

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from t2i_fast.checkpoint_io import load_checkpoint
+from t2i_fast.config import resolve_device
 from t2i_fast.data import Dataset
 from t2i_fast.data.alphabet import encode
 from t2i_fast.data.format import record_key
@@ -15,8 +17,7 @@ from t2i_fast.errors import T2IError
 from t2i_fast.models import Generator, TextEncoder, preset
 from t2i_fast.pictures import image_grid
 from t2i_fast.prepare.captions import read_class_list
-from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
-from t2i_fast.train.config import TrainConfig, resolve_device
+from t2i_fast.run import Run
 
 # What sampling reads from a training checkpoint.
 CHECKPOINT_KEYS = ("step", "preset", "G", "text_encoder")
@@ -41,10 +42,12 @@ class TrainedModel:
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | None = None) -> TrainedModel:
         """A run folder (its latest checkpoint) or a checkpoint file."""
-        path = Path(path)
-        checkpoint = latest_checkpoint(path) if path.is_dir() else path
-        if checkpoint is None or not checkpoint.exists():
-            raise T2IError(f"{path}: no checkpoint (a run folder or a step_*.pt file)")
+        return cls.from_run(Run.at(path), device=device)
+
+    @classmethod
+    def from_run(cls, run: Run, *, device: torch.device | None = None) -> TrainedModel:
+        """The run's checkpoint (the one it was opened at, else its newest)."""
+        checkpoint = run.checkpoint()
         state = load_checkpoint(checkpoint, keys=CHECKPOINT_KEYS, kind="training checkpoint")
         doc_length = caption_length(state, checkpoint)
         device = device or resolve_device("auto")
@@ -131,12 +134,11 @@ def interpolation_grid(model: TrainedModel, texts: list[str], *, steps: int = 8,
 def caption_length(state: dict, checkpoint: Path) -> int:
     """The caption length (the dataset's ``--doc-length``) a training checkpoint's text
     encoder learnt on: what it records, or for a checkpoint from before it recorded one, what
-    the dataset of the run holding it (RUN/checkpoints/step_*.pt) says."""
+    the dataset of the run holding it says."""
     length = state.get("doc_length")
     if length is None:
-        config = checkpoint.parent.parent / "config.json"
         try:
-            with Dataset(TrainConfig.load(config).data) as ds:
+            with Dataset(Run.at(checkpoint).config().data) as ds:
                 length = ds.meta["doc_length"]
         except T2IError as exc:
             raise T2IError(f"{checkpoint}: records no caption length, and the dataset of its "

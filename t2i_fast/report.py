@@ -9,7 +9,6 @@ import base64
 import dataclasses
 import html
 import io
-import json
 from pathlib import Path
 
 from PIL import Image
@@ -19,9 +18,8 @@ from t2i_fast.errors import T2IError
 from t2i_fast.eval.fid import real_images
 from t2i_fast.generate import TrainedModel, interpolation_grid
 from t2i_fast.pictures import image_grid
-from t2i_fast.style_transfer import style_transfer
-from t2i_fast.train.config import TrainConfig
-from t2i_fast.train.style import STYLE_FILE, load_style_encoder
+from t2i_fast.run import Run
+from t2i_fast.style_transfer import load_style_encoder, style_transfer
 
 _STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -43,13 +41,13 @@ def make_report(*, run: str | Path, data: str | Path | None = None, max_grids: i
     """The page for run folder ``run`` as an HTML string; ``data`` replaces the dataset the
     run trained on (its captions drive the interpolations). At most ``max_grids`` sample
     grids, spread evenly over training, the first and the last included."""
-    run = Path(run)
-    config = TrainConfig.load(run / "config.json")
+    run = Run(run)
+    config = run.config()
     dataset = Path(data) if data is not None else Path(config.data)
     if not (dataset / "data.mdb").is_file():
         raise T2IError(f"{dataset}: the run's dataset is not there (pass --data DATASET; its "
                        "captions drive the interpolations)")
-    model = TrainedModel.load(run)
+    model = TrainedModel.from_run(run)
     captions = _two_captions(dataset)
     sections = [
         _samples(run, max_grids),
@@ -62,12 +60,12 @@ def make_report(*, run: str | Path, data: str | Path | None = None, max_grids: i
                     "draws per row."),
         ]),
         _style_transfer(run, model, dataset, captions, seed),
-        _section("Loss curves", [_figure(run / "loss_curves.png", "")]
-                 if (run / "loss_curves.png").is_file() else [_note("no loss curves yet")]),
+        _section("Loss curves", [_figure(run.loss_curves, "")]
+                 if run.loss_curves.is_file() else [_note("no loss curves yet")]),
         _metrics(run),
         _section("Configuration", [_table(dataclasses.asdict(config).items())]),
     ]
-    title = f"t2i-fast report: {run.name}"
+    title = f"t2i-fast report: {run.root.name}"
     summary = (f"{config.variant} with the {config.preset} preset on {dataset.name}, "
                f"{_last_step(run)}")
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -87,28 +85,28 @@ def _two_captions(dataset: Path) -> list[str]:
     return [first.captions[0], first.captions[-1]]
 
 
-def _last_step(run: Path) -> str:
-    rows = _jsonl(run / "metrics.jsonl")
+def _last_step(run: Run) -> str:
+    rows = run.metrics()
     return f"step {rows[-1]['step']}" if rows else "no steps logged"
 
 
-def _samples(run: Path, max_grids: int) -> str:
-    grids = sorted((run / "samples").glob("step_*.png"))
+def _samples(run: Run, max_grids: int) -> str:
+    grids = run.sample_grids()
     if len(grids) > max_grids:
         picks = {round(k * (len(grids) - 1) / max(max_grids - 1, 1)) for k in range(max_grids)}
         grids = [grids[k] for k in sorted(picks)]
-    figures = [_figure(path, f"step {int(path.stem.split('_')[1])}") for path in grids]
+    figures = [_figure(path, f"step {step}") for step, path in grids]
     return _section("Samples over training",
                     figures or [_note("no sample grids yet")],
                     "Fixed captions (a row each) and fixed noise (a column each).")
 
 
-def _style_transfer(run: Path, model: TrainedModel, dataset: Path, captions: list[str],
+def _style_transfer(run: Run, model: TrainedModel, dataset: Path, captions: list[str],
                     seed: int) -> str:
     """Drawn from the run's style encoder where it has one, else its saved picture; nothing
     where it has neither."""
     intro = "Each caption drawn in the style (background, position) of each real image."
-    if (run / STYLE_FILE).is_file():
+    if run.style_encoder.is_file():
         encoder, _ = load_style_encoder(run, device=model.device)
         pixels, _ = real_images(dataset, n=_STYLE_QUERIES, size=encoder.config.image_size,
                                 seed=seed)
@@ -116,33 +114,28 @@ def _style_transfer(run: Path, model: TrainedModel, dataset: Path, captions: lis
                                text=model.embed(captions))
         grid = image_grid(tiles.cpu(), rows=len(pixels), column_labels=["query", *captions])
         return _section("Style transfer", [_figure(grid, "")], intro)
-    if (run / "style_transfer.png").is_file():
-        return _section("Style transfer", [_figure(run / "style_transfer.png", "")], intro)
+    if run.style_transfer_picture.is_file():
+        return _section("Style transfer", [_figure(run.style_transfer_picture, "")], intro)
     return ""
 
 
-def _metrics(run: Path) -> str:
+def _metrics(run: Run) -> str:
     parts = []
-    rows = _jsonl(run / "metrics.jsonl")
+    rows = run.metrics()
     if rows:
         parts.append(f"<h3>Training, step {rows[-1]['step']}</h3>" + _table(rows[-1].items()))
-    found = sorted(run.glob("eval_*.json"))
-    if (run / "text" / "evaluation.json").is_file():
-        found.append(run / "text" / "evaluation.json")
-    for path in found:
-        try:
-            results = json.loads(path.read_text())
-        except ValueError as exc:
-            raise T2IError(f"{path}: not JSON ({exc})") from exc
+    evaluations = run.evaluations()
+    for name, results in evaluations:
         # Evaluations with columns to compare get a table of their own, when the file has
         # them (an older or hand-edited one falls back to the plain list).
-        shape = _SHAPED.get(path.name)
-        shown = shape(results) if shape and isinstance(results, dict) else None
-        parts.append(f"<h3>{html.escape(str(path.relative_to(run)))}</h3>"
+        shape = _SHAPED.get(name)
+        shown = shape(results) if shape else None
+        parts.append(f"<h3>{html.escape(name)}</h3>"
                      + (shown or _table(_flatten(results).items())))
-    if not found:
+    if not evaluations:
         parts.append(_note("no evaluation results saved in the run (e.g. 't2i-fast eval "
-                           "attributes --run RUN --json > RUN/eval_attributes.json')"))
+                           "attributes --run RUN --json > "
+                           f"RUN/{run.evaluation_path('attributes').name}')"))
     return _section("Metrics", parts)
 
 
@@ -205,12 +198,6 @@ def _cell(value) -> str:
     shown = f"{value:.4g}" if isinstance(value, float) else str(value)
     style = ' class="number"' if number else ""
     return f"<td{style}>{html.escape(shown)}</td>"
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

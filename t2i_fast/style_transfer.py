@@ -1,18 +1,23 @@
 """Style transfer (Reed et al., ICML 2016, section 5.3): the style encoder reads a query
-image's style, ŝ = S(x), and the generator draws each caption in it, G(ŝ, φ(t))."""
+image's style, ŝ = S(x), and the generator draws each caption in it, G(ŝ, φ(t)); and a run's
+style encoder, loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
-from t2i_fast.models.style_encoder import StyleEncoder
+from t2i_fast.models import preset
+from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.prepare.files import MAX_IMAGE_BYTES, open_regular
+from t2i_fast.run import Run
 
 
 def load_image(path: Path, *, size: int) -> torch.Tensor:
@@ -44,3 +49,27 @@ def style_transfer(*, model: TrainedModel, encoder: StyleEncoder, images: torch.
                            style.repeat_interleave(columns, 0))  # [R · C, 3, S, S]
     drawn = drawn.view(rows, columns, *drawn.shape[1:])  # [R, C, 3, S, S]
     return torch.cat([images.to(drawn.device)[:, None], drawn], dim=1).flatten(0, 1)
+
+
+def load_style_encoder(run: Run, *, device: torch.device) -> tuple[StyleEncoder, int]:
+    """The run's style encoder ('t2i-fast train-style') in eval mode, and the generator step
+    it inverts."""
+    path = run.style_encoder
+    if not path.is_file():
+        raise T2IError(f"{run.root}: no style encoder (run 't2i-fast train-style --run "
+                       f"{run.root}' first)")
+    state = load_checkpoint(path, keys=("style_encoder", "style_config", "generator_step"),
+                            kind="style encoder")
+    run_config = run.config()
+    expected = StyleEncoderConfig.from_gan(preset(run_config.preset).gan)
+    if state["style_config"] != dataclasses.asdict(expected):
+        raise T2IError(f"{path}: made for another architecture than the run's preset "
+                       f"{run_config.preset!r} (retrain it with --overwrite)")
+    encoder = StyleEncoder(expected).to(device).eval()
+    try:
+        encoder.load_state_dict(state["style_encoder"])
+    except (TypeError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[:1]
+        raise T2IError(f"{path}: cannot load the style encoder ({type(exc).__name__}"
+                       + (f": {reason[0]}" if reason else "") + ")") from exc
+    return encoder, state["generator_step"]

@@ -12,9 +12,9 @@ from conftest import tiny_run
 from PIL import Image
 
 from t2i_fast.cli import main
+from t2i_fast.config import FieldError
 from t2i_fast.errors import ConfigError
 from t2i_fast.train import TrainConfig
-from t2i_fast.train.config import FieldError
 
 
 def invoke(*args):

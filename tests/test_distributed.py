@@ -25,11 +25,12 @@ import torch
 # on the path), where this test module's package-qualified name would not import.
 from distributed_worker import watched_run  # noqa: E402
 
+from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.data import Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.run import Run
 from t2i_fast.train import TrainConfig, train
-from t2i_fast.train.checkpoint import checkpoint_dir, load_checkpoint
 from t2i_fast.train.distributed import World
 from t2i_fast.train.loop import Trainer
 
@@ -52,7 +53,7 @@ def rows(run: Path) -> list[dict]:
 
 
 def state(run: Path, step: int) -> dict:
-    return load_checkpoint(checkpoint_dir(run) / f"step_{step:08d}.pt")
+    return load_checkpoint(Run(run).checkpoint_path(step))
 
 
 def deviation(run: dict, reference: dict, init: dict) -> float:

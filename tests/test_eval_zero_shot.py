@@ -24,7 +24,7 @@ HOLDOUT = ["blue square", "Red  Circle"]  # any order, case and spacing
 @pytest.fixture(scope="module")
 def held_out_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("zero_shot") / "shapes.lmdb"
-    make_shapes(out=path, n=400, seed=5, holdout=HOLDOUT)
+    make_shapes(out=path, n=400, seed=5, holdout_pairs=HOLDOUT)
     return path
 
 
@@ -42,7 +42,7 @@ def test_no_record_shows_a_held_out_combination(held_out_data):
 def test_held_out_datasets_are_reproducible_and_the_default_is_untouched(held_out_data,
                                                                           tmp_path):
     again = tmp_path / "again.lmdb"
-    make_shapes(out=again, n=20, seed=5, holdout=["red circle", "blue square"])
+    make_shapes(out=again, n=20, seed=5, holdout_pairs=["red circle", "blue square"])
     with Dataset(held_out_data) as a, Dataset(again) as b:
         for i in range(20):
             assert np.array_equal(a[i].image, b[i].image) and a[i].captions == b[i].captions
@@ -63,19 +63,19 @@ def test_held_out_datasets_are_reproducible_and_the_default_is_untouched(held_ou
 ])
 def test_bad_holdouts_fail_before_writing(tmp_path, holdout, message):
     with pytest.raises(DataError, match=message):
-        make_shapes(out=tmp_path / "bad.lmdb", n=5, holdout=holdout)
+        make_shapes(out=tmp_path / "bad.lmdb", n=5, holdout_pairs=holdout)
     assert not list(tmp_path.iterdir())
 
 
 def test_cli_holdout(tmp_path):
     out = tmp_path / "cli.lmdb"
     result = CliRunner().invoke(main, ["prepare", "shapes", "--out", str(out), "--n", "30",
-                                       "--holdout", "green cross, yellow triangle"])
+                                       "--holdout-pairs", "green cross, yellow triangle"])
     assert result.exit_code == 0, result.output
     with Dataset(out) as ds:
         assert ds.meta["holdout"] == ["yellow triangle", "green cross"]
     bad = CliRunner().invoke(main, ["prepare", "shapes", "--out", str(tmp_path / "b.lmdb"),
-                                    "--holdout", "red circle,pink star"])
+                                    "--holdout-pairs", "red circle,pink star"])
     assert bad.exit_code == 1 and "'pink star' is not a colour and a shape" in bad.output
 
 

@@ -23,14 +23,15 @@ from click.testing import CliRunner
 from distributed_worker import signalled_run  # noqa: E402
 
 from t2i_fast import atomic
+from t2i_fast import run as run_module
+from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.cli import main
 from t2i_fast.data import Dataset
 from t2i_fast.data import writer as writer_module
 from t2i_fast.errors import T2IError
 from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.run import Run
 from t2i_fast.train import TrainConfig, loop, train
-from t2i_fast.train import checkpoint as checkpoint_module
-from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2i_fast.train.signals import StopSignals, TrainingStopped
 
 
@@ -81,7 +82,7 @@ def test_a_run_interrupted_in_pretraining_resumes_and_keeps_finished_stages(
     with monkeypatch.context() as patch:
         patch.setattr(loop, "pretrain_text", lambda **_: pytest.fail("pretrained again"))
         train(config=TrainConfig.load(run / "config.json"), resume=True)
-    trained = load_checkpoint(latest_checkpoint(run))
+    trained = load_checkpoint(Run(run).latest_checkpoint())
     assert trained["step"] == 1
     assert all(torch.equal(v, trained["text_encoder"][k]) for k, v in pretrained.items())
 
@@ -91,14 +92,14 @@ def test_resume_without_a_checkpoint_starts_the_gan_training(shapes, tmp_path, m
     run = tmp_path / "run"
     config = settings(shapes, run, max_steps=3)
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint_module, "save_atomically", _raise(KeyboardInterrupt()))
+        patch.setattr(run_module, "save_atomically", _raise(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
             train(config=config)
-    assert latest_checkpoint(run) is None
+    assert Run(run).latest_checkpoint() is None
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     train(config=config, resume=True)
     assert [row["step"] for row in _rows(run)] == [1, 2, 3]
-    assert load_checkpoint(latest_checkpoint(run))["step"] == 3
+    assert load_checkpoint(Run(run).latest_checkpoint())["step"] == 3
 
 
 def test_resume_rewrites_the_config_and_says_where_training_stops(shapes, tmp_path):
@@ -110,7 +111,7 @@ def test_resume_rewrites_the_config_and_says_where_training_stops(shapes, tmp_pa
     assert (f"{run}: training stops at step 5, the end of --epochs 1 (5 steps each), before "
             "--max-steps 9; pass --epochs 2 to reach it") in result.output
     assert saved(run)["epochs"] == 1 and saved(run)["max_steps"] == 9
-    assert load_checkpoint(latest_checkpoint(run))["step"] == 5
+    assert load_checkpoint(Run(run).latest_checkpoint())["step"] == 5
     again = invoke("train", "--resume", run)
     assert again.exit_code == 0, again.output
     assert f"{run}: already at step 5 of 5; nothing to train" in again.output
@@ -138,14 +139,14 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_goes_on(
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
-    step = load_checkpoint(latest_checkpoint(run))["step"]
+    step = load_checkpoint(Run(run).latest_checkpoint())["step"]
     assert last == (f"{run}: stopped by SIGTERM at step {step}, checkpoint written; continue "
                     f"with: t2i-fast train --resume {run}")
     assert [row["step"] for row in _rows(run)] == list(range(1, step + 1))
-    assert list((run / "checkpoints").iterdir()) == [latest_checkpoint(run)]
+    assert list((run / "checkpoints").iterdir()) == [Run(run).latest_checkpoint()]
     result = invoke("train", "--resume", run, "--max-steps", step + 2)
     assert result.exit_code == 0, result.output
-    assert load_checkpoint(latest_checkpoint(run))["step"] == step + 2
+    assert load_checkpoint(Run(run).latest_checkpoint())["step"] == step + 2
     assert [row["step"] for row in _rows(run)] == list(range(1, step + 3))
 
 
@@ -168,7 +169,7 @@ def test_a_full_disk_keeps_the_last_checkpoint(shapes, tmp_path, monkeypatch):
     run = tmp_path / "run"
     config = settings(shapes, run, checkpoint_every=1)
     train(config=config)
-    first = latest_checkpoint(run)
+    first = Run(run).latest_checkpoint()
     before = first.read_bytes()
     stale = run / "checkpoints" / "step_00000007.pt.tmp"  # of an earlier killed save
     stale.write_bytes(b"cut short")
@@ -186,7 +187,7 @@ def test_a_full_disk_keeps_the_last_checkpoint(shapes, tmp_path, monkeypatch):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [first.name]
     assert first.read_bytes() == before, "keep_checkpoints=1: the old one was not pruned"
     assert invoke("train", "--resume", run, "--max-steps", 2).exit_code == 0
-    assert load_checkpoint(latest_checkpoint(run))["step"] == 2
+    assert load_checkpoint(Run(run).latest_checkpoint())["step"] == 2
 
 
 def test_a_checkpoint_is_on_the_disk_before_its_name_and_before_pruning(tmp_path, monkeypatch):
@@ -202,9 +203,9 @@ def test_a_checkpoint_is_on_the_disk_before_its_name_and_before_pruning(tmp_path
                                                      real_replace(a, b)))
     monkeypatch.setattr(os, "unlink", lambda p, **k: (events.append(("unlink", str(p)[-6:])),
                                                       real_unlink(p, **k)))
-    save_checkpoint(tmp_path, 1, {"x": torch.ones(3)}, keep=1)
+    Run(tmp_path).save_checkpoint(1, {"x": torch.ones(3)}, keep=1)
     events.clear()
-    save_checkpoint(tmp_path, 2, {"x": torch.ones(3)}, keep=1)
+    Run(tmp_path).save_checkpoint(2, {"x": torch.ones(3)}, keep=1)
     assert events == [("fsync", "file"), ("replace", "002.pt"), ("fsync", "dir"),
                       ("unlink", "001.pt")]
 
@@ -330,4 +331,4 @@ def test_under_ddp_a_signal_to_one_process_stops_both_at_one_step(shapes, tmp_pa
                 process.kill()
             pytest.fail("the processes did not stop")
     assert [(tmp_path / f"stopped-{rank}").read_text() for rank in (0, 1)] == ["4", "4"]
-    assert load_checkpoint(latest_checkpoint(run))["step"] == 4
+    assert load_checkpoint(Run(run).latest_checkpoint())["step"] == 4

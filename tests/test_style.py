@@ -15,19 +15,14 @@ from t2i_fast.cli import main
 from t2i_fast.data import Dataset
 from t2i_fast.eval import disentangle
 from t2i_fast.eval.disentangle import position_cells, roc_auc
+from t2i_fast.generate import TrainedModel
 from t2i_fast.models import preset
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.prepare.shapes import make_shapes
-from t2i_fast.style_transfer import load_image, style_transfer
+from t2i_fast.run import Run
+from t2i_fast.style_transfer import load_image, load_style_encoder, style_transfer
 from t2i_fast.train import TrainConfig, train
-from t2i_fast.train.style import (
-    STYLE_FILE,
-    StyleConfig,
-    load_run,
-    load_style_encoder,
-    style_loss,
-    train_style,
-)
+from t2i_fast.train.style import StyleConfig, style_loss, train_style
 
 CPU = torch.device("cpu")
 STEPS = 60
@@ -89,8 +84,9 @@ def test_encoder_maps_the_generators_images_to_z(name):
 
 # -- train-style ------------------------------------------------------------------------------
 def test_train_style_reduces_the_regression_loss(styled, shapes):
-    model, step = load_run(styled, device=CPU)
-    trained, inverted = load_style_encoder(styled, device=CPU)
+    model = TrainedModel.load(styled, device=CPU)
+    step = model.step
+    trained, inverted = load_style_encoder(Run(styled), device=CPU)
     assert inverted == step == 2 and not trained.training
     z = torch.randn(128, model.z_dim, generator=torch.Generator().manual_seed(99))
     with Dataset(shapes) as ds:
@@ -111,7 +107,7 @@ def test_train_style_reduces_the_regression_loss(styled, shapes):
 
 def test_train_style_refuses_to_overwrite(styled, tmp_path):
     line = one_error_line(invoke("train-style", "--run", styled, "--steps", 1))
-    assert str(styled / STYLE_FILE) in line and "--overwrite" in line
+    assert str(Run(styled).style_encoder) in line and "--overwrite" in line
     copy = tmp_path / "copy"
     shutil.copytree(styled, copy)
     result = invoke("train-style", "--run", copy, "--steps", 2, "--batch-size", 4,
@@ -148,8 +144,8 @@ def test_style_transfer_grid(styled, queries, tmp_path):
 
 
 def test_style_transfer_draws_each_caption_in_each_style(styled, queries):
-    model, _ = load_run(styled, device=CPU)
-    encoder, _ = load_style_encoder(styled, device=CPU)
+    model = TrainedModel.load(styled, device=CPU)
+    encoder, _ = load_style_encoder(Run(styled), device=CPU)
     images = torch.stack([load_image(path, size=32) for path in queries])  # [2, 3, 32, 32]
     assert images.shape == (2, 3, 32, 32) and -1 <= images.min() < images.max() <= 1
     text = model.embed(["a red circle", "a blue cross", "a small square"])

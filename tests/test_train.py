@@ -8,10 +8,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.cli import main
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
+from t2i_fast.run import Run
 from t2i_fast.train import TrainConfig, train
-from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
 from t2i_fast.train.loop import Trainer
 
 
@@ -40,7 +41,7 @@ def test_smoke_run_writes_everything(shapes, tmp_path):
 
 
 def parameters(run) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(latest_checkpoint(run))
+    state = load_checkpoint(Run(run).latest_checkpoint())
     flat = {}
     for part in ("G", "D", "G_ema", "text_encoder"):
         flat.update({f"{part}.{k}": v for k, v in state[part].items()})
@@ -74,13 +75,13 @@ def test_variants_train(shapes, tmp_path, variant):
 
 def test_a_frozen_pretrained_text_encoder_stays_frozen(shapes, tmp_path):
     first = train(config=config(shapes, tmp_path / "first", max_steps=1))
-    state = load_checkpoint(latest_checkpoint(first))
+    state = load_checkpoint(Run(first).latest_checkpoint())
     encoder = tmp_path / "text.pt"
     torch.save({"text_encoder": state["text_encoder"], "text_config": state["text_config"]},
                encoder)
     run = train(config=config(shapes, tmp_path / "frozen", max_steps=3,
                               text_encoder=str(encoder), train_text_encoder=False))
-    after = load_checkpoint(latest_checkpoint(run))["text_encoder"]
+    after = load_checkpoint(Run(run).latest_checkpoint())["text_encoder"]
     for k, v in state["text_encoder"].items():
         assert torch.equal(v, after[k]), k
 
@@ -120,7 +121,7 @@ def test_without_an_encoder_pretraining_runs_first(shapes, tmp_path):
     evaluation = json.loads((run / "text" / "evaluation.json").read_text())
     assert evaluation["classes"] >= 2 and 0 <= evaluation["zero_shot_top1"] <= 1
     pretrained = torch.load(run / "text" / "text_encoder.pt")["text_encoder"]
-    trained = load_checkpoint(latest_checkpoint(run))["text_encoder"]
+    trained = load_checkpoint(Run(run).latest_checkpoint())["text_encoder"]
     assert all(torch.equal(v, trained[k]) for k, v in pretrained.items()), "kept frozen"
 
 
@@ -133,20 +134,21 @@ def test_a_failed_start_leaves_no_run_folder(shapes, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_held_out_classes_are_fixed_and_bounded():
-    from t2i_fast.train.pretrain_text import held_out_classes
+def test_zero_shot_classes_are_fixed_and_bounded():
+    from t2i_fast.train.pretrain_text import zero_shot_classes
 
-    a = held_out_classes(24, 0.25, seed=0)
+    a = zero_shot_classes(24, 0.25, seed=0)
     assert len(a) == 6 and len(set(a.tolist())) == 6 and a.max() < 24
-    assert (a == held_out_classes(24, 0.25, seed=0)).all()
-    assert len(held_out_classes(24, 0.0, seed=0)) == 0
-    assert len(held_out_classes(5, 0.1, seed=0)) == 2, "at least two to rank"
+    assert (a == zero_shot_classes(24, 0.25, seed=0)).all()
+    assert len(zero_shot_classes(24, 0.0, seed=0)) == 0
+    assert len(zero_shot_classes(5, 0.1, seed=0)) == 2, "at least two to rank"
 
 
 def test_pretrain_text_command(shapes, tmp_path):
     out = tmp_path / "text"
     result = CliRunner().invoke(main, ["pretrain-text", "--data", str(shapes), "--out", str(out),
-                                       "--epochs", "1", "--batch-size", "8", "--holdout", "0.3"])
+                                       "--epochs", "1", "--batch-size", "8",
+                                       "--holdout-share", "0.3"])
     assert result.exit_code == 0, result.output
     assert "zero_shot_top1" in result.output and "text_encoder.pt" in result.output
     state = torch.load(out / "text_encoder.pt")
@@ -183,7 +185,7 @@ def test_samples_come_from_the_moving_average(shapes, tmp_path):
     """The checkpoint's average lags G's weights and carries BatchNorm statistics of its own
     weights: those of train-mode forwards over the trainer's calibration batches."""
     run = train(config=config(shapes, tmp_path / "run", max_steps=3, ema_decay=0.5))
-    state = load_checkpoint(latest_checkpoint(run))
+    state = load_checkpoint(Run(run).latest_checkpoint())
     ema, raw = state["G_ema"], state["G"]
     weights = [k for k in raw if raw[k].is_floating_point() and "running" not in k]
     assert any(not torch.equal(raw[k], ema[k]) for k in weights), "the average lags G"
@@ -200,4 +202,4 @@ def test_samples_come_from_the_moving_average(shapes, tmp_path):
     for k in stats:
         torch.testing.assert_close(ema[k], own[k], msg=k)
     off = train(config=config(shapes, tmp_path / "off", max_steps=1, ema_decay=0.0))
-    assert load_checkpoint(latest_checkpoint(off))["G_ema"] is None
+    assert load_checkpoint(Run(off).latest_checkpoint())["G_ema"] is None

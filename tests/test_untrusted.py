@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from conftest import tiny_run
 from PIL import Image
 
+from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.cli import main
 from t2i_fast.data import Dataset
 from t2i_fast.errors import T2IError
@@ -20,7 +21,7 @@ from t2i_fast.generate import TrainedModel
 from t2i_fast.models import TextEncoder, preset
 from t2i_fast.prepare.files import MAX_CAPTION_BYTES
 from t2i_fast.prepare.shapes import make_shapes
-from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
+from t2i_fast.run import Run
 
 DOC_LENGTH = 150  # not the default 201
 REPO = Path(__file__).resolve().parents[1]
@@ -115,14 +116,14 @@ def test_file_of_another_kind_is_named_with_what_it_lacks(run, tmp_path):
                                  tmp_path / "x.png"),
                           text, "not a training checkpoint", "'step', 'G'")
 
-    state = load_checkpoint(latest_checkpoint(run))
+    state = load_checkpoint(Run(run).latest_checkpoint())
     del state["G"]
     no_g = tmp_path / "no_g.pt"
     torch.save(state, no_g)
     assert_one_line_error(invoke("interpolate", "--run", no_g, "--text", "a", "--out",
                                  tmp_path / "x.png"), no_g, "no 'G' in it")
 
-    state = load_checkpoint(latest_checkpoint(run))
+    state = load_checkpoint(Run(run).latest_checkpoint())
     state["G"] = state["G_ema"] = {"weight": torch.zeros(3)}
     wrong = tmp_path / "wrong.pt"
     torch.save(state, wrong)
@@ -145,7 +146,7 @@ def lengths(monkeypatch):
 
 
 def test_sampling_encodes_captions_at_the_runs_length(run, tmp_path, lengths):
-    assert load_checkpoint(latest_checkpoint(run))["doc_length"] == DOC_LENGTH
+    assert load_checkpoint(Run(run).latest_checkpoint())["doc_length"] == DOC_LENGTH
     assert invoke("sample", "--run", run, "--text", "a red circle", "--n", 2,
                   "--out", tmp_path / "grid.png").exit_code == 0
     assert invoke("interpolate", "--run", run, "--text", "a red circle", "--text",
@@ -158,7 +159,7 @@ def test_sampling_encodes_captions_at_the_runs_length(run, tmp_path, lengths):
 def test_checkpoint_without_a_length_takes_its_runs_dataset(run, tmp_path, lengths):
     old = tmp_path / "run"
     shutil.copytree(run, old)
-    path = latest_checkpoint(old)
+    path = Run(old).latest_checkpoint()
     state = load_checkpoint(path)
     del state["doc_length"]  # as written before checkpoints recorded it
     torch.save(state, path)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import click
 
 from t2i_fast import __version__
+from t2i_fast.config import FieldError
 from t2i_fast.errors import T2IError
-from t2i_fast.train.config import FieldError
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 class _Group(click.Group):
@@ -16,8 +20,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FieldError as exc:  # a configuration field is the option of the same name
-            raise click.ClickException(f"--{exc.field.replace('_', '-')} {exc.problem}") \
-                from exc
+            problem = exc.problem
+            for name in exc.related:
+                problem = problem.replace(name, _flag(name))
+            raise click.ClickException(f"{_flag(exc.field)} {problem}") from exc
         except T2IError as exc:
             raise click.ClickException(str(exc)) from exc
 

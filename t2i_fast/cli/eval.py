@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from t2i_fast.config import resolve_device
 from t2i_fast.eval.attributes import ATTRIBUTES, evaluate_dataset, evaluate_generated
 from t2i_fast.eval.disentangle import evaluate_disentangle
 from t2i_fast.eval.diversity import evaluate_diversity
@@ -14,20 +15,15 @@ from t2i_fast.eval.fid import WEIGHTS_ENV, WEIGHTS_NAME, evaluate_fid
 from t2i_fast.eval.retrieval import Encoders, evaluate_retrieval, find_encoders
 from t2i_fast.generate import TrainedModel
 from t2i_fast.pictures import to_uint8
-from t2i_fast.train import TrainConfig
-from t2i_fast.train.config import resolve_device
-from t2i_fast.train.style import load_style_encoder
+from t2i_fast.run import Run
+from t2i_fast.style_transfer import load_style_encoder
 
 _CROP = 64  # the training view of the 76-pixel records
 
 
-def _run_folder(run: Path) -> Path:
-    """The run folder of a run folder or of one of its checkpoints (RUN/checkpoints/*.pt)."""
-    return run if run.is_dir() else run.parent.parent
-
-
 def _run_data(run: Path) -> Path:
-    return Path(TrainConfig.load(_run_folder(run) / "config.json").data)
+    """The dataset of a run folder or of the run holding a checkpoint file."""
+    return Path(Run.at(run).config().data)
 
 
 _RUN = click.option("--run", type=click.Path(exists=True, path_type=Path), required=True,
@@ -58,7 +54,7 @@ def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None
                as_json: bool) -> None:
     """Colour, shape and size accuracy on the shapes dataset: each image scored by a fixed
     image analysis against its record's first (largest) shape. A dataset made with
-    'prepare shapes --holdout' adds a held-out column: images of the combinations no
+    'prepare shapes --holdout-pairs' adds a held-out column: images of the combinations no
     training image shows, from the dataset's caption templates."""
     if real == (run is not None):
         raise click.UsageError("pass either --run RUN (generated images) or --data DATASET "
@@ -144,7 +140,7 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     same pairs: a randomly initialised encoder of S's architecture, and the paper's text
     baseline, the images' caption embeddings (the run's text encoder)."""
     device = resolve_device("auto")
-    encoder, _ = load_style_encoder(run, device=device)
+    encoder, _ = load_style_encoder(Run(run), device=device)
     model = TrainedModel.load(run, device=device)
     scores = evaluate_disentangle(encoder=encoder, dataset=dataset or _run_data(run),
                                   embed=model.embed, n=n, pairs=pairs, seed=seed)
@@ -182,7 +178,7 @@ def retrieval(run: Path, dataset: Path | None, encoders: Path | None, n: int, di
     A relative measure: the project's own encoders judge, so compare runs scored with the
     same encoders on the same dataset only. Chance is 1 / (1 + distractors)."""
     model = TrainedModel.load(run)
-    scorer = Encoders(encoders or find_encoders(_run_folder(run)), device=model.device)
+    scorer = Encoders(encoders or find_encoders(Run.at(run)), device=model.device)
     scores = evaluate_retrieval(model=model, scorer=scorer, dataset=dataset or _run_data(run),
                                 n=n, distractors=distractors, seed=seed)
     if as_json:

@@ -73,16 +73,16 @@ def prepare(ctx: click.Context) -> None:
 @_out
 @click.option("--n", type=click.IntRange(min=1), default=10000, help="Number of images.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Same seed, same dataset.")
-@click.option("--holdout", default="", show_default="none",
-              help="Colour-shape combinations no image contains, comma-separated (\"red "
+@click.option("--holdout-pairs", default="", show_default="none",
+              help="Colour-shape pairs no image contains, comma-separated (\"red "
                    "circle,blue square\"): 'eval attributes' scores them zero-shot.")
 @_common
-def shapes(out: Path, n: int, seed: int, holdout: str, image_size: int, encoding: str,
+def shapes(out: Path, n: int, seed: int, holdout_pairs: str, image_size: int, encoding: str,
            doc_length: int, overwrite: bool) -> None:
     """Synthetic coloured shapes with captions (built in, no download)."""
-    combos = [combo for combo in holdout.split(",") if combo.strip()]
+    pairs = [pair for pair in holdout_pairs.split(",") if pair.strip()]
     _done(out, make_shapes(out=out, n=n, seed=seed, image_size=image_size, encoding=encoding,
-                           doc_length=doc_length, overwrite=overwrite, holdout=combos))
+                           doc_length=doc_length, overwrite=overwrite, holdout_pairs=pairs))
 
 
 @prepare.command()

@@ -8,6 +8,7 @@ import click
 
 from t2i_fast.cli.output import output_file
 from t2i_fast.report import make_report
+from t2i_fast.run import Run
 
 
 @click.command()
@@ -26,7 +27,7 @@ def report(run: Path, out: Path | None, data: Path | None, grids: int, seed: int
     """Write one HTML page with every picture embedded: sample grids over training,
     interpolations, style transfer (where the run has a style encoder), loss curves, the last
     metrics, evaluation results saved as RUN/eval_*.json, and the configuration."""
-    out = out or run / "report.html"
+    out = out or Run(run).report
     page = make_report(run=run, data=data, max_grids=grids, seed=seed)
     output_file(out).write_text(page)
     click.echo(f"{out}: {out.stat().st_size / 1e6:.1f} MB")

@@ -9,10 +9,12 @@ import torch
 
 from t2i_fast.cli.output import save_image
 from t2i_fast.cli.sample import _captions
+from t2i_fast.config import resolve_device
+from t2i_fast.generate import TrainedModel
 from t2i_fast.pictures import image_grid
-from t2i_fast.style_transfer import load_image, style_transfer
-from t2i_fast.train.config import resolve_device
-from t2i_fast.train.style import StyleConfig, load_run, load_style_encoder, train_style
+from t2i_fast.run import Run
+from t2i_fast.style_transfer import load_image, load_style_encoder, style_transfer
+from t2i_fast.train.style import StyleConfig, train_style
 
 _RUN = click.option("--run", type=click.Path(exists=True, file_okay=False, path_type=Path),
                     required=True, help="A run folder that 't2i-fast train' made.")
@@ -50,14 +52,15 @@ def style_transfer_command(run: Path, images: tuple[Path, ...], texts: tuple[str
     image (shown first), a column per caption."""
     captions = _captions(texts, captions_file)
     device = resolve_device("auto")
-    encoder, inverted_step = load_style_encoder(run, device=device)
+    folder = Run(run)
+    encoder, inverted_step = load_style_encoder(folder, device=device)
     size = encoder.config.image_size
     queries = torch.stack([load_image(path, size=size) for path in images])  # [R, 3, S, S]
-    model, step = load_run(run, device=device)
-    if step != inverted_step:
+    model = TrainedModel.from_run(folder, device=device)
+    if model.step != inverted_step:
         click.echo(f"warning: the style encoder inverts step {inverted_step}'s generator, the "
-                   f"run is at step {step} (retrain it with 't2i-fast train-style --run {run} "
-                   "--overwrite')", err=True)
+                   f"run is at step {model.step} (retrain it with 't2i-fast train-style --run "
+                   f"{run} --overwrite')", err=True)
     tiles = style_transfer(model=model, encoder=encoder, images=queries,
                            text=model.embed(captions))
     grid = image_grid(tiles, rows=len(images), row_labels=[path.name for path in images],

@@ -262,7 +262,7 @@ def evaluate_generated(model: TrainedModel, path: str | Path, *, n: int = 512, s
     largest shape, and a caption naming two shapes does not fix which one an image draws
     larger.
 
-    Where the dataset holds colour-shape combinations out (``prepare shapes --holdout``), no
+    Where the dataset holds colour-shape combinations out (``prepare shapes --holdout-pairs``), no
     record shows them, so up to ``n`` more images come from captions of those combinations
     (every one-shape template, every size), scored under ``heldout_*`` keys: zero-shot."""
     samples = []

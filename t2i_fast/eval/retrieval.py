@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.data.dataset import Dataset
 from t2i_fast.errors import DataError, T2IError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.models import ImageEncoder, TextEncoder, preset
-from t2i_fast.train.checkpoint import load_checkpoint
-from t2i_fast.train.config import TrainConfig
+from t2i_fast.run import Run
 
 _TEXT_BATCH = 1024  # captions per text-encoder call
 _RANK_BATCH = 256  # images ranked at once: [256, 1 + distractors, E] similarities in memory
@@ -80,15 +80,13 @@ class Encoders:
         return self.text_encoder(torch.from_numpy(indices).to(self.device))
 
 
-def find_encoders(run: Path) -> Path:
-    """The pretrain-text checkpoint a run folder trained with: its config's text_encoder, or
-    RUN/text/text_encoder.pt where the folder has moved since."""
-    named = TrainConfig.load(run / "config.json").text_encoder
-    for path in (Path(named) if named else None, run / "text" / "text_encoder.pt"):
-        if path is not None and path.is_file():
-            return path
-    raise T2IError(f"{run}: no DS-SJE encoders (the run trained its text encoder from scratch, "
-                   "or its pretrain-text checkpoint has moved): pass --encoders PATH")
+def find_encoders(run: Run) -> Path:
+    """The pretrain-text checkpoint a run trained with (``Run.pretrained_encoders``)."""
+    found = run.pretrained_encoders()
+    if found is not None:
+        return found
+    raise T2IError(f"{run.root}: no DS-SJE encoders (the run trained its text encoder from "
+                   "scratch, or its pretrain-text checkpoint has moved): pass --encoders PATH")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.errors import T2IError
 from t2i_fast.models.config import ImageEncoderConfig
 
@@ -43,9 +44,6 @@ class BackboneImageEncoder(nn.Module):
         except Exception as exc:  # absent, or a build that does not match this torch
             raise T2IError(f"--image-backbone needs torchvision installed to match torch "
                            f"{torch.__version__} ({type(exc).__name__}: {exc})") from exc
-        # Here, not at the top: t2i_fast.train imports the models.
-        from t2i_fast.train.checkpoint import load_checkpoint
-
         state = load_checkpoint(weights, kind=f"torchvision {name!r} state dict")
         try:
             network = torchvision.models.get_model(name, weights=None)

@@ -47,13 +47,13 @@ _CANDIDATES = 32  # position pairs tried at once for two shapes before falling b
 
 def make_shapes(*, out: str | Path, n: int = 10000, seed: int = 0, image_size: int = 76,
                 encoding: str = "raw", doc_length: int = DEFAULT_DOC_LENGTH,
-                overwrite: bool = False, holdout: Iterable[str] = ()) -> int:
-    """Write ``n`` images; returns ``n``. No record draws a colour-shape combination named in
-    ``holdout`` ("red circle", ...), as first or second shape: the meta lists them for
-    zero-shot evaluation."""
+                overwrite: bool = False, holdout_pairs: Iterable[str] = ()) -> int:
+    """Write ``n`` images; returns ``n``. No record draws a colour-shape pair named in
+    ``holdout_pairs`` ("red circle", ...), as first or second shape: the meta lists them (as
+    ``holdout``) for zero-shot evaluation."""
     if n < 1 or seed < 0:
         raise DataError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")
-    held = held_out_classes(holdout)
+    held = pair_classes(holdout_pairs)
     extra = {"seed": seed, **({"holdout": [CLASSES[k] for k in held]} if held else {})}
     writer = DatasetWriter(out, image_size=image_size, classes=list(CLASSES), source="shapes",
                            split="all", encoding=encoding, doc_length=doc_length,
@@ -68,19 +68,19 @@ def make_shapes(*, out: str | Path, n: int = 10000, seed: int = 0, image_size: i
     return n
 
 
-def held_out_classes(combos: Iterable[str]) -> list[int]:
-    """Class ids of colour-shape combinations ("red circle"; case and spacing free), sorted;
+def pair_classes(pairs: Iterable[str]) -> list[int]:
+    """Class ids of colour-shape pairs held out ("red circle"; case and spacing free), sorted;
     at least two classes must stay drawable, since a second shape differs from the first."""
     held = set()
-    for combo in combos:
-        name = " ".join(combo.lower().split())
+    for pair in pairs:
+        name = " ".join(pair.lower().split())
         if name not in CLASSES:
-            raise DataError(f"--holdout: {combo!r} is not a colour and a shape (colours: "
+            raise DataError(f"held-out pair {pair!r} is not a colour and a shape (colours: "
                             f"{', '.join(COLORS)}; shapes: {', '.join(SHAPES)})")
         held.add(CLASSES.index(name))
     if len(CLASSES) - len(held) < 2:
-        raise DataError(f"--holdout: at most {len(CLASSES) - 2} of the {len(CLASSES)} "
-                        "combinations can be held out")
+        raise DataError(f"at most {len(CLASSES) - 2} of the {len(CLASSES)} combinations of "
+                        "a colour and a shape can be held out")
     return sorted(held)
 
 

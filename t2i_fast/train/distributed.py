@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from t2i_fast.config import resolve_device
 from t2i_fast.errors import T2IError
-from t2i_fast.train.config import resolve_device
 
 # What rank 0 does while the others wait (making the built-in dataset, pretraining the text
 # encoder) can outlast a collective's deadline (NCCL's is 10 minutes): they wait on a gloo

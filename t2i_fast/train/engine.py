@@ -63,9 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2i_fast.config import TrainConfig
 from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embeddings
 from t2i_fast.models.grouped_batchnorm import groupable
-from t2i_fast.train.config import TrainConfig
 from t2i_fast.train.distributed import World
 
 # Steps run without a graph before the capture: by then every part is compiled, Adam's

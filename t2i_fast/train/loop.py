@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import shutil
 import sys
 import time
@@ -16,20 +15,16 @@ from pathlib import Path
 import click
 import torch
 
-from t2i_fast.atomic import raise_if_disk_full, write_text_atomically
+from t2i_fast.atomic import raise_if_disk_full
+from t2i_fast.checkpoint_io import load_checkpoint
+from t2i_fast.config import TrainConfig, resolve_backend, resolve_precision
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.data.alphabet import encode
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.pictures import image_grid, line_plot
-from t2i_fast.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    save_checkpoint,
-)
-from t2i_fast.train.config import TrainConfig, resolve_backend, resolve_precision
+from t2i_fast.run import Run
 from t2i_fast.train.distributed import World, process_group, single, sync_batchnorm
 from t2i_fast.train.engine import MetricsReader, StepEngine
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
@@ -45,7 +40,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, world: World | None = None):
         self.config = config
         self.world = world if world is not None else single(config.device)
-        self.run = Path(config.run)
+        self.run = Run(config.run)
         self.device = self.world.device
         self.models = preset(config.preset)
         gan = self.models.gan
@@ -204,12 +199,11 @@ class Trainer:
         images = generator(z.repeat(SAMPLE_ROWS, 1).to(self.device), text)
         generator.train(was_training)
         self.text_encoder.train()
-        folder = self.run / "samples"
-        folder.mkdir(exist_ok=True)
+        self.run.samples_dir.mkdir(exist_ok=True)
         grid = image_grid(images, rows=SAMPLE_ROWS, row_labels=captions, scale=2)
-        path = folder / f"step_{self.step:08d}.png"
+        path = self.run.sample_grid_path(self.step)
         grid.save(path)
-        grid.save(self.run / "samples.png")
+        grid.save(self.run.latest_samples)
         return path
 
     def write_curves(self) -> None:
@@ -219,7 +213,7 @@ class Trainer:
                 if key in row:
                     series.setdefault(key, []).append((row["step"], row[key]))
         line_plot(series, title=f"{self.config.variant} on {Path(self.config.data).name}",
-                  x_label="step").save(self.run / "loss_curves.png")
+                  x_label="step").save(self.run.loss_curves)
 
     # -- the run ----------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -229,72 +223,54 @@ class Trainer:
     def fit(self, *, stop: StopSignals | None = None) -> None:
         """Trains to ``total_steps()``; when ``stop`` receives a signal, stops at a step
         boundary with a checkpoint and raises TrainingStopped."""
-        config = self.config
         total = self.total_steps()
-        main = self.world.main
-        if main:
-            self._say_where_it_stops(total)
-        # Metrics come back from the GPU while it works on: waiting for them at each log step
-        # would drain its queue.
-        reader = MetricsReader()
-        tick, images_done = time.perf_counter(), 0
-        shown = {"rate": ""}
         stop = stop if stop is not None else StopSignals()
+        if self.world.main:
+            self._say_where_it_stops(total)
         with contextlib.ExitStack() as stack:
             stack.enter_context(stop.deferred())
-            if main:
-                metrics_file = stack.enter_context((self.run / "metrics.jsonl").open("a"))
-                bar = stack.enter_context(click.progressbar(
-                    length=total, label="training", file=sys.stderr,
-                    item_show_func=lambda _: shown["rate"]))
-                bar.update(self.step)
+            log = _Log(self, stack, total=total)
             while self.step < total:
                 epoch = self.loader.epoch
                 lr = self._set_lr(epoch)
                 for batch in self.loader:
                     values = self.train_step(batch)
                     self.step += 1
-                    images_done += len(batch) * self.world.size
-                    if main:
-                        bar.update(1)
-                    logged = self.step % config.log_every == 0 or self.step == total
+                    log.count(len(batch) * self.world.size)
+                    logged = self._due(self.config.log_every, total)
                     if logged:
-                        values = self.world.mean(values)  # every rank takes part
-                        rate = round(images_done / (time.perf_counter() - tick), 1)
-                        tick, images_done = time.perf_counter(), 0
-                        shown["rate"] = f"{rate:.0f} img/s"
-                        if main:
-                            reader.submit(({"step": self.step, "epoch": epoch, "lr": lr},
-                                           rate), values)
+                        log.submit(values, epoch=epoch, lr=lr)
                     # At the last step the run is complete: it ends as if no signal came.
                     signum = self._stop_signal(stop, logged=logged) if self.step < total else 0
-                    sample = main and not signum and (self.step % config.sample_every == 0
-                                                      or self.step == total)
-                    keep = main and (self.step % config.checkpoint_every == 0
-                                     or self.step == total or bool(signum))
+                    sample = self.world.main and not signum \
+                        and self._due(self.config.sample_every, total)
+                    keep = self.world.main and (bool(signum)
+                                                or self._due(self.config.checkpoint_every, total))
                     # The curves and each checkpoint's metrics.jsonl hold every row so far.
-                    for (head, rate), read in reader.collect(wait=sample or keep):
-                        row = {**head, **{k: round(v, 5) for k, v in read.items()},
-                               "images_per_s": rate}
-                        self.history.append(row)
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
+                    log.write(wait=sample or keep)
                     if sample:
                         self.write_samples()
                         self.write_curves()
                     if signum:
-                        # The others wait for rank 0's checkpoint: under torchrun, a process
-                        # that ends first gets the rest killed.
-                        self.world.main_first(self._save)
-                        raise TrainingStopped(signum, step=self.step)
+                        self._stop_with_checkpoint(signum)
                     if keep:
                         self._save()
                     if self.step >= total:
                         break
 
+    def _due(self, every: int, total: int) -> bool:
+        """Whether the step just taken is one of every ``every``, or the last."""
+        return self.step % every == 0 or self.step == total
+
+    def _stop_with_checkpoint(self, signum: int) -> None:
+        # The others wait for rank 0's checkpoint: under torchrun, a process that ends first
+        # gets the rest killed.
+        self.world.main_first(self._save)
+        raise TrainingStopped(signum, step=self.step)
+
     def _save(self) -> None:
         self.calibrate_average()
-        save_checkpoint(self.run, self.step, self.state(), keep=self.config.keep_checkpoints)
+        self.run.save_checkpoint(self.step, self.state(), keep=self.config.keep_checkpoints)
 
     def _stop_signal(self, stop: StopSignals, *, logged: bool) -> int:
         """The signal to stop on at this step boundary, or 0. Processes under torchrun take
@@ -306,13 +282,54 @@ class Trainer:
     def _say_where_it_stops(self, total: int) -> None:
         config, per_epoch = self.config, len(self.loader)
         if config.max_steps and config.max_steps > total:
-            click.echo(f"{self.run}: training stops at step {total}, the end of --epochs "
+            click.echo(f"{self.run.root}: training stops at step {total}, the end of --epochs "
                        f"{config.epochs} ({per_epoch} steps each), before --max-steps "
                        f"{config.max_steps}; pass --epochs "
                        f"{-(-config.max_steps // per_epoch)} to reach it", err=True)
         if self.step >= total:
-            click.echo(f"{self.run}: already at step {self.step} of {total}; nothing to train "
+            click.echo(f"{self.run.root}: already at step {self.step} of {total}; nothing to train "
                        "(raise --epochs or --max-steps to train on)", err=True)
+
+
+class _Log:
+    """The progress bar and the logged steps' metrics: averaged over the processes, brought
+    back from the device without waiting for it (waiting at each logged step would drain its
+    queue), and written by rank 0 to metrics.jsonl and the trainer's history."""
+
+    def __init__(self, trainer: Trainer, stack: contextlib.ExitStack, *, total: int):
+        self.trainer = trainer
+        self.reader = MetricsReader()
+        self.tick, self.images = time.perf_counter(), 0
+        self.rate = ""
+        if trainer.world.main:
+            self.file = stack.enter_context(trainer.run.metrics_writer())
+            self.bar = stack.enter_context(click.progressbar(
+                length=total, label="training", file=sys.stderr,
+                item_show_func=lambda _: self.rate))
+            self.bar.update(trainer.step)
+
+    def count(self, images: int) -> None:
+        """One step done, of ``images`` images over all processes."""
+        self.images += images
+        if self.trainer.world.main:
+            self.bar.update(1)
+
+    def submit(self, values: dict[str, torch.Tensor], *, epoch: int, lr: float) -> None:
+        """Starts bringing back this step's metrics; every process takes part."""
+        values = self.trainer.world.mean(values)
+        rate = round(self.images / (time.perf_counter() - self.tick), 1)
+        self.tick, self.images = time.perf_counter(), 0
+        self.rate = f"{rate:.0f} img/s"
+        if self.trainer.world.main:
+            self.reader.submit(({"step": self.trainer.step, "epoch": epoch, "lr": lr}, rate),
+                               values)
+
+    def write(self, *, wait: bool) -> None:
+        """Writes the rows that have arrived, or all of them when ``wait``."""
+        for (head, rate), read in self.reader.collect(wait=wait):
+            row = {**head, **{k: round(v, 5) for k, v in read.items()}, "images_per_s": rate}
+            self.trainer.history.append(row)
+            self.file.write(row)
 
 
 def train(*, config: TrainConfig, resume: bool = False, world: World | None = None) -> Path:
@@ -339,20 +356,20 @@ def train(*, config: TrainConfig, resume: bool = False, world: World | None = No
 
 
 def _train(config: TrainConfig, *, resume: bool, world: World, stop: StopSignals) -> None:
-    run = Path(config.run)
-    config = world.main_first(lambda: _open(config, resume=resume))
+    run = Run(config.run)
+    # config.json records what ran, not "auto".
+    config = world.main_first(lambda: _open(config.on_device(world.device), resume=resume))
     try:
         trainer = Trainer(config, world=world)
     except Exception:
         if world.main and not resume:
-            shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
+            shutil.rmtree(run.root, ignore_errors=True)  # nothing half-made is left
         raise
-    checkpoint = latest_checkpoint(run) if resume else None
+    checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None:
         trainer.restore(checkpoint)
     if world.main and resume:
-        _trim_metrics(run / "metrics.jsonl", trainer.step)
-        trainer.history = _read_metrics(run / "metrics.jsonl")
+        trainer.history = run.trim_metrics(trainer.step)
     trainer.fit(stop=stop)
 
 
@@ -361,27 +378,27 @@ def _open(config: TrainConfig, *, resume: bool) -> TrainConfig:
     to resume and rewrites its config.json when ``config`` differs; then pretrains the text
     encoder there unless that is done or not wanted. A failure on a new run leaves no
     folder; an interruption leaves one to resume. Returns the run's configuration."""
-    run = Path(config.run)
+    run = Run(config.run)
     if resume:
-        if not (run / "config.json").is_file():
-            raise T2IError(f"{run}: not a run folder (no config.json)")
-        remove_partial_checkpoints(run)
-        if TrainConfig.load(run / "config.json") != config:
-            config.save(run / "config.json")
+        if not run.is_run():
+            raise T2IError(f"{run.root}: not a run folder (no {run.config_file.name})")
+        run.remove_partial_checkpoints()
+        if run.config() != config:
+            run.save_config(config)
     else:
-        if run.exists():
-            raise T2IError(f"{run}: run folder exists (pass --resume {run} to continue it, "
-                           "or choose another --run)")
+        if run.root.exists():
+            raise T2IError(f"{run.root}: run folder exists (pass --resume {run.root} to "
+                           "continue it, or choose another --run)")
         with Dataset(config.data):
             pass  # a bad dataset fails before the run folder exists
-        run.mkdir(parents=True)
+        run.root.mkdir(parents=True)
     try:
         if not resume:
-            config.save(run / "config.json")
+            run.save_config(config)
         return _pretrain(config)
     except Exception:
         if not resume:
-            shutil.rmtree(run, ignore_errors=True)  # nothing half-made is left
+            shutil.rmtree(run.root, ignore_errors=True)  # nothing half-made is left
         raise
 
 
@@ -391,39 +408,15 @@ def _pretrain(config: TrainConfig) -> TrainConfig:
     one is started again. Returns the config naming the encoder, saved."""
     if config.text_encoder is not None or config.train_text_encoder:
         return config
-    run = Path(config.run)
-    checkpoint = run / "text" / "text_encoder.pt"
-    if not checkpoint.is_file():
-        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    run = Run(config.run)
+    if not run.text.finished():
+        shutil.rmtree(run.text.root, ignore_errors=True)
         pretrain_text(config=PretrainConfig(
-            data=config.data, out=str(checkpoint.parent), preset=config.preset,
+            data=config.data, out=str(run.text.root), preset=config.preset,
             # G must render every class: the encoder sees them all (pretrain-text alone
             # holds classes out to measure zero-shot accuracy).
-            holdout=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
+            holdout_share=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
             seed=config.seed, device=config.device))
-    config = dataclasses.replace(config, text_encoder=str(checkpoint))
-    config.save(run / "config.json")
+    config = dataclasses.replace(config, text_encoder=str(run.text.encoder))
+    run.save_config(config)
     return config
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl; a last row cut short (the process killed while writing
-    it) is left out."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except ValueError as exc:
-            if number == len(lines):
-                break
-            raise T2IError(f"{path}: line {number} is not a JSON row ({exc})") from exc
-    return rows
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drops rows logged after the checkpoint, which the resumed run logs again."""
-    rows = [row for row in _read_metrics(path) if row["step"] <= step]
-    write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -17,24 +17,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from t2i_fast.atomic import save_atomically
+from t2i_fast.atomic import save_atomically, write_text_atomically
+from t2i_fast.config import FieldError, check_types, resolve_device, resolve_preset
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.losses import sje_loss
-from t2i_fast.models import ImageEncoder, TextEncoder, preset
+from t2i_fast.models import PRESETS, ImageEncoder, TextEncoder, preset
 from t2i_fast.models.image_encoder import BackboneImageEncoder
-from t2i_fast.train.config import FieldError, check_types, resolve_device
+from t2i_fast.run import TextEncoderFolder, jsonl_writer
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     data: str
     out: str
-    preset: str = "small"
+    preset: str = "auto"  # resolved when made: reed on a GPU, small on the CPU
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
-    holdout: float = 0.25  # share of classes held out for zero-shot evaluation
+    holdout_share: float = 0.25  # of the classes, held out for zero-shot evaluation
     eval_data: str | None = None  # a class-disjoint split (CUB's test) instead of holding out
     seed: int = 0
     device: str = "auto"
@@ -43,18 +44,26 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        object.__setattr__(self, "preset", resolve_preset(self.preset, self.device))
+        if self.preset not in PRESETS:
+            raise FieldError("preset", f"must be one of {tuple(sorted(PRESETS))}, got "
+                                       f"{self.preset!r}")
         if self.lr <= 0:
             raise FieldError("lr", f"must be positive, got {self.lr}")
         if (self.image_backbone is None) != (self.backbone_weights is None):
-            raise T2IError("--image-backbone and --backbone-weights go together")
-        if not 0 <= self.holdout < 1:
-            raise T2IError(f"--holdout must be in [0, 1), got {self.holdout}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise T2IError("--epochs must be at least 1 and --batch-size at least 2")
+            raise FieldError("image_backbone", "and backbone_weights go together",
+                             related=("backbone_weights",))
+        if not 0 <= self.holdout_share < 1:
+            raise FieldError("holdout_share", f"must be in [0, 1), got {self.holdout_share}")
+        if self.epochs < 1:
+            raise FieldError("epochs", f"must be at least 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise FieldError("batch_size", f"must be at least 2, got {self.batch_size}")
 
 
-def held_out_classes(count: int, share: float, seed: int) -> np.ndarray:
-    """A fixed random subset of class ids (at least two when any are held out)."""
+def zero_shot_classes(count: int, share: float, seed: int) -> np.ndarray:
+    """The class ids held out of pretraining to measure zero-shot accuracy on: a fixed random
+    ``share`` of ``count`` classes (at least two when any are held out)."""
     n = round(count * share)
     if share > 0:
         n = min(max(n, 2), count - 2)
@@ -125,9 +134,9 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     """Trains the encoders; writes OUT/config.json, OUT/metrics.jsonl, OUT/evaluation.json
     and, last, OUT/text_encoder.pt (what ``train --text-encoder`` loads). Returns the
     checkpoint."""
-    out = Path(config.out)
-    if out.exists():
-        raise T2IError(f"{out}: already exists; choose another --out")
+    out = TextEncoderFolder(config.out)
+    if out.root.exists():
+        raise T2IError(f"{out.root}: already exists; choose another --out")
     device = resolve_device(config.device)
     models = preset(config.preset)
     loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,
@@ -138,7 +147,7 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     # other images' in the batch, and no class can be held out.
     classless = n_classes == 1
     holdout = np.array([], dtype=np.int64) if config.eval_data or classless else \
-        held_out_classes(n_classes, config.holdout, config.seed)
+        zero_shot_classes(n_classes, config.holdout_share, config.seed)
     train_mask = torch.ones(n_classes, dtype=torch.bool)
     train_mask[torch.from_numpy(holdout)] = False
     torch.manual_seed(config.seed)
@@ -152,12 +161,11 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     optimizer = torch.optim.Adam([*text_encoder.parameters(), *image_encoder.parameters()],
                                  lr=config.lr)
     size = models.gan.image_size
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    log = (out / "metrics.jsonl").open("w")
+    out.root.mkdir(parents=True)
+    write_text_atomically(out.config, json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     bar = click.progressbar(length=config.epochs * len(loader), label="pretraining text",
                             file=sys.stderr)
-    with bar, log:
+    with bar, jsonl_writer(out.metrics, append=False) as log:
         for epoch in range(config.epochs):
             losses, start = [], time.perf_counter()
             for batch in loader:
@@ -176,8 +184,7 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
                 bar.update(1)
             row = {"epoch": epoch, "loss": torch.stack(losses).mean().item(),
                    "seconds": round(time.perf_counter() - start, 2)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            log.write(row)
     evaluation_data = Path(config.eval_data or config.data)
     if config.eval_data:
         with Dataset(evaluation_data) as ds:
@@ -192,11 +199,11 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     except T2IError as exc:  # too few held-out classes to rank: say so, keep the encoder
         evaluation = {"skipped": str(exc)}
     evaluation["classes_seen_in_training"] = not config.eval_data and not len(holdout)
-    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    write_text_atomically(out.evaluation, json.dumps(evaluation, indent=2) + "\n")
     # Written last and whole: its presence means the pretraining finished.
     return save_atomically({"text_encoder": text_encoder.state_dict(),
                             "text_config": dataclasses.asdict(models.text),
                             "image_encoder": image_encoder.state_dict(),
                             "image_config": dataclasses.asdict(models.image),
                             "preset": config.preset, "held_out_classes": holdout.tolist(),
-                            "evaluation": evaluation}, out / "text_encoder.pt")
+                            "evaluation": evaluation}, out.encoder)

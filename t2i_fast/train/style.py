@@ -10,8 +10,6 @@ dimension of z, so an encoder that always predicts z's mean scores 1.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +17,14 @@ from pathlib import Path
 import click
 import torch
 
+from t2i_fast.atomic import save_atomically
+from t2i_fast.config import FieldError, check_types, resolve_device
 from t2i_fast.data import Dataset
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
-from t2i_fast.models import preset
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
-from t2i_fast.train.checkpoint import latest_checkpoint, load_checkpoint
-from t2i_fast.train.config import FieldError, TrainConfig, check_types, resolve_device
+from t2i_fast.run import Run, jsonl_writer
 
-STYLE_FILE = "style_encoder.pt"
-STYLE_METRICS = "style_metrics.jsonl"
 RECALIBRATION_BATCHES = 16
 
 
@@ -57,15 +53,6 @@ class StyleConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
-
-
-def load_run(run: Path, *, device: torch.device) -> tuple[TrainedModel, int]:
-    """The run folder's latest generator and text encoder, and the step they were saved at."""
-    checkpoint = latest_checkpoint(run) if run.is_dir() else None
-    if checkpoint is None:
-        raise T2IError(f"{run}: no checkpoint (a run folder that 't2i-fast train' made)")
-    model = TrainedModel.load(checkpoint, device=device)
-    return model, model.step
 
 
 def style_loss(encoder: StyleEncoder, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -101,14 +88,13 @@ def _caption_indices(data: Path) -> torch.Tensor:
 def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
     """Trains S to invert the run's generator; writes RUN/style_encoder.pt (atomically) and the
     loss to RUN/style_metrics.jsonl. Returns the encoder's path."""
-    run = Path(config.run)
-    out = run / STYLE_FILE
+    run = Run(config.run)
     device = resolve_device(config.device)
-    model, step = load_run(run, device=device)
-    if out.exists() and not overwrite:
-        raise T2IError(f"{out}: a style encoder exists already (pass --overwrite to train a "
-                       "new one)")
-    captions = _caption_indices(Path(TrainConfig.load(run / "config.json").data))
+    model = TrainedModel.from_run(run, device=device)
+    if run.style_encoder.exists() and not overwrite:
+        raise T2IError(f"{run.style_encoder}: a style encoder exists already (pass "
+                       "--overwrite to train a new one)")
+    captions = _caption_indices(Path(run.config().data))
 
     torch.manual_seed(config.seed)
     encoder_config = StyleEncoderConfig.from_gan(model.generator.config)
@@ -127,7 +113,7 @@ def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
     bar = click.progressbar(length=config.steps, label="training the style encoder",
                             file=sys.stderr)
     total, count = torch.zeros((), device=device), 0
-    with bar, (run / STYLE_METRICS).open("w") as metrics:
+    with bar, jsonl_writer(run.style_metrics, append=False) as metrics:
         for done in range(1, config.steps + 1):
             images, z = draw()
             loss = style_loss(encoder, images, z)
@@ -139,36 +125,10 @@ def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
             bar.update(1)
             if done % config.log_every == 0 or done == config.steps:
                 row = {"step": done, "loss": round(total.item() / count, 5)}
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                metrics.write(row)
                 total, count = torch.zeros((), device=device), 0
     _recalibrate(encoder, [draw()[0] for _ in range(RECALIBRATION_BATCHES)])
-    tmp = out.with_suffix(".pt.tmp")
-    torch.save({"style_encoder": encoder.state_dict(),
-                "style_config": dataclasses.asdict(encoder_config),
-                "config": dataclasses.asdict(config), "generator_step": step}, tmp)
-    os.replace(tmp, out)
-    return out
-
-
-def load_style_encoder(run: Path, *, device: torch.device) -> tuple[StyleEncoder, int]:
-    """The run's style encoder in eval mode, and the generator step it inverts."""
-    path = run / STYLE_FILE
-    if not path.is_file():
-        raise T2IError(f"{run}: no style encoder (run 't2i-fast train-style --run {run}' "
-                       "first)")
-    state = load_checkpoint(path, keys=("style_encoder", "style_config", "generator_step"),
-                            kind="style encoder")
-    run_config = TrainConfig.load(run / "config.json")
-    expected = StyleEncoderConfig.from_gan(preset(run_config.preset).gan)
-    if state["style_config"] != dataclasses.asdict(expected):
-        raise T2IError(f"{path}: made for another architecture than the run's preset "
-                       f"{run_config.preset!r} (retrain it with --overwrite)")
-    encoder = StyleEncoder(expected).to(device).eval()
-    try:
-        encoder.load_state_dict(state["style_encoder"])
-    except (TypeError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[:1]
-        raise T2IError(f"{path}: cannot load the style encoder ({type(exc).__name__}"
-                       + (f": {reason[0]}" if reason else "") + ")") from exc
-    return encoder, state["generator_step"]
+    return save_atomically({"style_encoder": encoder.state_dict(),
+                            "style_config": dataclasses.asdict(encoder_config),
+                            "config": dataclasses.asdict(config), "generator_step": model.step},
+                           run.style_encoder)

@@ -1,4 +1,6 @@
-"""The resolved training configuration, written as JSON into every run directory."""
+"""The training configuration: the one source of its defaults for the Python API and the
+command line alike (the preset and its schedule resolved when it is made, the backend and
+precision for the device it trains on), written as JSON into every run directory."""
 
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 class FieldError(ConfigError):
     """A configuration field of the wrong type or out of its range; the command line shows it
-    as the option of the same name."""
+    as the option of the same name. ``related`` are the other fields ``problem`` names."""
 
-    def __init__(self, field: str, problem: str):
+    def __init__(self, field: str, problem: str, *, related: tuple[str, ...] = ()):
         super().__init__(f"{field} {problem}")
         self.field = field
         self.problem = problem
+        self.related = related
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number",
@@ -74,6 +77,35 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_preset(name: str, device: str) -> str:
+    """``auto`` is ``reed`` when ``device`` (auto or cuda) is a GPU that is here, else the
+    CPU-sized ``small``."""
+    if name != "auto":
+        return name
+    return "reed" if torch.cuda.is_available() and device in ("auto", "cuda") else "small"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long a preset trains when not told: GAN epochs, and epochs of the DS-SJE text
+    pretraining that comes first."""
+
+    epochs: int
+    pretrain_epochs: int
+
+
+# The paper's 600 epochs for its networks; the CPU-sized preset trains a short job instead.
+PAPER_SCHEDULE = Schedule(epochs=600, pretrain_epochs=20)
+SMALL_SCHEDULE = Schedule(epochs=10, pretrain_epochs=8)
+
+
+_SCHEDULED = tuple(field.name for field in dataclasses.fields(Schedule))
+
+
+def schedule(preset: str) -> Schedule:
+    return SMALL_SCHEDULE if preset == "small" else PAPER_SCHEDULE
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """``auto`` is the compiled engine on a GPU and the eager reference on the CPU, where
     Inductor's compile time outweighs what it saves on short runs."""
@@ -91,12 +123,19 @@ def resolve_precision(name: str, backend: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """What a training run does; the Python API and ``t2i-fast train`` share these defaults.
+    When the config is made, ``preset`` auto becomes reed on a GPU and small on the CPU
+    (``resolve_preset``) and None ``epochs`` and ``pretrain_epochs`` the preset's
+    (``schedule``); changing ``preset`` of a made config (``dataclasses.replace``) keeps the
+    schedule it resolved. ``backend`` and ``precision`` auto follow the device the run trains
+    on (``on_device``), and its config.json records what they became."""
+
     data: str
     run: str
-    preset: str = "small"
+    preset: str = "auto"
     variant: str = "int-cls"
     batch_size: int = 64
-    epochs: int = 600
+    epochs: int | None = None  # None: the preset's schedule
     max_steps: int | None = None  # stop early (smoke runs, benchmarks)
     lr: float = 2e-4
     beta1: float = 0.5
@@ -108,7 +147,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # samples come from this moving average of G's weights; 0: off
     text_encoder: str | None = None  # a pretrain-text checkpoint; None pretrains one first
     train_text_encoder: bool = False  # update it with D (from scratch without text_encoder)
-    pretrain_epochs: int = 2
+    pretrain_epochs: int | None = None  # None: the preset's schedule
     seed: int = 0
     sample_every: int = 200  # steps
     checkpoint_every: int = 500  # steps
@@ -122,6 +161,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        self._resolve()
         for name, choices in (("variant", VARIANTS), ("preset", tuple(sorted(PRESETS))),
                               ("backend", BACKENDS), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
@@ -143,6 +183,22 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FieldError(name, f"must be at least 1, got {value}")
+
+    def _resolve(self) -> None:
+        def resolve(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)  # the dataclass is frozen once made
+
+        resolve("preset", resolve_preset(self.preset, self.device))
+        if self.preset in PRESETS:  # else the check of choices names it
+            for name in _SCHEDULED:
+                if getattr(self, name) is None:
+                    resolve(name, getattr(schedule(self.preset), name))
+
+    def on_device(self, device: torch.device) -> TrainConfig:
+        """This config with ``backend`` and ``precision`` auto resolved for ``device``."""
+        backend = resolve_backend(self.backend, device)
+        return dataclasses.replace(self, backend=backend,
+                                   precision=resolve_precision(self.precision, backend, device))
 
     @property
     def matching_aware(self) -> bool:
@@ -177,6 +233,10 @@ class TrainConfig:
                    and f.name not in values]
         if missing:
             raise ConfigError(f"{path}: settings {missing} missing")
+        for name in _SCHEDULED:
+            # None is "the preset's" only when a config is made; a run records the number.
+            if name in values and values[name] is None:
+                raise ConfigError(f"{path}: {name} must be an integer, got None")
         try:
             return cls(**values)
         except FieldError as exc:

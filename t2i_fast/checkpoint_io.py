@@ -1,5 +1,6 @@
-"""Checkpoints: written atomically (a temporary file flushed to the disk, then renamed into
-place), the last N kept."""
+"""Reading the project's torch files (training checkpoints, text and style encoders, network
+weights) without running code: what a forged file can hold is refused, and a damaged or
+wrong one ends in one error naming it. Writing them is ``atomic.save_atomically``."""
 
 from __future__ import annotations
 
@@ -9,42 +10,7 @@ from pathlib import Path
 
 import torch
 
-from t2i_fast.atomic import TMP_SUFFIX, save_atomically
 from t2i_fast.errors import T2IError
-
-_NAME = re.compile(r"step_(\d{8})\.pt$")
-
-
-def checkpoint_dir(run: Path) -> Path:
-    return run / "checkpoints"
-
-
-def save_checkpoint(run: Path, step: int, state: dict, *, keep: int) -> Path:
-    """Writes step ``step``'s checkpoint, then deletes all but the newest ``keep``: only
-    once the new one is whole on the disk, so a failed save (a full disk) leaves the older
-    ones as they were, and the newest complete one is never deleted."""
-    folder = checkpoint_dir(run)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = save_atomically(state, folder / f"step_{step:08d}.pt")
-    for old in _complete(folder)[:-keep]:
-        old.unlink()
-    return path
-
-
-def remove_partial_checkpoints(run: Path) -> None:
-    """Deletes the temporaries of saves that a kill cut short."""
-    for partial in checkpoint_dir(run).glob(f"step_*.pt{TMP_SUFFIX}"):
-        partial.unlink(missing_ok=True)
-
-
-def _complete(folder: Path) -> list[Path]:
-    """The checkpoints in ``folder``, oldest first."""
-    return sorted(p for p in folder.glob("step_*.pt") if _NAME.search(p.name))
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    found = _complete(checkpoint_dir(run))
-    return found[-1] if found else None
 
 
 def load_checkpoint(path: str | Path, *, keys: tuple[str, ...] = (),
