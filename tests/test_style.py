@@ -243,10 +243,8 @@ def test_the_random_encoder_is_fixed_by_its_seed():
 
 
 def test_the_baselines_match_an_independent_computation(styled, shapes):
-    from t2i_fast.generate import TrainedModel
-
     model = TrainedModel.load(styled, device=CPU)
-    encoder, _ = load_style_encoder(styled, device=CPU)
+    encoder, _ = load_style_encoder(Run(styled), device=CPU)
     scores = disentangle.evaluate_disentangle(encoder=encoder, dataset=shapes,
                                               embed=model.embed, n=48, pairs=600, seed=5)
     backgrounds, cells = _truth(shapes, 48)
