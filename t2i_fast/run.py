@@ -87,7 +87,8 @@ def _step_of(path: Path) -> int:
 
 class TextEncoderFolder:
     """What ``pretrain-text`` writes: config.json, metrics.jsonl, evaluation.json and, last,
-    text_encoder.pt (so its presence means the pretraining finished)."""
+    text_encoder.pt (so its presence means the pretraining finished); with ``--tensorboard``,
+    the metrics as events in tensorboard/."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -95,6 +96,7 @@ class TextEncoderFolder:
         self.metrics = self.root / "metrics.jsonl"
         self.evaluation = self.root / "evaluation.json"
         self.encoder = self.root / "text_encoder.pt"
+        self.tensorboard = self.root / "tensorboard"
 
     def finished(self) -> bool:
         return self.encoder.is_file()

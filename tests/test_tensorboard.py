@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.cli import main
-from t2i_fast.run import Run
+from t2i_fast.run import Run, TextEncoderFolder, read_jsonl
 from t2i_fast.train import TrainConfig, train
 from t2i_fast.train.loop import Trainer
 from t2i_fast.train.signals import StopSignals, TrainingStopped
@@ -61,7 +61,7 @@ def pixels(path: Path) -> np.ndarray:
 
 def test_train_writes_every_logged_row_and_sample_grid(shapes, tmp_path):
     run = Run(tiny_run(shapes, tmp_path / "run", tensorboard=True, max_steps=4, log_every=1,
-                       sample_every=2))
+                       sample_every=2, train_text_encoder=False, pretrain_epochs=1))
     rows = run.metrics()
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert {"d_loss", "g_loss", "lr", "images_per_s", "epoch"} <= set(rows[0])
@@ -70,6 +70,9 @@ def test_train_writes_every_logged_row_and_sample_grid(shapes, tmp_path):
     assert sorted(grids) == [2, 4]
     for step, grid in grids.items():
         assert np.array_equal(grid, pixels(run.sample_grid_path(step)))
+    # Its own text pretraining's epochs, beside it.
+    assert scalars(events(run.text.tensorboard)) == \
+        logged(read_jsonl(run.text.metrics), step_key="epoch")
 
 
 def _wait_for_the_next_second() -> None:
@@ -122,10 +125,21 @@ def test_resume_may_turn_tensorboard_on(shapes, tmp_path):
     assert scalars(events(run.tensorboard)) == logged(run.metrics()[1:], step_key="step")
 
 
+def test_pretrain_text_writes_each_epochs_metrics(shapes, tmp_path):
+    out = TextEncoderFolder(tmp_path / "text")
+    result = invoke("pretrain-text", "--data", shapes, "--out", out.root, "--preset", "small",
+                    "--epochs", 2, "--batch-size", 8, "--device", "cpu", "--tensorboard")
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out.metrics)
+    assert [row["epoch"] for row in rows] == [0, 1]
+    assert scalars(events(out.tensorboard)) == logged(rows, step_key="epoch")
+
+
 @pytest.mark.parametrize("command", [
     ["train", "--run", "{out}", "--preset", "small", "--batch-size", 8, "--max-steps", 1,
      "--train-text-encoder", "--device", "cpu"],
-], ids=["train"])
+    ["pretrain-text", "--out", "{out}", "--preset", "small", "--epochs", 1, "--device", "cpu"],
+], ids=["train", "pretrain-text"])
 def test_without_the_package_it_says_how_to_install_it(command, shapes, tmp_path,
                                                        monkeypatch):
     # None in sys.modules makes the import fail, as where tensorboard is not installed; torch's

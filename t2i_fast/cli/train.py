@@ -128,7 +128,8 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
                    "BatchNorm). See docs/distributed.md.")
 @click.option("--tensorboard", is_flag=True,
               help="Write the metrics and sample grids as TensorBoard events too, in "
-                   "RUN/tensorboard/: view with 'tensorboard --logdir runs/'. Needs "
+                   "RUN/tensorboard/ (with the run's own text pretraining's in "
+                   "RUN/text/tensorboard/): view with 'tensorboard --logdir runs/'. Needs "
                    "pip install 't2i-fast[tensorboard]'. May be turned on with --resume.")
 @click.pass_context
 def train_command(ctx: click.Context, **options) -> None:
@@ -188,6 +189,9 @@ def train_command(ctx: click.Context, **options) -> None:
               help="A local state-dict file for --image-backbone (nothing is downloaded).")
 @click.option("--seed", type=click.IntRange(min=0), default=_PRETRAIN["seed"])
 @click.option("--device", default=_PRETRAIN["device"])
+@click.option("--tensorboard", is_flag=True,
+              help="Write each epoch's metrics as TensorBoard events too, in OUT/tensorboard/. "
+                   "Needs pip install 't2i-fast[tensorboard]'.")
 def pretrain_text_command(**options) -> None:
     """Pretrain the char-CNN-RNN text encoder with DS-SJE; report zero-shot accuracy."""
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
