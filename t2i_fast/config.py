@@ -158,6 +158,7 @@ class TrainConfig:
     backend: str = "auto"  # eager, compiled, or auto (compiled on a GPU)
     precision: str = "auto"  # fp32, bf16, or auto (bf16 for compiled on a GPU)
     sync_bn: bool = False  # under torchrun: BatchNorm over the global batch, not each GPU's
+    tensorboard: bool = False  # TensorBoard events too, in RUN/tensorboard/
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -6,6 +6,7 @@ that reads a run (sample, eval, style, report) reaches its files through ``Run``
     metrics.jsonl                  a row per logged step
     samples/step_NNNNNNNN.png      the fixed-caption grid over training; samples.png the latest
     loss_curves.png
+    tensorboard/                   with --tensorboard: the metrics and sample grids as events
     text/                          its own text pretraining (a ``TextEncoderFolder``)
     style_encoder.pt               the style encoder, with style_metrics.jsonl
     eval_NAME.json                 evaluation results saved by the user
@@ -86,7 +87,8 @@ def _step_of(path: Path) -> int:
 
 class TextEncoderFolder:
     """What ``pretrain-text`` writes: config.json, metrics.jsonl, evaluation.json and, last,
-    text_encoder.pt (so its presence means the pretraining finished)."""
+    text_encoder.pt (so its presence means the pretraining finished); with ``--tensorboard``,
+    the metrics as events in tensorboard/."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -94,6 +96,7 @@ class TextEncoderFolder:
         self.metrics = self.root / "metrics.jsonl"
         self.evaluation = self.root / "evaluation.json"
         self.encoder = self.root / "text_encoder.pt"
+        self.tensorboard = self.root / "tensorboard"
 
     def finished(self) -> bool:
         return self.encoder.is_file()
@@ -115,6 +118,7 @@ class Run:
         self.samples_dir = self.root / "samples"
         self.latest_samples = self.root / "samples.png"
         self.loss_curves = self.root / "loss_curves.png"
+        self.tensorboard = self.root / "tensorboard"
         self.text = TextEncoderFolder(self.root / "text")
         self.style_encoder = self.root / "style_encoder.pt"
         self.style_metrics = self.root / "style_metrics.jsonl"

@@ -27,7 +27,7 @@ from t2i_fast.train.distributed import World, process_group
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 from t2i_fast.train.signals import TrainingStopped
 
-_RESUMABLE = {"resume", "epochs", "max_steps"}
+_RESUMABLE = {"resume", "epochs", "max_steps", "tensorboard"}
 
 
 def _defaults(config: type) -> dict[str, object]:
@@ -126,6 +126,11 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
               help="Under torchrun: BatchNorm statistics over the global batch "
                    "(SyncBatchNorm) rather than over each GPU's share (the default, per-GPU "
                    "BatchNorm). See docs/distributed.md.")
+@click.option("--tensorboard", is_flag=True,
+              help="Write the metrics and sample grids as TensorBoard events too, in "
+                   "RUN/tensorboard/ (with the run's own text pretraining's in "
+                   "RUN/text/tensorboard/): view with 'tensorboard --logdir runs/'. Needs "
+                   "pip install 't2i-fast[tensorboard]'. May be turned on with --resume.")
 @click.pass_context
 def train_command(ctx: click.Context, **options) -> None:
     """Train a text-to-image GAN (GAN, GAN-CLS, GAN-INT or GAN-INT-CLS); under torchrun, on
@@ -136,11 +141,11 @@ def train_command(ctx: click.Context, **options) -> None:
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
         if given - _RESUMABLE:
             raise T2IError(f"--resume takes its settings from {Run(resume).config_file}; only "
-                           f"--epochs and --max-steps may change ({sorted(given - _RESUMABLE)} "
-                           "given)")
+                           "--epochs and --max-steps may change, and --tensorboard be added "
+                           f"({sorted(given - _RESUMABLE)} given)")
         config = Run(resume).config()
         # The folder given is the run, wherever it was made from.
-        changes = {k: options[k] for k in ("epochs", "max_steps") if k in given}
+        changes = {k: options[k] for k in given}  # of _RESUMABLE, as checked
         config = dataclasses.replace(config, run=str(resume), **changes)
         with process_group(config.device) as world, _stopped(ctx, Path(resume), world):
             run = train(config=config, resume=True, world=world)
@@ -184,6 +189,9 @@ def train_command(ctx: click.Context, **options) -> None:
               help="A local state-dict file for --image-backbone (nothing is downloaded).")
 @click.option("--seed", type=click.IntRange(min=0), default=_PRETRAIN["seed"])
 @click.option("--device", default=_PRETRAIN["device"])
+@click.option("--tensorboard", is_flag=True,
+              help="Write each epoch's metrics as TensorBoard events too, in OUT/tensorboard/. "
+                   "Needs pip install 't2i-fast[tensorboard]'.")
 def pretrain_text_command(**options) -> None:
     """Pretrain the char-CNN-RNN text encoder with DS-SJE; report zero-shot accuracy."""
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}

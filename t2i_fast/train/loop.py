@@ -29,6 +29,7 @@ from t2i_fast.train.distributed import World, process_group, single, sync_batchn
 from t2i_fast.train.engine import MetricsReader, StepEngine
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 from t2i_fast.train.signals import StopSignals, TrainingStopped, stop_signals
+from t2i_fast.train.tensorboard import EventLog, require_tensorboard
 
 SAMPLE_ROWS, SAMPLE_COLUMNS = 6, 8
 # Batches of training-like inputs over which G's average gets its own BatchNorm statistics
@@ -249,7 +250,7 @@ class Trainer:
                     # The curves and each checkpoint's metrics.jsonl hold every row so far.
                     log.write(wait=sample or keep)
                     if sample:
-                        self.write_samples()
+                        log.samples(self.write_samples())
                         self.write_curves()
                     if signum:
                         self._stop_with_checkpoint(signum)
@@ -294,15 +295,23 @@ class Trainer:
 class _Log:
     """The progress bar and the logged steps' metrics: averaged over the processes, brought
     back from the device without waiting for it (waiting at each logged step would drain its
-    queue), and written by rank 0 to metrics.jsonl and the trainer's history."""
+    queue), and written by rank 0 to metrics.jsonl and the trainer's history, and with
+    ``tensorboard`` as events, with the sample grids."""
 
     def __init__(self, trainer: Trainer, stack: contextlib.ExitStack, *, total: int):
         self.trainer = trainer
         self.reader = MetricsReader()
         self.tick, self.images = time.perf_counter(), 0
         self.rate = ""
+        self.events: EventLog | None = None
         if trainer.world.main:
             self.file = stack.enter_context(trainer.run.metrics_writer())
+            if trainer.config.tensorboard:
+                # Events of an earlier session there go on to the checkpoint resumed from; the
+                # steps after it, logged again now, replace theirs.
+                resumed = trainer.run.tensorboard.exists()
+                self.events = stack.enter_context(EventLog(
+                    trainer.run.tensorboard, purge_step=trainer.step + 1 if resumed else None))
             self.bar = stack.enter_context(click.progressbar(
                 length=total, label="training", file=sys.stderr,
                 item_show_func=lambda _: self.rate))
@@ -330,6 +339,15 @@ class _Log:
             row = {**head, **{k: round(v, 5) for k, v in read.items()}, "images_per_s": rate}
             self.trainer.history.append(row)
             self.file.write(row)
+            if self.events is not None:
+                self.events.scalars(row, step_key="step")
+        if wait and self.events is not None:  # before a checkpoint: the events up to it
+            self.events.flush()
+
+    def samples(self, path: Path) -> None:
+        """The sample grid just saved at ``path``, into the events too."""
+        if self.events is not None:
+            self.events.image("samples", path, step=self.trainer.step)
 
 
 def train(*, config: TrainConfig, resume: bool = False, world: World | None = None) -> Path:
@@ -345,6 +363,8 @@ def train(*, config: TrainConfig, resume: bool = False, world: World | None = No
         with process_group(config.device) as world:
             return train(config=config, resume=resume, world=world)
     world.split_batch(config.batch_size)  # before anything is made
+    if config.tensorboard:
+        require_tensorboard()
     run = Path(config.run)
     with stop_signals() as stop:
         try:
@@ -416,7 +436,7 @@ def _pretrain(config: TrainConfig) -> TrainConfig:
             # G must render every class: the encoder sees them all (pretrain-text alone
             # holds classes out to measure zero-shot accuracy).
             holdout_share=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
-            seed=config.seed, device=config.device))
+            seed=config.seed, device=config.device, tensorboard=config.tensorboard))
     config = dataclasses.replace(config, text_encoder=str(run.text.encoder))
     run.save_config(config)
     return config

@@ -5,6 +5,7 @@ Zero-shot accuracy and retrieval precision are measured on classes never trained
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -25,6 +26,7 @@ from t2i_fast.losses import sje_loss
 from t2i_fast.models import PRESETS, ImageEncoder, TextEncoder, preset
 from t2i_fast.models.image_encoder import BackboneImageEncoder
 from t2i_fast.run import TextEncoderFolder, jsonl_writer
+from t2i_fast.train.tensorboard import EventLog, require_tensorboard
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class PretrainConfig:
     device: str = "auto"
     image_backbone: str | None = None  # a torchvision network name, with backbone_weights
     backbone_weights: str | None = None
+    tensorboard: bool = False  # each epoch's metrics as TensorBoard events too, in OUT/tensorboard/
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -131,12 +134,14 @@ def zero_shot(image_encoder: torch.nn.Module, text_encoder: TextEncoder, dataset
 
 
 def pretrain_text(*, config: PretrainConfig) -> Path:
-    """Trains the encoders; writes OUT/config.json, OUT/metrics.jsonl, OUT/evaluation.json
-    and, last, OUT/text_encoder.pt (what ``train --text-encoder`` loads). Returns the
-    checkpoint."""
+    """Trains the encoders; writes OUT/config.json, OUT/metrics.jsonl (with ``tensorboard``,
+    OUT/tensorboard/ too), OUT/evaluation.json and, last, OUT/text_encoder.pt (what
+    ``train --text-encoder`` loads). Returns the checkpoint."""
     out = TextEncoderFolder(config.out)
     if out.root.exists():
         raise T2IError(f"{out.root}: already exists; choose another --out")
+    if config.tensorboard:
+        require_tensorboard()
     device = resolve_device(config.device)
     models = preset(config.preset)
     loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,
@@ -165,7 +170,8 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     write_text_atomically(out.config, json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     bar = click.progressbar(length=config.epochs * len(loader), label="pretraining text",
                             file=sys.stderr)
-    with bar, jsonl_writer(out.metrics, append=False) as log:
+    events = EventLog(out.tensorboard) if config.tensorboard else contextlib.nullcontext()
+    with events, bar, jsonl_writer(out.metrics, append=False) as log:
         for epoch in range(config.epochs):
             losses, start = [], time.perf_counter()
             for batch in loader:
@@ -185,6 +191,8 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
             row = {"epoch": epoch, "loss": torch.stack(losses).mean().item(),
                    "seconds": round(time.perf_counter() - start, 2)}
             log.write(row)
+            if config.tensorboard:
+                events.scalars(row, step_key="epoch")
     evaluation_data = Path(config.eval_data or config.data)
     if config.eval_data:
         with Dataset(evaluation_data) as ds:
