@@ -21,16 +21,20 @@ the same batch. The rows, in the order they run:
   three forward functions (G, D's loss, G's loss), bfloat16 autocast, fused Adam, NCHW;
 - ``stock-compile``: the same with ``torch.compile``'s default mode;
 - ``stock-compile-ro-cl``: ``stock-compile-ro`` with networks and images in channels_last;
-- ``engine-fused``: the engine with ``fused_layers`` (Triton conv → BatchNorm → LeakyReLU
-  where its measured dispatch picks them; CUDA only).
+- ``engine-fused-auto``: the engine with ``fused_layers="auto"`` (Triton conv → BatchNorm →
+  LeakyReLU, chained through the next layer's prologue, where ``choose_fused_layers``
+  measures them faster in CUDA-graph replay; CUDA only), as ``t2i-fast train`` runs on a GPU;
+- ``engine-fused-on``: the engine with ``fused_layers="on"``: every layer the op takes.
 
 The first five plain/stock rows are "stock"; ``engine_over_stock`` is the engine's images/s
 over the best of them. A row that fails (to build, compile or run) is a row with its error.
 
 The text encoder is frozen. The plain rows are given the batch's caption embeddings,
 computed once beforehand by that encoder, as a user with a frozen encoder caches them; the
-project's rows encode the captions inside every step, as ``t2i-fast train`` does today. The
-project's rows also update the moving average of G, which the plain step has not.
+project's rows, as ``t2i-fast train`` does, embed every caption of the dataset once
+(``embed_all_captions``) and take the loader's caption ids, gathering their rows of that
+table in the step (with ``--train-text-encoder`` they run the encoder in every step instead).
+The project's rows also update the moving average of G, which the plain step has not.
 
 Before timing, each row's first step is checked against ``eager-fp32``'s (same weights,
 batch and noise): losses finite and within 1% (float32 rows: TF32 rounding, and the
@@ -50,9 +54,11 @@ times the measured cost of one small kernel replayed in a CUDA graph.
 ``--dry-run`` (no GPU needed) runs every row on the CPU with the small preset at batch 4 (2
 repeats of 2 steps): the compiled stock rows through Dynamo and AOTAutograd with the
 ``aot_eager`` backend (no Inductor, no CUDA graphs), the engine through Inductor's CPU
-backend, and ``engine-fused`` reports that it needs CUDA. The last line of output is one JSON
-object, with ``images_per_s`` (row → median, per batch size) and ``engine_over_stock`` (per
-batch size).
+backend, and the ``engine-fused-*`` rows report that they need CUDA. The last line of output
+is one JSON object, with ``images_per_s`` (row → median, per batch size),
+``engine_over_stock`` and ``fused_over_engine`` (each fused row's images/s over
+``engine``'s, per batch size). Rows of the engine carry ``backend`` (their name) and
+``preset``, which ``scripts/bench_kernels.py --step-json`` reads.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ from t2i_fast.data import Loader
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.provenance import commit
+from t2i_fast.train.caption_table import embed_all_captions
 from t2i_fast.train.engine import WARMUP_STEPS, StepEngine
 
 SEED = 0
@@ -96,7 +103,7 @@ class Row:
     precision: str  # fp32 or bf16
     compile_mode: str | None = None  # plain rows: torch.compile's mode, None for eager
     channels_last: bool = False
-    fused_layers: bool = False  # the engine's Triton layers
+    fused_layers: str = "off"  # the engine's Triton layers: off, auto or on
 
 
 ROWS = (
@@ -108,8 +115,10 @@ ROWS = (
     Row("stock-compile", plain=True, precision="bf16", compile_mode="default"),
     Row("stock-compile-ro-cl", plain=True, precision="bf16", compile_mode="reduce-overhead",
         channels_last=True),
-    Row("engine-fused", plain=False, precision="bf16", fused_layers=True),
+    Row("engine-fused-auto", plain=False, precision="bf16", fused_layers="auto"),
+    Row("engine-fused-on", plain=False, precision="bf16", fused_layers="on"),
 )
+FUSED = tuple(row.name for row in ROWS if row.fused_layers != "off")
 STOCK = tuple(row.name for row in ROWS if row.plain)
 REFERENCE = "eager-fp32"
 
@@ -127,6 +136,11 @@ class Setup:
     resident: object  # one loader batch, kept where the step runs
     text: torch.Tensor  # [B, E]: the frozen encoder's embeddings of its captions
     loader: Loader
+    # With the frozen encoder: every caption's embedding, and the resident batch and loader
+    # giving caption ids (the same samples); None when the project's rows train the encoder.
+    table: torch.Tensor | None = None
+    resident_ids: object = None
+    ids_loader: Loader | None = None
 
 
 def initial_weights(name: str) -> dict[str, dict]:
@@ -163,10 +177,11 @@ def engine_step(row: Row, setup: Setup, *, train_text_encoder: bool
                         device=setup.device, noise=noise,
                         backend="eager" if row.name == "project-eager" else "compiled",
                         precision=row.precision if cuda else "fp32",
-                        fused_layers=row.fused_layers)
+                        fused_layers=row.fused_layers, caption_table=setup.table)
+    batch = setup.resident if setup.table is None else setup.resident_ids
 
     def step(i: int):
-        metrics = engine.step(setup.resident, step=i)
+        metrics = engine.step(batch, step=i)
         return metrics["d_loss"], metrics["g_loss"]
     return step, engine
 
@@ -200,7 +215,7 @@ def plain_step(row: Row, setup: Setup) -> Callable[[int], tuple]:
     return step
 
 
-def describe(row: Row, device: torch.device, dry_run: bool) -> dict:
+def describe(row: Row, device: torch.device, dry_run: bool, cached: bool) -> dict:
     """The row's layouts, dtypes and machinery, as printed and in the JSON."""
     cuda = device.type == "cuda"
     precision = row.precision if (row.plain or cuda) else "fp32"  # the engine's auto
@@ -220,7 +235,8 @@ def describe(row: Row, device: torch.device, dry_run: bool) -> dict:
             "compiler": ("inductor + CUDA graph" if cuda else "inductor (CPU)") if engine
             else "eager",
             "adam": "fused" if engine else "default",
-            "text": "encoder in step"}
+            "text": "cached table (caption ids)" if cached else "encoder in step",
+            "fused_layers": row.fused_layers}
 
 
 def synchronize(device: torch.device) -> None:
@@ -313,7 +329,9 @@ def measure_row(row: Row, setup: Setup, args, reference: dict | None) -> tuple[d
     """The row's results, and the first-step losses (and FLOPs) it measured."""
     device = setup.device
     out = {"row": row.name, "batch_size": setup.batch_size,
-           **describe(row, device, setup.dry_run)}
+           **describe(row, device, setup.dry_run, setup.table is not None)}
+    if not row.plain:  # what scripts/bench_kernels.py --step-json reads
+        out.update(backend=row.name, preset=setup.name)
     found: dict = {}
     gc.collect()
     if device.type == "cuda":
@@ -375,10 +393,11 @@ def run_row(row: Row, setup: Setup, args, reference: dict | None, out: dict,
         return
     out["compiled_parts"] = engine.compiled_parts
     out["cuda_graph"] = engine._graph is not None
-    if row.fused_layers:
+    if row.fused_layers != "off":
         out["fused_layers"] = engine.fused
+        out["kernel_evidence"] = engine.kernel_evidence
     if row.name == "engine":
-        batches = forever(setup.loader)
+        batches = forever(setup.loader if setup.table is None else setup.ids_loader)
 
         def from_loader():
             for _ in range(args.steps):
@@ -400,7 +419,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def summarize(results: dict) -> None:
     """The per-batch-size figures of the final JSON, from the rows."""
-    for key in ("images_per_s", "best_stock", "engine_over_stock", "engine_fused_over_stock",
+    for key in ("images_per_s", "best_stock", "engine_over_stock", "fused_over_engine",
                 "project_eager_over_plain_eager"):
         results[key] = {}
     for size in results["batch_sizes"]:
@@ -412,8 +431,8 @@ def summarize(results: dict) -> None:
         best = max(stock, key=stock.get) if stock else None
         results["best_stock"][key] = best
         results["engine_over_stock"][key] = ratio(rate.get("engine"), stock.get(best))
-        results["engine_fused_over_stock"][key] = ratio(rate.get("engine-fused"),
-                                                        stock.get(best))
+        results["fused_over_engine"][key] = {name: ratio(rate.get(name), rate.get("engine"))
+                                             for name in FUSED}
         results["project_eager_over_plain_eager"][key] = ratio(rate.get("project-eager"),
                                                                rate.get(REFERENCE))
 
@@ -463,8 +482,8 @@ def print_report(results: dict) -> None:
                   f" images/s = {engine['loader_ratio']:.3f} of the resident batch's")
         best = results["best_stock"][key]
         print(f"batch {size}: engine / best stock ({best}) = "
-              f"{results['engine_over_stock'][key]}, engine-fused / best stock = "
-              f"{results['engine_fused_over_stock'][key]}, project-eager / {REFERENCE} = "
+              f"{results['engine_over_stock'][key]}, fused / engine = "
+              f"{results['fused_over_engine'][key]}, project-eager / {REFERENCE} = "
               f"{results['project_eager_over_plain_eager'][key]} (should be >= 1)")
 
 
@@ -527,16 +546,24 @@ def main(argv: list[str] | None = None) -> dict:
         # boundaries stay rare in the end-to-end runs.
         make_shapes(out=data, n=16 * max(sizes) if not args.dry_run else 16)
         for size in sizes:
+            # A named encoder is frozen unless trained (the rows load the same initial one).
             config = TrainConfig(data=str(data), run="-", preset=name, batch_size=size,
+                                 text_encoder="initial weights",
                                  train_text_encoder=args.train_text_encoder)
-            with Loader(data, batch_size=size, seed=SEED, dtype=torch.float32, layout="nhwc",
-                        device=device if device.type == "cuda" else None) as loader:
+            options = {"batch_size": size, "seed": SEED, "dtype": torch.float32,
+                       "layout": "nhwc", "device": device if device.type == "cuda" else None}
+            with Loader(data, **options) as loader, \
+                    Loader(data, caption_format="ids", **options) as ids_loader:
                 resident = next(iter(loader))
+                encoder = text_encoder(name, weights, device)
                 with torch.no_grad():
-                    text = text_encoder(name, weights, device).encode_mean(resident.captions)
+                    text = encoder.encode_mean(resident.captions)
+                frozen = {} if args.train_text_encoder else {
+                    "table": embed_all_captions(dataset_path=data, text_encoder=encoder),
+                    "resident_ids": next(iter(ids_loader)), "ids_loader": ids_loader}
                 setup = Setup(name=name, batch_size=size, device=device, dry_run=args.dry_run,
                               weights=weights, config=config, resident=resident, text=text,
-                              loader=loader)
+                              loader=loader, **frozen)
                 reference = None
                 for row in rows:
                     out, found = measure_row(row, setup, args, reference)

@@ -11,7 +11,10 @@ CPU time, and launches are "n/a": there the count of ATen operators that compute
 Without ``--data`` a small shapes dataset is written to a temporary folder. The text encoder
 is frozen, as ``t2i-fast train`` has it after pretraining and as ``scripts/bench_step.py``
 measures the step (its weights do not change the step's work, so an untrained one is
-used); ``--train-text-encoder`` trains it with D instead.
+used): the trainer embeds every caption once and the step gathers the loader's caption ids
+from that table, so no text encoder runs in it; ``--train-text-encoder`` trains it with D
+instead, in the step. Fused layers follow the training default (``auto``: measured, with
+the compiled backend on a GPU).
 """
 
 from __future__ import annotations
@@ -290,7 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "preset": args.preset, "variant": args.variant,
         "batch_size": args.batch_size, "steps_profiled": args.steps,
         "config": {k: getattr(config, k) for k in ("backend", "precision") if hasattr(config, k)},
-        "text_encoder": "trained with D" if config.joint_text_encoder else "frozen",
+        "fused_layers": trainer.engine.kernel_evidence["fused_layers"]["mode"],
+        "text_encoder": "trained with D" if config.joint_text_encoder
+        else "frozen (cached caption table)",
         "step_ms": round(1000 * seconds / args.time_steps, 3) if args.time_steps else None,
         **summarize(trace, steps=args.steps),
     }

@@ -21,6 +21,8 @@ from t2i_fast.models import PRESETS
 VARIANTS = ("gan", "cls", "int", "int-cls")
 BACKENDS = ("auto", "eager", "compiled")
 PRECISIONS = ("auto", "fp32", "bf16")
+FUSED_LAYERS = ("auto", "on", "off")
+INTERP_BATCHES = ("full", "half")
 
 
 class FieldError(ConfigError):
@@ -121,14 +123,40 @@ def resolve_precision(name: str, backend: str, device: torch.device) -> str:
     return name
 
 
+def resolve_fused_layers(name: str, backend: str, device: torch.device) -> str:
+    """``auto`` is the fused conv → BatchNorm → LeakyReLU layers where measured in-graph
+    timing picks them, with the compiled backend on a GPU, and off elsewhere: the Triton
+    kernels need CUDA, and their choice is timed in CUDA-graph replay. ``on`` elsewhere is a
+    FieldError."""
+    gpu_compiled = backend == "compiled" and device.type == "cuda"
+    if name == "auto":
+        return "auto" if gpu_compiled else "off"
+    if name == "on" and not gpu_compiled:
+        raise FieldError("fused_layers", f"'on' needs the compiled backend on a CUDA device "
+                                         f"(this run: the {backend} backend on {device.type})")
+    return name
+
+
+def fused_layers_reason(mode: str, backend: str, device: torch.device) -> str:
+    """Why a run's resolved ``fused_layers`` is ``mode``, for its evidence file."""
+    if mode == "auto":
+        return "auto: each layer measured in CUDA-graph replay, fused where that is faster"
+    if mode == "on":
+        return "on: every layer the fused op takes"
+    if backend == "compiled" and device.type == "cuda":
+        return "off: asked for"
+    return (f"off: fused layers need the compiled backend on a CUDA device (this run: the "
+            f"{backend} backend on {device.type})")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """What a training run does; the Python API and ``t2i-fast train`` share these defaults.
     When the config is made, ``preset`` auto becomes reed on a GPU and small on the CPU
     (``resolve_preset``) and None ``epochs`` and ``pretrain_epochs`` the preset's
     (``schedule``); changing ``preset`` of a made config (``dataclasses.replace``) keeps the
-    schedule it resolved. ``backend`` and ``precision`` auto follow the device the run trains
-    on (``on_device``), and its config.json records what they became."""
+    schedule it resolved. ``backend``, ``precision`` and ``fused_layers`` auto follow the
+    device the run trains on (``on_device``), and its config.json records what they became."""
 
     data: str
     run: str
@@ -159,12 +187,18 @@ class TrainConfig:
     precision: str = "auto"  # fp32, bf16, or auto (bf16 for compiled on a GPU)
     sync_bn: bool = False  # under torchrun: BatchNorm over the global batch, not each GPU's
     tensorboard: bool = False  # TensorBoard events too, in RUN/tensorboard/
+    # auto, on, off: Triton conv → BatchNorm → LeakyReLU layers (auto: where measured faster,
+    # with the compiled backend on a GPU; off elsewhere)
+    fused_layers: str = "auto"
+    interp_batch: str = "full"  # GAN-INT mixes the full batch, or half of it (Reed's code)
 
     def __post_init__(self) -> None:
         check_types(self)
         self._resolve()
         for name, choices in (("variant", VARIANTS), ("preset", tuple(sorted(PRESETS))),
-                              ("backend", BACKENDS), ("precision", PRECISIONS)):
+                              ("backend", BACKENDS), ("precision", PRECISIONS),
+                              ("fused_layers", FUSED_LAYERS),
+                              ("interp_batch", INTERP_BATCHES)):
             if getattr(self, name) not in choices:
                 raise FieldError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
         if self.lr <= 0:
@@ -196,10 +230,12 @@ class TrainConfig:
                     resolve(name, getattr(schedule(self.preset), name))
 
     def on_device(self, device: torch.device) -> TrainConfig:
-        """This config with ``backend`` and ``precision`` auto resolved for ``device``."""
+        """This config with ``backend``, ``precision`` and ``fused_layers`` auto resolved for
+        ``device``; FieldError for fused layers ``on`` where they cannot run."""
         backend = resolve_backend(self.backend, device)
-        return dataclasses.replace(self, backend=backend,
-                                   precision=resolve_precision(self.precision, backend, device))
+        return dataclasses.replace(
+            self, backend=backend, precision=resolve_precision(self.precision, backend, device),
+            fused_layers=resolve_fused_layers(self.fused_layers, backend, device))
 
     @property
     def matching_aware(self) -> bool:

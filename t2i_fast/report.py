@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import html
 import io
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -63,6 +64,7 @@ def make_report(*, run: str | Path, data: str | Path | None = None, max_grids: i
         _section("Loss curves", [_figure(run.loss_curves, "")]
                  if run.loss_curves.is_file() else [_note("no loss curves yet")]),
         _metrics(run),
+        _kernels(run),
         _section("Configuration", [_table(dataclasses.asdict(config).items())]),
     ]
     title = f"t2i-fast report: {run.root.name}"
@@ -179,6 +181,47 @@ def _diversity(results: dict) -> str | None:
     return (_note(f"spread ratio, generated over real: {results['ratio']:.3f}") + overall
             + _grid(["caption", "spread ratio", "backgrounds", "real", "positions", "real",
                      "images"], rows))
+
+
+def _kernels(run: Run) -> str | None:
+    """The engine's kernel choices (fused_layers.json): why, the loss kernels, and a row per
+    layer of G and D it considered; None for a run without the file."""
+    path = run.fusion_evidence
+    if not path.is_file():
+        return None
+    try:
+        evidence = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise T2IError(f"{path}: cannot read the kernel choices ({exc})") from exc
+    if not isinstance(evidence, dict):
+        raise T2IError(f"{path}: not the kernel choices (a JSON object)")
+    fused, loss = evidence.get("fused_layers"), evidence.get("matching_loss")
+    if not isinstance(fused, dict) or not isinstance(loss, dict):
+        return _section("Kernels", [_table(_flatten(evidence).items())])
+    summary = [("fused layers", fused.get("mode")), ("why", evidence.get("reason")),
+               ("loss kernels", loss.get("choice"))]
+    for source, found in (("fused layers", fused.get("G")), ("loss kernels", loss)):
+        for key in ("refused", "unmeasured"):
+            if isinstance(found, dict) and key in found:
+                summary.append((f"{source}: {key}", found[key]))
+    rows = []
+    for network in ("G", "D"):
+        layers = fused.get(network, {}).get("layers", {}) if isinstance(
+            fused.get(network), dict) else {}
+        for name, layer in layers.items() if isinstance(layers, dict) else ():
+            if not isinstance(layer, dict):
+                continue
+            ms = layer.get("ms") if isinstance(layer.get("ms"), dict) else {}
+            rows.append((f"{network}.{name}", [
+                "yes" if layer.get("fused") else "no", "yes" if layer.get("chained") else "",
+                layer.get("winner", layer.get("refused", "")),
+                ms.get(layer.get("winner"), ""), ms.get("unfused", "")]))
+    parts = [_table(summary)]
+    if rows:
+        parts.append(_grid(["layer", "fused", "chained", "winner", "winner ms", "unfused ms"],
+                           rows))
+    return _section("Kernels", parts, f"The engine's choices, from {path.name}: medians "
+                                      "of CUDA-graph replays where they were measured.")
 
 
 _SHAPED = {"eval_disentangle.json": _disentangle, "eval_diversity.json": _diversity}

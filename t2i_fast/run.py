@@ -7,6 +7,7 @@ that reads a run (sample, eval, style, report) reaches its files through ``Run``
     samples/step_NNNNNNNN.png      the fixed-caption grid over training; samples.png the latest
     loss_curves.png
     tensorboard/                   with --tensorboard: the metrics and sample grids as events
+    fused_layers.json              the engine's kernel choices (fused layers, loss) and why
     text/                          its own text pretraining (a ``TextEncoderFolder``)
     style_encoder.pt               the style encoder, with style_metrics.jsonl
     eval_NAME.json                 evaluation results saved by the user
@@ -119,6 +120,7 @@ class Run:
         self.latest_samples = self.root / "samples.png"
         self.loss_curves = self.root / "loss_curves.png"
         self.tensorboard = self.root / "tensorboard"
+        self.fusion_evidence = self.root / "fused_layers.json"
         self.text = TextEncoderFolder(self.root / "text")
         self.style_encoder = self.root / "style_encoder.pt"
         self.style_metrics = self.root / "style_metrics.jsonl"

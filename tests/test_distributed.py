@@ -164,8 +164,8 @@ def test_two_processes_train_as_one(one, two):
 def test_only_rank_0_writes_in_a_torchrun_run(two):
     run = two["run"]
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.json", "loss_curves.png", "metrics.jsonl", "samples",
-        "samples.png"]
+        "checkpoints", "config.json", "fused_layers.json", "loss_curves.png", "metrics.jsonl",
+        "samples", "samples.png"]
     assert len(rows(run)) == 4  # one process logged each step once
     assert two["stdout"].count("done; samples in") == 1
     assert json.loads((run / "config.json").read_text())["sync_bn"] is True

@@ -389,12 +389,17 @@ def test_bench_step_dry_run(capsys, monkeypatch, tmp_path):
     assert "dry run: CPU, compiled stock rows through aot_eager" in out
     stock = ["eager-fp32", "eager-bf16", "stock-compile-ro", "stock-compile",
              "stock-compile-ro-cl"]
-    names = [*stock, "project-eager", "engine", "engine-fused"]
+    names = [*stock, "project-eager", "engine", "engine-fused-auto", "engine-fused-on"]
     rows = {row["row"]: row for row in result["rows"]}
     assert sorted(rows) == sorted(names) and len(result["rows"]) == len(names)
-    # engine-fused needs CUDA: on the CPU it is a row with the engine's own refusal.
-    assert rows.pop("engine-fused")["error"] == (
-        "ValueError: fused_layers needs the compiled backend on a CUDA device")
+    # The fused rows need CUDA: on the CPU each is a row with the engine's own refusal, named
+    # as scripts/bench_kernels.py --step-json reads the engine's rows.
+    for name, mode in (("engine-fused-auto", "auto"), ("engine-fused-on", "on")):
+        row = rows.pop(name)
+        assert row["error"] == ("ValueError: fused_layers needs the compiled backend on a "
+                                "CUDA device")
+        assert (row["backend"], row["preset"], row["fused_layers"]) == (name, "small", mode)
+    assert (rows["engine"]["backend"], rows["engine"]["fused_layers"]) == ("engine", "off")
     for row in rows.values():
         assert "error" not in row and row["loss_check"] is True, row
         assert 0 < row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
@@ -416,7 +421,8 @@ def test_bench_step_dry_run(capsys, monkeypatch, tmp_path):
     best = max(stock, key=rates.get)
     assert result["best_stock"] == {"4": best}
     assert result["engine_over_stock"] == {"4": round(rates["engine"] / rates[best], 3)}
-    assert result["engine_fused_over_stock"] == {"4": None}
+    assert result["fused_over_engine"] == {"4": {"engine-fused-auto": None,
+                                                 "engine-fused-on": None}}
     assert result["project_eager_over_plain_eager"] == {
         "4": round(rates["project-eager"] / rates["eager-fp32"], 3)}
     assert result["flops_per_step"]["4"] > 0 and result["matmul_tflops"] > 0

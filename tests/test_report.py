@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from t2i_fast.cli import main
+from t2i_fast.errors import T2IError
 from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.report import make_report
 
@@ -159,3 +160,25 @@ def test_cli_default_out_and_errors(run, tmp_path):
     result = CliRunner().invoke(main, ["report", "--run", str(empty)])
     assert result.exit_code == 1 and "config.json: cannot read the run's configuration" \
         in result.output
+
+
+def test_the_kernel_choices_have_a_table(run, tmp_path):
+    page = make_report(run=run)
+    assert "<h2>Kernels</h2>" in page
+    assert _row(page, "why") == ["off: fused layers need the compiled backend on a CUDA "
+                                 "device (this run: the eager backend on cpu)"]
+    assert _row(page, "loss kernels") == ["reference"]
+    saved = tmp_path / "saved"
+    shutil.copytree(run, saved)
+    layer = {"key": "k", "winner": "triton:64x64", "fused": True, "chained": True,
+             "ms": {"unfused": 0.25, "triton:64x64": 0.125}}
+    (saved / "fused_layers.json").write_text(json.dumps({
+        "reason": "auto: measured", "matching_loss": {"choice": "triton"},
+        "fused_layers": {"mode": "auto", "G": {"layers": {"stages.1.0": layer}},
+                         "D": {"layers": {"stages.0": {"fused": False, "refused": "groups"}}}}}))
+    page = make_report(run=saved)
+    assert _row(page, "G.stages.1.0") == ["yes", "yes", "triton:64x64", "0.125", "0.25"]
+    assert _row(page, "D.stages.0") == ["no", "", "groups", "", ""]
+    (saved / "fused_layers.json").write_text("{not json")
+    with pytest.raises(T2IError, match="fused_layers.json: cannot read the kernel choices"):
+        make_report(run=saved)

@@ -29,8 +29,13 @@ def test_profile_one_cpu_step(profile_step, tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text()) == summary
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert summary["time_source"] == "cpu" and summary["kernel_launches_per_step"] is None
-    # The benchmark's configuration: the text encoder frozen, its weights given.
-    assert summary["text_encoder"] == "frozen"
+    # The benchmark's configuration: the text encoder frozen, its weights given, its
+    # embeddings computed once: no recurrent operator in the profiled steps.
+    assert summary["text_encoder"] == "frozen (cached caption table)"
+    assert summary["fused_layers"] == "off"  # auto, on the CPU
+    names = {e.get("name", "").lower()
+             for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]}
+    assert names and not [n for n in names if "gru" in n or "rnn" in n]
     assert summary["aten_ops_per_step"] > 0
     assert set(summary["kinds"]) == set(profile_step.KINDS)
     assert summary["kinds"]["conv/gemm"]["us_per_step"] > 0

@@ -14,6 +14,8 @@ from click.core import ParameterSource
 from t2i_fast.cli.data import BUILT_IN, ensure_built_in
 from t2i_fast.config import (
     BACKENDS,
+    FUSED_LAYERS,
+    INTERP_BATCHES,
     PAPER_SCHEDULE,
     PRECISIONS,
     SMALL_SCHEDULE,
@@ -122,6 +124,15 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_TRAIN["precision"],
               help="bf16: bfloat16 autocast (losses in float32); auto is bf16 for the compiled "
                    "backend on a GPU, fp32 otherwise.")
+@click.option("--fused-layers", type=click.Choice(FUSED_LAYERS), default=_TRAIN["fused_layers"],
+              help="Triton conv → BatchNorm → LeakyReLU layers: auto fuses those measured "
+                   "faster inside the captured step (compiled backend on a GPU; off "
+                   "elsewhere), on every layer the op takes (compiled backend on a GPU only), "
+                   "off none. The choice and its timings go to RUN/fused_layers.json.")
+@click.option("--interp-batch", type=click.Choice(INTERP_BATCHES),
+              default=_TRAIN["interp_batch"],
+              help="GAN-INT's interpolated batch: the full batch, or half of it as Reed's "
+                   "code does.")
 @click.option("--sync-bn", is_flag=True,
               help="Under torchrun: BatchNorm statistics over the global batch "
                    "(SyncBatchNorm) rather than over each GPU's share (the default, per-GPU "

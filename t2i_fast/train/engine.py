@@ -8,8 +8,12 @@ the moving average. Each network runs once per part: its evaluations in a part a
 over the concatenated batches, with BatchNorm statistics taken per group
 (``t2i_fast.models.grouped_batchnorm``) so that the result is that of separate calls. Where
 the networks' BatchNorm cannot group (SyncBatchNorm under ``--sync-bn``, the fused layers'
-own BatchNorm) the part calls the network once per group instead. The text encoder (a GRU,
-which Dynamo does not trace) runs outside the parts.
+own BatchNorm) the part calls the network once per group instead.
+
+φ(t): with a frozen text encoder the trainer embeds every caption once
+(``t2i_fast.train.caption_table``) and the step takes the loader's caption ids, gathering and
+averaging their rows of that ``caption_table``: no GRU and no one-hot captions in the step. A
+text encoder trained with D runs in the step, outside the parts (Dynamo does not trace its GRU).
 
 ``backend="eager"`` runs the parts as they are, in float32 (or bfloat16 autocast when
 asked), the noise drawn from the given generator: a resumed run is bit-identical to an
@@ -18,12 +22,15 @@ uninterrupted one. ``backend="compiled"`` runs the same step with:
 - each part under ``torch.compile(fullgraph=True)``: backward goes through AOTAutograd's
   compiled graphs, and the moving average is one fused update of all of G's weights;
 - channels_last parameters and images, bfloat16 autocast (``precision="bf16"``; the losses
-  are taken in float32), fused Adam, the fused GAN-CLS/GAN-INT loss kernels when
-  ``t2i_fast.ops.matching_loss`` imports (they fall back to the plain losses on the CPU);
-- with ``fused_layers`` (CUDA), the conv → BatchNorm → LeakyReLU layers for which the
-  measured per-layer dispatch of ``t2i_fast.ops.conv_bn_act`` picks its Triton GEMM over
-  cuDNN become single ``conv_bn_act`` calls (``t2i_fast.ops.fused_layers``); elsewhere
-  Inductor fuses BatchNorm and the activation around cuDNN's convolution as usual;
+  are taken in float32), fused Adam, and the GAN-CLS/GAN-INT losses that
+  ``choose_matching_loss`` measures faster in CUDA-graph replay (the fused Triton kernels or
+  the plain losses compiled with the rest; the plain ones where nothing can be timed);
+- with ``fused_layers`` "auto" or "on" (CUDA), the conv → BatchNorm → LeakyReLU layers that
+  ``choose_fused_layers`` picks (auto: those whose fused form is faster in CUDA-graph replay;
+  on: all it takes) become single ``conv_bn_act`` calls, chained where that wins; elsewhere
+  Inductor fuses BatchNorm and the activation around cuDNN's convolution as usual. Both
+  choices are made when the engine is made, before anything is compiled or captured, and
+  their evidence is ``kernel_evidence``;
 - on CUDA, the whole step (both updates, the noise, the moving average) in one CUDA graph:
   the batch is copied into static buffers and the graph replayed. Nothing in a step waits
   for the GPU: the learning rate and the average's weight are device tensors written before
@@ -66,6 +73,7 @@ from torch import nn
 from t2i_fast.config import TrainConfig
 from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embeddings
 from t2i_fast.models.grouped_batchnorm import groupable
+from t2i_fast.train.caption_table import mean_embedding
 from t2i_fast.train.distributed import World
 
 # Steps run without a graph before the capture: by then every part is compiled, Adam's
@@ -107,8 +115,9 @@ class StepEngine:
     def __init__(self, *, G: nn.Module, D: nn.Module, text_encoder: nn.Module,
                  G_ema: nn.Module | None, config: TrainConfig, device: torch.device,
                  noise: torch.Generator, backend: str, precision: str,
-                 graphs: bool | None = None, fused_layers: bool = False,
-                 world: World | None = None, interp_batch: str = "full"):
+                 graphs: bool | None = None, fused_layers: str = "off",
+                 world: World | None = None, interp_batch: str = "full",
+                 caption_table: torch.Tensor | None = None, fusion_timer=None):
         if backend not in ("eager", "compiled"):
             raise ValueError(f"backend must be 'eager' or 'compiled', got {backend!r}")
         if precision not in ("fp32", "bf16"):
@@ -119,8 +128,15 @@ class StepEngine:
         cuda = device.type == "cuda"
         if graphs and not (compiled and cuda):
             raise ValueError("CUDA graphs need the compiled backend on a CUDA device")
-        if fused_layers and not (compiled and cuda):
+        if fused_layers not in ("auto", "on", "off"):
+            raise ValueError(f"fused_layers must be 'auto', 'on' or 'off', got {fused_layers!r}")
+        # fusion_timer replaces the CUDA-graph timing of both kernel choices (tests: it lets
+        # the CPU choose fused layers, which run PyTorch's reference there).
+        if fused_layers != "off" and not (compiled and cuda) and fusion_timer is None:
             raise ValueError("fused_layers needs the compiled backend on a CUDA device")
+        if caption_table is not None and config.joint_text_encoder:
+            raise ValueError("a caption table needs a frozen text encoder: one trained with D "
+                             "changes every caption's embedding each step")
         self.config = config
         self.G, self.D, self.text_encoder, self.G_ema = G, D, text_encoder, G_ema
         self.device = device
@@ -135,7 +151,7 @@ class StepEngine:
         self.interp_batch = interp_batch
         # Each network's evaluations in a part are one call, unless its BatchNorm layers
         # take the statistics their own way (SyncBatchNorm; the fused layers' BatchNorm).
-        self.grouped = not fused_layers and groupable(G) and groupable(D)
+        self.grouped = fused_layers == "off" and groupable(G) and groupable(D)
         self.z_dim = G.config.z_dim
         self.image_size = G.config.image_size
         if compiled:
@@ -157,8 +173,19 @@ class StepEngine:
         # The average's weight: a device tensor for compiled parts (a float argument would
         # recompile at each new value, and a graph reads it from memory), else a float.
         self._ema_weight = torch.zeros((), device=device) if compiled else None
-        self._d_loss, self._g_loss = _losses() if compiled else (discriminator_loss,
-                                                                 generator_loss)
+        self.caption_table = caption_table  # [n_captions, E], or None: encode in the step
+        n = config.batch_size // self.world.size
+        self.fused: list[str] = []  # the fused layers' names
+        self.kernel_evidence = {"fused_layers": self._fuse_layers(n, fused_layers,
+                                                                  fusion_timer)}
+        if compiled:
+            loss, self.kernel_evidence["matching_loss"] = _choose_losses(
+                n, config=config, device=device, precision=precision, timer=fusion_timer)
+        else:
+            loss = "reference"
+            self.kernel_evidence["matching_loss"] = {
+                "choice": loss, "refused": "the eager backend runs the plain losses"}
+        self._d_loss, self._g_loss = _losses(loss)
         parts = [_Part("generator forward", self._generate, G=G),
                  _Part("discriminator step", self._discriminator_step, D=D),
                  # D is frozen for G's loss: the gradient reaches G through the generator
@@ -179,8 +206,6 @@ class StepEngine:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._outputs: dict[str, torch.Tensor] | None = None  # the graph's output buffers
         self._uncaptured = 0
-        self.fused_layers = fused_layers
-        self.fused: list[str] | None = None  # the fused layers' names, once chosen
 
     # -- what the trainer sets ---------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -220,8 +245,6 @@ class StepEngine:
         weight = 1 - min(self.config.ema_decay, 1 - 4 / (4 + step))
         if self._ema_weight is not None:
             weight = self._ema_weight.fill_(weight)
-        if self.fused_layers and self.fused is None:
-            self.fused = self._fuse_layers(len(batch))
         if self.graphs:
             return self._graph_step(batch)
         layout = torch.channels_last if self.compile else torch.preserve_format
@@ -246,13 +269,17 @@ class StepEngine:
 
     def _updates(self, images: torch.Tensor, wrong: torch.Tensor, captions: torch.Tensor,
                  ema_weight: torch.Tensor | float) -> dict[str, torch.Tensor]:
-        """The D update, the G update, then G's average (by ``ema_weight``)."""
+        """The D update, the G update, then G's average (by ``ema_weight``). ``captions``:
+        the loader's caption ids with a caption table, else its captions."""
         config = self.config
         n = images.shape[0]
         n_mixed = n // 2 if self.interp_batch == "half" else n
         with self._autocast():
-            with torch.set_grad_enabled(config.joint_text_encoder):
-                text = self._encode(captions)  # [B, E]
+            if self.caption_table is not None:
+                text = mean_embedding(self.caption_table, captions)  # ids [B, k] → [B, E]
+            else:
+                with torch.set_grad_enabled(config.joint_text_encoder):
+                    text = self._encode(captions)  # [B, E]
             fixed = text.detach()
             # GAN-INT's generator batch is made here with the other: G does not change in
             # the D update, and one generator forward per step is what DDP expects.
@@ -431,29 +458,50 @@ class StepEngine:
         graph.replay()
         return outputs
 
-    def _fuse_layers(self, n: int) -> list[str]:
-        """Fuses the layers where Triton wins, measured on inputs of batch ``n`` as the step
-        will give them (autocast included)."""
-        from t2i_fast.ops.fused_layers import fuse_conv_bn_act, triton_wins
+    def _fuse_layers(self, n: int, mode: str, timer) -> dict:
+        """Fuses G's and D's layers as ``choose_fused_layers`` decides for ``mode``, measured
+        on inputs of batch ``n`` as the step gives them (layout, autocast); the evidence."""
+        evidence: dict = {"mode": mode}
+        if mode == "off":
+            return evidence
+        from t2i_fast.ops.fused_layers import choose_fused_layers
 
+        layout = torch.channels_last if self.compile else torch.contiguous_format
         z = torch.randn(n, self.z_dim, device=self.device)
         text = torch.randn(n, self.G.config.embedding_dim, device=self.device)
         images = torch.randn(n, 3, self.image_size, self.image_size, device=self.device
-                             ).contiguous(memory_format=torch.channels_last)
+                             ).contiguous(memory_format=layout)
         with self._autocast():
-            return ([f"G.{name}" for name in fuse_conv_bn_act(
-                        self.G, z, text, impl="triton", wanted=triton_wins)]
-                    + [f"D.{name}" for name in fuse_conv_bn_act(
-                        self.D, images, text, impl="triton", wanted=triton_wins)])
+            for name, network, inputs in (("G", self.G, (z, text)),
+                                          ("D", self.D, (images, text))):
+                names, evidence[name] = choose_fused_layers(network, *inputs, mode=mode,
+                                                            timer=timer)
+                self.fused += [f"{name}.{layer}" for layer in names]
+        evidence["fused"] = list(self.fused)
+        return evidence
 
 
-def _losses() -> tuple[Callable, Callable]:
-    """The fused GAN-CLS/GAN-INT loss kernels where Triton imports, else the plain losses
-    (the fused ones fall back to those on the CPU themselves)."""
+def _choose_losses(n: int, *, config: TrainConfig, device: torch.device, precision: str,
+                   timer) -> tuple[str, dict]:
+    """The GAN-CLS/GAN-INT losses the compiled step runs at batch ``n``: "triton" (the fused
+    kernels) or "reference" (the plain ones), as ``choose_matching_loss`` measures them."""
     try:
-        from t2i_fast.ops.matching_loss import discriminator_loss_fused, generator_loss_fused
-    except ImportError:
+        from t2i_fast.ops.matching_loss import choose_matching_loss
+    except ImportError as exc:  # no Triton
+        return "reference", {"choice": "reference", "refused": f"{exc}"}
+    return choose_matching_loss(
+        batch_size=n, device=device,
+        dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        matching_aware=config.matching_aware,
+        interp_weight=config.interp_weight if config.interpolate else None, timer=timer)
+
+
+def _losses(choice: str) -> tuple[Callable, Callable]:
+    """The D and G losses of ``choice``: "triton", the fused kernels, or "reference"."""
+    if choice == "reference":
         return discriminator_loss, generator_loss
+    from t2i_fast.ops.matching_loss import discriminator_loss_fused, generator_loss_fused
+
     return discriminator_loss_fused, generator_loss_fused
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import shutil
 import sys
 import time
@@ -15,9 +16,15 @@ from pathlib import Path
 import click
 import torch
 
-from t2i_fast.atomic import raise_if_disk_full
+from t2i_fast.atomic import raise_if_disk_full, write_text_atomically
 from t2i_fast.checkpoint_io import load_checkpoint
-from t2i_fast.config import TrainConfig, resolve_backend, resolve_precision
+from t2i_fast.config import (
+    TrainConfig,
+    fused_layers_reason,
+    resolve_backend,
+    resolve_fused_layers,
+    resolve_precision,
+)
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.data.alphabet import encode
 from t2i_fast.errors import T2IError
@@ -25,6 +32,7 @@ from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.run import Run
+from t2i_fast.train.caption_table import embed_all_captions, mean_embedding
 from t2i_fast.train.distributed import World, process_group, single, sync_batchnorm
 from t2i_fast.train.engine import MetricsReader, StepEngine
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
@@ -47,8 +55,11 @@ class Trainer:
         gan = self.models.gan
         # The epoch's order sharded by rank: rank r's batch b holds samples r, r + w, ... of
         # the global batch b, so the loader's position means the same on any number of ranks.
+        # A frozen encoder's embeddings are computed once (caption_table): the loader then
+        # gives each sample's caption ids, not its characters.
         self.loader = Loader(config.data, batch_size=self.world.split_batch(config.batch_size),
                              seed=config.seed, captions_per_sample=config.captions_per_sample,
+                             caption_format="onehot" if config.joint_text_encoder else "ids",
                              dtype=torch.float32, layout="nhwc",
                              rank=self.world.rank, world_size=self.world.size,
                              num_threads=config.loader_threads,
@@ -67,13 +78,18 @@ class Trainer:
         if config.text_encoder is not None:
             self._load_text_encoder(Path(config.text_encoder))
         self.text_encoder.requires_grad_(config.joint_text_encoder)
+        self.caption_table = None if config.joint_text_encoder else self._caption_table()
         self.noise = torch.Generator(device="cpu").manual_seed(config.seed + 1)
         backend = resolve_backend(config.backend, self.device)
+        fused_layers = resolve_fused_layers(config.fused_layers, backend, self.device)
         self.engine = StepEngine(
             G=self.G, D=self.D, text_encoder=self.text_encoder, G_ema=self.G_ema,
             config=config, device=self.device, noise=self.noise, backend=backend,
             precision=resolve_precision(config.precision, backend, self.device),
-            world=self.world)
+            world=self.world, fused_layers=fused_layers, interp_batch=config.interp_batch,
+            caption_table=self.caption_table)
+        self.fusion_evidence = {"reason": fused_layers_reason(fused_layers, backend, self.device),
+                                **self.engine.kernel_evidence}
         self.opt_d, self.opt_g = self.engine.opt_d, self.engine.opt_g
         self.step = 0
         self.history: list[dict] = []
@@ -83,6 +99,31 @@ class Trainer:
         self._calibrated_at: int | None = None  # the step G_ema's statistics were made at
 
     # -- state ------------------------------------------------------------------------------
+    def _caption_table(self) -> torch.Tensor:
+        """Every caption's embedding by the frozen encoder, [n_captions, E] on the device:
+        derived from the dataset and the encoder, so never saved, made again on resume. Each
+        process makes its own (no collective: on a GPU it takes seconds, less than sending
+        it)."""
+        table = embed_all_captions(dataset_path=self.config.data, text_encoder=self.text_encoder,
+                                   device=self.device,
+                                   show_progress=None if self.world.main else False)
+        if len(table) != self.loader.num_captions:
+            raise T2IError(f"{self.config.data}: {len(table)} captions embedded but the loader "
+                           f"numbers {self.loader.num_captions}")
+        return table
+
+    def _embed(self, captions: torch.Tensor) -> torch.Tensor:
+        """φ(t) [B, E] of caption ids [B, k] (with the caption table) or characters [B, k, L],
+        by the text encoder in eval mode, outside training."""
+        if self.caption_table is not None:
+            return mean_embedding(self.caption_table, captions.to(self.device))
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        try:
+            return self.text_encoder.encode_mean(captions.to(self.device))
+        finally:
+            self.text_encoder.train(was_training)
+
     def _load_text_encoder(self, path: Path) -> None:
         state = load_checkpoint(path)
         if state.get("text_config") != dataclasses.asdict(self.models.text):
@@ -141,28 +182,43 @@ class Trainer:
 
     # -- pictures ---------------------------------------------------------------------------
     def _sample_inputs(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Fixed captions (the first record of each of the first classes) and fixed noise."""
+        """Fixed captions, each its record's first (the first record of each of the first
+        classes; the first records in a dataset without classes), as caption ids [rows, 1]
+        with the caption table, else characters [rows, 1, L]; and fixed noise [cols, Z]."""
         with Dataset(self.config.data) as ds:
-            firsts: dict[int, int] = {}
+            one_class = len(ds.classes) == 1
+            firsts: dict[int, tuple[int, int]] = {}  # row key → (record, its first caption id)
+            first_id = 0
             for i in range(len(ds)):
-                firsts.setdefault(ds.record(i).class_id, i)
+                record = ds.record(i)
+                firsts.setdefault(i if one_class else record.class_id, (i, first_id))
+                first_id += len(record.char_indices)
                 if len(firsts) == SAMPLE_ROWS:
                     break
-            captions = [ds[i].captions[0] for i in firsts.values()]
+            chosen = list(firsts.values())
+            captions = [ds[i].captions[0] for i, _ in chosen]
             doc_length = ds.meta["doc_length"]
+        ids = [first for _, first in chosen]
         while len(captions) < SAMPLE_ROWS:
-            captions.append(captions[len(captions) % len(firsts)])
-        indices = torch.stack([torch.from_numpy(encode(c, doc_length)) for c in captions])
+            captions.append(captions[len(captions) % len(chosen)])
+            ids.append(ids[len(ids) % len(chosen)])
+        if self.caption_table is not None:
+            inputs = torch.tensor(ids)[:, None]
+        else:
+            inputs = torch.stack([torch.from_numpy(encode(c, doc_length)) for c in captions])
+            inputs = inputs[:, None]
         noise = torch.Generator().manual_seed(self.config.seed + 2)
         z = torch.randn(SAMPLE_COLUMNS, self.models.gan.z_dim, generator=noise)
-        return indices[:, None], z, captions  # [rows, 1, L], [cols, Z]
+        return inputs, z, captions
 
     def _calibration_inputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(caption indices [b, k, L], noise [b, Z]) batches as training draws them, fixed
-        for the run: the loader's first batches at another seed, and noise of their own."""
+        """(captions, noise [b, Z]) batches as training draws them, fixed for the run: the
+        loader's first batches at another seed (caption ids [b, k] with the caption table,
+        else characters [b, k, L]), and noise of their own."""
         batches = []
         with Loader(self.config.data, batch_size=self.loader.batch_size,
-                    seed=self.config.seed + 3, caption_format="indices",
+                    seed=self.config.seed + 3,
+                    caption_format="indices" if self.caption_table is None else "ids",
                     captions_per_sample=self.config.captions_per_sample,
                     num_threads=1) as loader:
             for batch in loader:
@@ -179,27 +235,20 @@ class Trainer:
         leaves it G's) before it samples or is saved; once a step."""
         if self.G_ema is None or self._calibrated_at == self.step:
             return
-        was_training = self.text_encoder.training
-        self.text_encoder.eval()
-        inputs = [(z.to(self.device), self.text_encoder.encode_mean(captions.to(self.device)))
-                  for captions, z in self._calibration]
-        self.text_encoder.train(was_training)
+        inputs = [(z.to(self.device), self._embed(captions)) for captions, z in self._calibration]
         recompute_batchnorm_stats(self.G_ema, inputs)
         self._calibrated_at = self.step
 
     @torch.no_grad()
     def write_samples(self) -> Path:
-        indices, z, captions = self._fixed
+        inputs, z, captions = self._fixed
         self.calibrate_average()
         generator = self.G_ema if self.G_ema is not None else self.G
         was_training = generator.training
         generator.eval()
-        self.text_encoder.eval()
-        text = self.text_encoder.encode_mean(indices.to(self.device))  # [rows, E]
-        text = text.repeat_interleave(SAMPLE_COLUMNS, 0)
+        text = self._embed(inputs).repeat_interleave(SAMPLE_COLUMNS, 0)  # [rows·cols, E]
         images = generator(z.repeat(SAMPLE_ROWS, 1).to(self.device), text)
         generator.train(was_training)
-        self.text_encoder.train()
         self.run.samples_dir.mkdir(exist_ok=True)
         grid = image_grid(images, rows=SAMPLE_ROWS, row_labels=captions, scale=2)
         path = self.run.sample_grid_path(self.step)
@@ -385,6 +434,9 @@ def _train(config: TrainConfig, *, resume: bool, world: World, stop: StopSignals
         if world.main and not resume:
             shutil.rmtree(run.root, ignore_errors=True)  # nothing half-made is left
         raise
+    if world.main:
+        write_text_atomically(run.fusion_evidence,
+                              json.dumps(trainer.fusion_evidence, indent=2) + "\n")
     checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None:
         trainer.restore(checkpoint)
