@@ -48,22 +48,29 @@ def eval_group() -> None:
 @click.option("--n", type=click.IntRange(min=1), default=None,
               help="Records scored; with --run, one-shape records, from their first "
                    "caption.  [default: all; 512 with --run]")
+@click.option("--size", type=click.IntRange(min=8), default=None,
+              help="With --real, score the training crops area-resized to this side, as the "
+                   "trainer shows them to a model of that size (32: the small preset). "
+                   " [default: the 64-pixel crops]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Noise seed (--run).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None, seed: int,
-               as_json: bool) -> None:
+def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None,
+               size: int | None, seed: int, as_json: bool) -> None:
     """Colour, shape and size accuracy on the shapes dataset: each image scored by a fixed
     image analysis against its record's first (largest) shape. A dataset made with
     'prepare shapes --holdout-pairs' adds a held-out column: images of the combinations no
-    training image shows, from the dataset's caption templates."""
+    training image shows, from the dataset's caption templates. Two-shape records are scored
+    apart: how often two shapes are found, and both named colours, and both named shapes."""
     if real == (run is not None):
         raise click.UsageError("pass either --run RUN (generated images) or --data DATASET "
                                "--real (the dataset's own images)")
     if real:
         if dataset is None:
             raise click.UsageError("--real needs --data DATASET")
-        scores = evaluate_dataset(dataset, n=n, crop=_CROP)
+        scores = evaluate_dataset(dataset, n=n, crop=_CROP, resize=size)
     else:
+        if size is not None:
+            raise click.UsageError("--size is for --real: a run's images have its model's size")
         model = TrainedModel.load(run)
         scores = evaluate_generated(model, dataset or _run_data(run), n=n or 512, seed=seed)
     if as_json:
@@ -75,6 +82,12 @@ def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None
         click.echo(f"{key:<12}{scores[f'{key}_acc']:<10.4f}"
                    + (f"{scores[f'heldout_{key}_acc']:.4f}" if held else ""))
     click.echo(f"{'images':<12}{scores['n']:<10}" + (str(scores["heldout_n"]) if held else ""))
+    if scores["two_shape_n"]:
+        click.echo(f"\n{'two shapes':<20}{'share':<10}")
+        for key, label in (("drawn", "two found"), ("colors", "both colours"),
+                           ("both", "both shapes")):
+            click.echo(f"{label:<20}{scores[f'two_shape_{key}']:<10.4f}")
+        click.echo(f"{'images':<20}{scores['two_shape_n']:<10}")
 
 
 @eval_group.command()

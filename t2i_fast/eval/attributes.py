@@ -13,11 +13,12 @@ from __future__ import annotations
 import colorsys
 import re
 from collections.abc import Iterable
-from itertools import pairwise
+from itertools import pairwise, permutations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
+import torch.nn.functional as F
 
 from t2i_fast.data.dataset import Dataset, Sample
 from t2i_fast.errors import DataError
@@ -112,6 +113,13 @@ def _attribute(word: str) -> tuple[str | None, str | None]:
 def score_image(image: np.ndarray) -> dict:
     """{"color", "shape", "size"} of the largest saturated shape in a uint8 RGB [H, W, 3]
     image; all None when nothing saturated is large enough to be a shape."""
+    shapes = find_shapes(image)
+    return shapes[0] if shapes else dict.fromkeys(ATTRIBUTES)
+
+
+def find_shapes(image: np.ndarray) -> list[dict]:
+    """{"color", "shape", "size"} of every saturated shape in a uint8 RGB [H, W, 3] image,
+    the largest first; empty when nothing saturated is large enough to be a shape."""
     rgb = np.asarray(image, dtype=np.float32)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {rgb.shape}")
@@ -121,7 +129,7 @@ def score_image(image: np.ndarray) -> dict:
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     keep = np.flatnonzero(areas[1:] >= _MIN_AREA * labels.size) + 1
     if keep.size == 0:
-        return dict.fromkeys(ATTRIBUTES)
+        return []
     labels[~np.isin(labels, keep)] = 0
     # Beige and slate backgrounds have a colour cast; every other background is grey. Either
     # way one chroma offset, taken where no shape is, describes the whole background.
@@ -129,13 +137,13 @@ def score_image(image: np.ndarray) -> dict:
               else np.zeros(3, dtype=np.float32))
     owners = _grow(labels, _EDGE)
     shapes = [_measure(rgb, labels == label, owners == label, offset) for label in keep]
-    shapes = [shape for shape in shapes if shape is not None]
-    if not shapes:
-        return dict.fromkeys(ATTRIBUTES)
-    best = max(shapes, key=lambda shape: shape["radius"])
+    # Stable: of equally large shapes, the first found stays first.
+    shapes = sorted((shape for shape in shapes if shape is not None),
+                    key=lambda shape: shape["radius"], reverse=True)
     side = np.sqrt(labels.size)
-    return {"color": best["color"], "shape": best["shape"],
-            "size": SIZES[int(np.searchsorted(_SIZE_LIMITS, best["radius"] / side))]}
+    return [{"color": shape["color"], "shape": shape["shape"],
+             "size": SIZES[int(np.searchsorted(_SIZE_LIMITS, shape["radius"] / side))]}
+            for shape in shapes]
 
 
 def _cores(chroma: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -241,42 +249,54 @@ def _shape(alpha: np.ndarray) -> str:
 def evaluate(images: Iterable[np.ndarray], targets: Iterable[dict]) -> dict:
     """Share of ``images`` whose colour, shape and size match ``targets`` (one {"color",
     "shape", "size"} each); an image where nothing is found matches nothing."""
-    return _tally(zip(images, targets, strict=True))
+    return _tally((find_shapes(image), target)
+                  for image, target in zip(images, targets, strict=True))
 
 
 def evaluate_dataset(path: str | Path, *, n: int | None = None, crop: int | None = 64,
                      resize: int | None = None) -> dict:
     """Scores of the first ``n`` records against their first shape, each seen through a centre
-    crop of ``crop`` pixels (the training view; None for the whole image), then resized to
-    ``resize`` pixels (bilinear; None to keep)."""
+    crop of ``crop`` pixels (the training view; None for the whole image), then area-resized
+    to ``resize`` pixels as the trainer resizes (None to keep); and, under ``two_shape_*``
+    keys, how often both shapes of the two-shape records among them are found."""
     with Dataset(path) as ds:
         count = len(ds) if n is None else min(n, len(ds))
-        samples = (ds[i] for i in range(count))
-        return _tally((_view(s.image, crop, resize), _truth(path, s)) for s in samples)
+        # (shapes found, shapes drawn) of each record: small, unlike the images.
+        read = [(find_shapes(_view(s.image, crop, resize)), _truth_shapes(path, s))
+                for s in (ds[i] for i in range(count))]
+    return {**_tally((found, truth[0]) for found, truth in read),
+            **_tally_two_shapes((found, truth) for found, truth in read if len(truth) == 2)}
 
 
 def evaluate_generated(model: TrainedModel, path: str | Path, *, n: int = 512, seed: int = 0,
                        batch_size: int = 64) -> dict:
     """Scores of images generated from the first caption of the first ``n`` one-shape
-    records, each against that shape. Two-shape records are left out: the scorer reads the
-    largest shape, and a caption naming two shapes does not fix which one an image draws
-    larger.
+    records, each against that shape. The first caption of the first ``n`` two-shape records
+    is scored apart, under ``two_shape_*`` keys: whether the image shows two shapes and both
+    named ones (a caption naming two shapes does not fix which one an image draws larger, so
+    they are not scored as one shape).
 
     Where the dataset holds colour-shape combinations out (``prepare shapes --holdout-pairs``), no
     record shows them, so up to ``n`` more images come from captions of those combinations
     (every one-shape template, every size), scored under ``heldout_*`` keys: zero-shot."""
-    samples = []
+    by_count: dict[int, list[Sample]] = {1: [], 2: []}
     with Dataset(path) as ds:
         holdout = ds.meta.get("holdout", [])
         for i in range(len(ds)):
-            if len(samples) == n:
+            if all(len(kept) == n for kept in by_count.values()):
                 break
             sample = ds[i]
-            if len(_truth_shapes(path, sample)) == 1:
-                samples.append(sample)
+            kept = by_count.get(len(_truth_shapes(path, sample)))
+            if kept is not None and len(kept) < n:
+                kept.append(sample)
+    samples = by_count[1]
     targets = [_truth(path, s) for s in samples]
     captions = [s.captions[0] for s in samples]
     scores = evaluate(_generate(model, captions, seed=seed, batch_size=batch_size), targets)
+    two = by_count[2]
+    images = _generate(model, [s.captions[0] for s in two], seed=seed, batch_size=batch_size)
+    scores.update(_tally_two_shapes((find_shapes(image), _truth_shapes(path, s))
+                                    for image, s in zip(images, two, strict=True)))
     if holdout:
         targets, captions = _held_out_prompts(holdout, n)
         held = evaluate(_generate(model, captions, seed=seed, batch_size=batch_size), targets)
@@ -307,15 +327,41 @@ def _held_out_prompts(combos: list[str], n: int) -> tuple[list[dict], list[str]]
     return list(targets), list(captions)
 
 
-def _tally(pairs: Iterable[tuple[np.ndarray, dict]]) -> dict:
+def _tally(pairs: Iterable[tuple[list[dict], dict]]) -> dict:
+    """Accuracy of the largest shape found in each image (``find_shapes``) against its
+    target."""
     hits = dict.fromkeys(ATTRIBUTES, 0)
     count = 0
-    for image, target in pairs:
-        scored = score_image(image)
+    for found, target in pairs:
+        scored = found[0] if found else dict.fromkeys(ATTRIBUTES)
         for key in ATTRIBUTES:
             hits[key] += scored[key] is not None and scored[key] == target[key]
         count += 1
     return {**{f"{key}_acc": hits[key] / max(count, 1) for key in ATTRIBUTES}, "n": count}
+
+
+def _tally_two_shapes(pairs: Iterable[tuple[list[dict], list[dict]]]) -> dict:
+    """Of images each meant to show two shapes, given the shapes found in each and the two
+    named: the share where two or more shapes are found (``two_shape_drawn``), where both named
+    colours are (``two_shape_colors``), and where both named colour-shape pairs are
+    (``two_shape_both``), each named shape on a found shape of its own; None without images."""
+    hits = {"drawn": 0, "colors": 0, "both": 0}
+    count = 0
+    for found, named in pairs:
+        hits["drawn"] += len(found) >= 2
+        hits["colors"] += _each_found(found, named, ("color",))
+        hits["both"] += _each_found(found, named, ("color", "shape"))
+        count += 1
+    return {**{f"two_shape_{key}": value / count if count else None
+               for key, value in hits.items()}, "two_shape_n": count}
+
+
+def _each_found(found: list[dict], named: list[dict], keys: tuple[str, ...]) -> bool:
+    """Whether each named shape matches a different found shape on ``keys``."""
+    def same(a: dict, b: dict) -> bool:
+        return all(a[key] == b[key] for key in keys)
+    return any(all(same(found[k], shape) for k, shape in zip(order, named, strict=True))
+               for order in permutations(range(len(found)), len(named)))
 
 
 def _truth_shapes(path: str | Path, sample: Sample) -> list[dict]:
@@ -337,7 +383,8 @@ def _view(image: np.ndarray, crop: int | None, resize: int | None) -> np.ndarray
             raise DataError(f"crop {crop} does not fit a {height}x{width} image")
         top, left = (height - crop) // 2, (width - crop) // 2
         image = image[top:top + crop, left:left + crop]
-    if resize is not None:
-        image = np.asarray(Image.fromarray(image).resize((resize, resize),
-                                                         Image.Resampling.BILINEAR))
+    if resize is not None and resize != image.shape[0]:
+        pixels = torch.from_numpy(image.copy()).permute(2, 0, 1).float()
+        pixels = F.adaptive_avg_pool2d(pixels, resize)  # [3, resize, resize], the trainer's
+        image = pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return image
