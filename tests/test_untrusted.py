@@ -24,7 +24,6 @@ from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.run import Run
 
 DOC_LENGTH = 150  # not the default 201
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _RunsCode:
@@ -242,7 +241,7 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path, name):
     # not hang it.
     done = subprocess.run([sys.executable, "-m", "t2i_fast", "prepare", "folder", "--root",
                            str(root), "--out", str(out)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=120, cwd=tmp_path)  # not the checkout: the installed package
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and f"{root / name}: not a regular file but a FIFO" \
         in done.stderr
