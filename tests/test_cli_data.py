@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from conftest import write_random_dataset
 
@@ -50,6 +51,23 @@ def test_stream_makes_the_built_in_dataset_when_absent(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "making the built-in shapes dataset at shapes.lmdb" in result.output
     assert "shapes.lmdb: 10000 images, 156 batches of 64" in result.output
+    assert (tmp_path / "shapes.lmdb" / "data.mdb").is_file()
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--max-steps", "1", "--batch-size", "8", "--train-text-encoder"],
+    ["pretrain-text", "--out", "text", "--epochs", "1", "--batch-size", "8"]])
+def test_training_commands_make_the_built_in_dataset_when_absent(tmp_path, monkeypatch,
+                                                                 command):
+    """The README's main job is `t2i-fast train` in an empty folder (a smaller dataset here)."""
+    from t2i_fast.prepare import shapes
+
+    make_shapes = shapes.make_shapes
+    monkeypatch.setattr(shapes, "make_shapes", lambda *, out: make_shapes(out=out, n=40))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [*command, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "making the built-in shapes dataset at shapes.lmdb" in result.output
     assert (tmp_path / "shapes.lmdb" / "data.mdb").is_file()
 
 

@@ -20,9 +20,10 @@ _DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfl
            "float32": torch.float32}
 
 
-def ensure_built_in(data: Path) -> None:
-    """Makes the built-in shapes dataset when ``data`` names it and it is absent."""
-    if data == BUILT_IN and not BUILT_IN.exists():
+def ensure_built_in(data: str | Path) -> None:
+    """Makes the built-in shapes dataset when ``data`` names it and it is absent (configs hold
+    the path as a string, options as a Path: both name it)."""
+    if Path(data) == BUILT_IN and not BUILT_IN.exists():
         from t2i_fast.prepare.shapes import make_shapes
 
         click.echo(f"making the built-in shapes dataset at {BUILT_IN}", err=True)
