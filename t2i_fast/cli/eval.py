@@ -18,8 +18,6 @@ from t2i_fast.pictures import to_uint8
 from t2i_fast.run import Run
 from t2i_fast.style_transfer import load_style_encoder
 
-_CROP = 64  # the training view of the 76-pixel records
-
 
 def _run_data(run: Path) -> Path:
     """The dataset of a run folder or of the run holding a checkpoint file."""
@@ -67,7 +65,7 @@ def attributes(run: Path | None, dataset: Path | None, real: bool, n: int | None
     if real:
         if dataset is None:
             raise click.UsageError("--real needs --data DATASET")
-        scores = evaluate_dataset(dataset, n=n, crop=_CROP, resize=size)
+        scores = evaluate_dataset(dataset, n=n, resize=size)
     else:
         if size is not None:
             raise click.UsageError("--size is for --real: a run's images have its model's size")

@@ -26,7 +26,7 @@ MAGIC = b"T2IR"
 ENCODINGS = ("raw", "jpeg")
 PIXEL_FORMAT = "uint8 RGB, HWC"
 MAX_CAPTIONS = 255  # caption ids are drawn from a 256-entry table (csrc/sampling.h)
-MAX_IMAGE_SIZE = 4096  # the writer's bound: a reader never sizes a buffer beyond it
+MAX_IMAGE_SIZE = 4096  # the writer refuses larger; a reader never sizes a buffer beyond it
 
 # magic, version, encoding, channels, height, width, class id, captions, doc length,
 # name bytes, pixel bytes, text bytes, attribute bytes; then zeros up to the CRC at byte 60.

@@ -29,6 +29,7 @@ from t2i_fast.data.alphabet import ALPHABET, DEFAULT_DOC_LENGTH, encode_many
 from t2i_fast.data.format import (
     ENCODINGS,
     FORMAT_VERSION,
+    MAX_IMAGE_SIZE,
     META_KEY,
     Record,
     encode_pixels,
@@ -50,8 +51,8 @@ class DatasetWriter:
                  jpeg_quality: int = 95, overwrite: bool = False, extra_meta: dict | None = None):
         if encoding not in ENCODINGS:
             raise DataError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-        if not 8 <= image_size <= 4096:
-            raise DataError(f"image size must be in [8, 4096], got {image_size}")
+        if not 8 <= image_size <= MAX_IMAGE_SIZE:
+            raise DataError(f"image size must be in [8, {MAX_IMAGE_SIZE}], got {image_size}")
         self.out = Path(out)
         _recover(self.out)
         if self.out.exists() and not overwrite:

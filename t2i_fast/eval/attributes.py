@@ -253,7 +253,8 @@ def evaluate(images: Iterable[np.ndarray], targets: Iterable[dict]) -> dict:
                   for image, target in zip(images, targets, strict=True))
 
 
-def evaluate_dataset(path: str | Path, *, n: int | None = None, crop: int | None = 64,
+def evaluate_dataset(path: str | Path, *, n: int | None = None,
+                     crop: int | None = TRAINING_CROP,
                      resize: int | None = None) -> dict:
     """Scores of the first ``n`` records against their first shape, each seen through a centre
     crop of ``crop`` pixels (the training view; None for the whole image), then area-resized

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from t2i_fast.data.dataset import Dataset
+from t2i_fast.data.loader import default_size
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.pictures import to_uint8
@@ -62,7 +63,7 @@ def real_images(path: str | Path, *, n: int, size: int,
     rng = np.random.default_rng(seed)
     images, captions = [], []
     with Dataset(path) as ds:
-        crop = round(min(ds.meta["image_size"]) * 64 / 76)
+        crop = default_size(min(ds.meta["image_size"]))
         for index in rng.choice(len(ds), size=min(n, len(ds)), replace=False):
             sample = ds[int(index)]
             h, w, _ = sample.image.shape

@@ -761,16 +761,12 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     BatchNorm, as ``conv_bn_stats`` returns them. Gradients flow to x, in_scale and
     in_shift (and so on to the previous layer's γ, β and batch statistics).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if training and momentum is None:
         raise ValueError("momentum=None (a cumulative average) is not supported")
-    _check_prologue(x, in_scale, in_shift)
     args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
     options = {"kind": kind, "stride": stride, "padding": padding}
     prologue = {"in_scale": in_scale, "in_shift": in_shift}
-    family = resolve_impl(_check_impl(impl, training=training), IMPLS, x,
-                          lambda: _refusal(*args, **options, training=training, **prologue))
+    family = _family(args, options, prologue, impl, training=training)
     in_slope = None if in_slope is None else float(in_slope)
     if family == "ref":
         return conv_bn_act_ref(*args, **options, slope=slope, training=training,
@@ -782,6 +778,16 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.ops.t2i_fast.conv_bn_act_eval(*args, kind, stride, padding, slope,
                                                float(eps), impl, in_scale, in_shift,
                                                in_slope)
+
+
+def _family(args: tuple, options: dict, prologue: dict, impl: str, *, training: bool) -> str:
+    """The checks both public entry points make, then the implementation family ``impl``
+    resolves to for these tensors ("ref" or a fused one)."""
+    if options["kind"] not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {options['kind']!r}")
+    _check_prologue(args[0], prologue["in_scale"], prologue["in_shift"])
+    return resolve_impl(_check_impl(impl, training=training), IMPLS, args[0],
+                        lambda: _refusal(*args, **options, training=training, **prologue))
 
 
 def _batch_affine(bn_weight, bn_bias, mean, invstd) -> tuple[torch.Tensor, torch.Tensor]:
@@ -804,14 +810,10 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     layer applied to ``conv_bn_act(x, ..., slope=slope)``, without that activation ever
     written. Differentiable in every tensor; ``impl`` as ``conv_bn_act``'s (the same
     dispatch entry: the layer's GEMM is the same)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    _check_prologue(x, in_scale, in_shift)
     args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
     options = {"kind": kind, "stride": stride, "padding": padding}
     prologue = {"in_scale": in_scale, "in_shift": in_shift}
-    family = resolve_impl(_check_impl(impl, training=True), IMPLS, x,
-                          lambda: _refusal(*args, **options, training=True, **prologue))
+    family = _family(args, options, prologue, impl, training=True)
     in_slope = None if in_slope is None else float(in_slope)
     if family == "ref":
         conv = F.conv_transpose2d if kind == "conv_transpose" else F.conv2d

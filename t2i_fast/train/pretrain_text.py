@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from t2i_fast.atomic import save_atomically, write_text_atomically
 from t2i_fast.config import FieldError, check_types, resolve_device, resolve_preset
 from t2i_fast.data import Dataset, Loader
+from t2i_fast.data.loader import default_size
 from t2i_fast.errors import T2IError
 from t2i_fast.losses import sje_loss
 from t2i_fast.models import PRESETS, ImageEncoder, TextEncoder, preset
@@ -93,7 +94,7 @@ def zero_shot(image_encoder: torch.nn.Module, text_encoder: TextEncoder, dataset
     text_encoder.eval()
     images, labels, texts = [], [], {int(c): [] for c in classes}
     with Dataset(dataset) as ds:
-        crop = round(min(ds.meta["image_size"]) * 64 / 76)
+        crop = default_size(min(ds.meta["image_size"]))
         for i in range(len(ds)):
             sample = ds[i]
             if sample.class_id not in texts:
