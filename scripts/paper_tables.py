@@ -1,7 +1,9 @@
 """The paper's comparison on the shapes dataset: GAN, GAN-CLS, GAN-INT and GAN-INT-CLS trained
 the same way, then scored for attribute accuracy (seen and held-out colour-shape pairs),
 diversity (spread and style coverage against real images), style disentangling (background
-and position AUCs, beside a random encoder's and the captions') and retrieval R-precision.
+and position AUCs, beside a random encoder's and the captions') and retrieval R-precision;
+GAN-INT-CLS once more with the paper's loss alone (``--mode-seeking 0``), and the curve of
+GAN-INT-CLS's attribute scores against training time, from its checkpoints.
 
     python scripts/paper_tables.py --out paper_runs --markdown docs/results.md
 
@@ -25,9 +27,14 @@ import time
 from datetime import date
 from pathlib import Path
 
+from t2i_fast.config import SMALL_SCHEDULE
 from t2i_fast.run import Run, TextEncoderFolder
 
-VARIANTS = {"gan": "GAN", "cls": "GAN-CLS", "int": "GAN-INT", "int-cls": "GAN-INT-CLS"}
+VARIANTS = {"gan": "GAN", "cls": "GAN-CLS", "int": "GAN-INT", "int-cls": "GAN-INT-CLS",
+            "int-cls-paper": "GAN-INT-CLS, no mode-seeking term"}
+# Extra runs: their variant and training flags.
+FLAGS = {"int-cls-paper": ("int-cls", ("--mode-seeking", "0"))}
+CURVE = "int-cls"  # the run whose checkpoints give the curve
 HOLDOUT = "red circle,blue square,green triangle"
 EVALS = ("attributes", "diversity", "disentangle", "retrieval")
 START, END = "<!-- paper_tables:start -->", "<!-- paper_tables:end -->"
@@ -49,16 +56,18 @@ def _cached(path: Path, make, *, needs: str | None = None) -> dict:
 
 
 def run_variant(*, variant: str, data: Path, text_encoder: Path, out: Path, epochs: int,
-                seed: int, style_steps: int) -> dict:
+                seed: int, style_steps: int, checkpoint_every: int) -> dict:
     run = Run(out / variant)
     started = time.perf_counter()
     if run.checkpoints():
         _t2i("train", "--resume", str(run.root))  # continues to the end; a no-op when finished
     else:
         shutil.rmtree(run.root, ignore_errors=True)  # stopped before its first checkpoint
-        _t2i("train", "--data", str(data), "--run", str(run.root), "--variant", variant,
+        trains, flags = FLAGS.get(variant, (variant, ()))
+        _t2i("train", "--data", str(data), "--run", str(run.root), "--variant", trains,
              "--preset", "small", "--epochs", str(epochs), "--seed", str(seed),
-             "--text-encoder", str(text_encoder), "--device", "cpu")
+             "--text-encoder", str(text_encoder), "--device", "cpu",
+             "--checkpoint-every", str(checkpoint_every), "--keep-checkpoints", "1000", *flags)
     if not run.style_encoder.exists():
         _t2i("train-style", "--run", str(run.root), "--steps", str(style_steps), "--seed",
              str(seed), "--device", "cpu")
@@ -67,7 +76,30 @@ def run_variant(*, variant: str, data: Path, text_encoder: Path, out: Path, epoc
                                                    "--json"),
                             needs="baselines" if name == "disentangle" else None)
               for name in EVALS}
+    if variant == CURVE:
+        scores["curve"] = curve(run)
     return {**scores, "minutes": round((time.perf_counter() - started) / 60, 1)}
+
+
+def curve(run: Run) -> list[dict]:
+    """Attribute scores of every checkpoint of ``run`` (each saved beside it) against the
+    minutes of training to reach it, summed from the throughput its metrics logged."""
+    rows = run.metrics()
+    batch = run.config().batch_size
+    seconds, elapsed, last = {}, 0.0, 0
+    for row in rows:  # each row's images/s covers the steps since the previous row
+        elapsed += (row["step"] - last) * batch / row["images_per_s"]
+        seconds[row["step"]], last = elapsed, row["step"]
+    points = []
+    for checkpoint in run.checkpoints():
+        step = int(checkpoint.stem.split("_")[-1])
+        found = _cached(checkpoint.with_suffix(".attributes.json"),
+                        lambda c=checkpoint: _t2i("eval", "attributes", "--run", str(c),
+                                                  "--json"))
+        reached = max((s for s in seconds if s <= step), default=0)
+        points.append({"step": step, "minutes": round(seconds.get(reached, 0.0) / 60, 1),
+                       **{k: found[k] for k in ("color_acc", "shape_acc", "size_acc")}})
+    return points
 
 
 def markdown(results: dict[str, dict], *, epochs: int, seed: int, minutes: float) -> str:
@@ -93,6 +125,14 @@ def markdown(results: dict[str, dict], *, epochs: int, seed: int, minutes: float
         style += (f"| {VARIANTS[variant]} | {d['ratio']:.3f} "
                   f"| {d['backgrounds']:.3f} ({d['real_backgrounds']:.3f}) "
                   f"| {d['positions']:.3f} ({d['real_positions']:.3f}) | {aucs} |\n")
+    points = next((r["curve"] for r in results.values() if "curve" in r), [])
+    if points:
+        style += (f"\nThe curve: {VARIANTS[CURVE]}'s attribute scores at each checkpoint "
+                  "against its minutes of training (from the throughput it logged).\n\n"
+                  "| step | minutes | colour | shape | size |\n"
+                  "| ---: | ---: | ---: | ---: | ---: |\n")
+        style += "".join(f"| {p['step']} | {p['minutes']:.1f} | {p['color_acc']:.3f} "
+                         f"| {p['shape_acc']:.3f} | {p['size_acc']:.3f} |\n" for p in points)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, no GPU (CPU, `small` preset)"
     return (f"Shapes dataset with {HOLDOUT.replace(',', ', ')} held out of training; "
             f"{epochs} epochs per variant, seed {seed}; {machine}; {minutes:.0f} minutes in "
@@ -123,8 +163,10 @@ def write_section(path: Path, table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("paper_runs"))
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=SMALL_SCHEDULE.epochs)
+    parser.add_argument("--pretrain-epochs", type=int, default=SMALL_SCHEDULE.pretrain_epochs)
+    parser.add_argument("--checkpoint-every", type=int, default=312,
+                        help="Steps between checkpoints: the curve's points.")
     parser.add_argument("--style-steps", type=int, default=1000)
     parser.add_argument("--n", type=int, default=10000, help="Images in the dataset.")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,12 +189,14 @@ def main() -> None:
         partial = args.out / "text.partial"  # renamed when complete
         shutil.rmtree(partial, ignore_errors=True)
         _t2i("pretrain-text", "--data", str(data), "--out", str(partial), "--preset", "small",
-             "--epochs", str(args.pretrain_epochs), "--holdout-share", "0", "--seed",
+             "--epochs", str(args.pretrain_epochs), "--match", SMALL_SCHEDULE.pretrain_match,
+             "--holdout-share", "0", "--seed",
              str(args.seed), "--device", "cpu")
         partial.rename(text)
     results = {v: run_variant(variant=v, data=data, text_encoder=TextEncoderFolder(text).encoder,
                               out=args.out, epochs=args.epochs, seed=args.seed,
-                              style_steps=args.style_steps) for v in variants}
+                              style_steps=args.style_steps,
+                              checkpoint_every=args.checkpoint_every) for v in variants}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results, epochs=args.epochs, seed=args.seed,
                      minutes=(time.perf_counter() - started) / 60)

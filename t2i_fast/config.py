@@ -23,6 +23,9 @@ BACKENDS = ("auto", "eager", "compiled")
 PRECISIONS = ("auto", "fp32", "bf16")
 FUSED_LAYERS = ("auto", "on", "off")
 INTERP_BATCHES = ("full", "half")
+# GAN-CLS's mismatched pair: a real image of another class with the right text (Reed's code),
+# or the real image with another sample's text (the paper's Algorithm 1).
+MISMATCHES = ("image", "text")
 
 
 class FieldError(ConfigError):
@@ -87,18 +90,27 @@ def resolve_preset(name: str, device: str) -> str:
     return "reed" if torch.cuda.is_available() and device in ("auto", "cuda") else "small"
 
 
+# How the text pretraining pairs images with captions: "class" is DS-SJE, the paper's (an
+# image against the other classes' captions, text features averaged over the class); with
+# "instance" each image is its own class, so the text features keep what tells the images of
+# one class apart (the shapes dataset's classes are colour and shape, not size).
+MATCHES = ("class", "instance")
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """How long a preset trains when not told: GAN epochs, and epochs of the DS-SJE text
-    pretraining that comes first."""
+    """How a preset trains when not told: GAN epochs, and the epochs and matching of the
+    DS-SJE text pretraining that comes first."""
 
     epochs: int
     pretrain_epochs: int
+    pretrain_match: str
 
 
-# The paper's 600 epochs for its networks; the CPU-sized preset trains a short job instead.
-PAPER_SCHEDULE = Schedule(epochs=600, pretrain_epochs=20)
-SMALL_SCHEDULE = Schedule(epochs=10, pretrain_epochs=8)
+# The paper's 600 epochs for its networks; the CPU-sized preset trains a short job instead,
+# whose text encoder must also tell the sizes apart.
+PAPER_SCHEDULE = Schedule(epochs=600, pretrain_epochs=20, pretrain_match="class")
+SMALL_SCHEDULE = Schedule(epochs=10, pretrain_epochs=16, pretrain_match="instance")
 
 
 _SCHEDULED = tuple(field.name for field in dataclasses.fields(Schedule))
@@ -176,6 +188,7 @@ class TrainConfig:
     text_encoder: str | None = None  # a pretrain-text checkpoint; None pretrains one first
     train_text_encoder: bool = False  # update it with D (from scratch without text_encoder)
     pretrain_epochs: int | None = None  # None: the preset's schedule
+    pretrain_match: str | None = None  # class or instance (MATCHES); None: the preset's
     seed: int = 0
     sample_every: int = 200  # steps
     checkpoint_every: int = 500  # steps
@@ -191,6 +204,11 @@ class TrainConfig:
     # with the compiled backend on a GPU; off elsewhere)
     fused_layers: str = "auto"
     interp_batch: str = "full"  # GAN-INT mixes the full batch, or half of it (Reed's code)
+    # λ of the mode-seeking term (Mao et al., CVPR 2019) in G's loss; 0: off (the paper's
+    # loss). G draws half the batch's captions again with new noise and is pushed to keep the
+    # two images apart: without it G learns to ignore its noise.
+    mode_seeking: float = 1.0
+    mismatch: str = "image"  # GAN-CLS's mismatched pair: a wrong image, or a wrong text
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -198,7 +216,8 @@ class TrainConfig:
         for name, choices in (("variant", VARIANTS), ("preset", tuple(sorted(PRESETS))),
                               ("backend", BACKENDS), ("precision", PRECISIONS),
                               ("fused_layers", FUSED_LAYERS),
-                              ("interp_batch", INTERP_BATCHES)):
+                              ("interp_batch", INTERP_BATCHES),
+                              ("pretrain_match", MATCHES), ("mismatch", MISMATCHES)):
             if getattr(self, name) not in choices:
                 raise FieldError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
         if self.lr <= 0:
@@ -208,8 +227,9 @@ class TrainConfig:
                 raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.interp_beta <= 1:
             raise FieldError("interp_beta", f"must be in [0, 1], got {self.interp_beta}")
-        if self.interp_weight < 0:
-            raise FieldError("interp_weight", f"must be at least 0, got {self.interp_weight}")
+        for name in ("interp_weight", "mode_seeking"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be at least 0, got {getattr(self, name)}")
         if self.seed < 0:
             raise FieldError("seed", f"must be at least 0, got {self.seed}")
         for name in ("batch_size", "epochs", "max_steps", "lr_halve_every",

@@ -53,6 +53,17 @@ def generator_loss(fake_right: torch.Tensor, fake_interp: torch.Tensor | None = 
     return loss
 
 
+def mode_seeking_loss(images_a: torch.Tensor, images_b: torch.Tensor, z_a: torch.Tensor,
+                      z_b: torch.Tensor, *, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mode-seeking term of Mao et al. (CVPR 2019, MSGAN) for images G(z_a, t) and
+    G(z_b, t) of the same embeddings: with r = mean|a - b| / mean|z_a - z_b| (how far the
+    images move per unit of noise), the loss 1 / (r + eps), which G minimises to keep images
+    of one caption apart. Returns (loss, r), both float32 scalars."""
+    ratio = (images_a.float() - images_b.float()).abs().mean() \
+        / (z_a.float() - z_b.float()).abs().mean()
+    return 1 / (ratio + eps), ratio.detach()
+
+
 def interpolate_embeddings(t: torch.Tensor, *, beta: float = 0.5,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """GAN-INT's β·t1 + (1-β)·t2 for embeddings ``t`` [B, E]: t1 = t, t2 = t rolled by s rows

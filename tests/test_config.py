@@ -33,7 +33,7 @@ def test_the_command_line_and_the_python_api_train_the_same_job(shapes, tmp_path
     api = TrainConfig(data=str(shapes), run=str(tmp_path / "r"), **given)
     assert cli == api
     expected = SMALL_SCHEDULE if (preset or "small") == "small" else PAPER_SCHEDULE
-    assert (api.epochs, api.pretrain_epochs) == (expected.epochs, expected.pretrain_epochs)
+    assert (api.epochs, api.pretrain_epochs, api.pretrain_match) == dataclasses.astuple(expected)
 
 
 def test_auto_resolves_by_the_device(tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ def test_first_step_matches_eager(runs):
     graph moves them by the whole update."""
     first, compiled = runs["eager"]["losses"][0], runs["compiled"]["losses"][0]
     assert first.keys() == compiled.keys() == {"d_loss", "g_loss", "d_real", "d_fake",
-                                               "d_wrong"}
+                                               "d_wrong", "mode_seeking_ratio"}
     for key in first:
         assert compiled[key] == pytest.approx(first[key], rel=1e-5), key
     assert deviation(runs["compiled"], runs["eager"], 0) < 1e-2
@@ -206,7 +206,7 @@ def test_each_network_runs_once_a_part_as_separate_calls_would(batches, interp_b
     eager's with float64 (test_first_step_matches_eager says why not closer). With
     interp_batch="half", GAN-INT's batch is half the size."""
     length = batches[0].captions.shape[-1]
-    engines = [make_engine("eager", length=length, interp_batch=interp_batch)
+    engines = [make_engine("eager", length=length, interp_batch=interp_batch, mode_seeking=0.0)
                for _ in range(2)]
     engines[1].grouped = False
     calls = [(CallCount(e.G), CallCount(e.D)) for e in engines]
@@ -222,6 +222,53 @@ def test_each_network_runs_once_a_part_as_separate_calls_would(batches, interp_b
     for (name, a), b_ in zip(engines[0].G.named_buffers(), engines[1].G.buffers(),
                              strict=True):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_mode_seeking_pair_is_one_more_group_of_the_generator(batches):
+    """With the mode-seeking term, G's one call holds the fake batch, GAN-INT's and the pair
+    (the first half's embeddings with new noise), each with its own BatchNorm statistics: the
+    first step's losses, the term's ratio and the weights after it are those of separate
+    calls; the ratio is that of the images the pair's noise makes."""
+    length = batches[0].captions.shape[-1]
+    engines = [make_engine("eager", length=length, mode_seeking=1.0) for _ in range(2)]
+    engines[1].grouped = False
+    calls = [CallCount(e.G) for e in engines]
+    init = state(engines[1])
+    got, want = (e.step(batches[0], step=0) for e in engines)
+    assert 0 < want["mode_seeking_ratio"].item()
+    for key in want:
+        assert got[key].item() == pytest.approx(want[key].item(), rel=1e-5), key
+    assert calls[0].sizes == [BATCH + BATCH + BATCH // 2]
+    assert calls[1].sizes == [BATCH, BATCH, BATCH // 2]
+    grouped, separate = ({"init": init, "states": [state(e)]} for e in engines)
+    assert deviation(grouped, separate, 0) < 1e-2
+    # Off, the loss is the paper's: the same D update, and G's loss without the term.
+    plain = make_engine("eager", length=length, mode_seeking=0.0).step(batches[0], step=0)
+    assert "mode_seeking_ratio" not in plain
+    assert plain["d_loss"].item() == pytest.approx(want["d_loss"].item(), rel=1e-5)
+    assert plain["g_loss"].item() < want["g_loss"].item()
+
+
+def test_the_papers_mismatched_pair_is_the_real_image_with_another_text(batches):
+    """--mismatch text: D's update scores each real image with the next sample's embedding
+    (the batch rolled by one), not the loader's wrong image with the right one."""
+    length = batches[0].captions.shape[-1]
+    engine = make_engine("eager", length=length, mismatch="text")
+    inputs = []
+    engine.D.register_forward_pre_hook(lambda module, args: inputs.append(args))
+    engine.step(batches[0], step=0)
+    images, text = inputs[0]  # the D update's one call: right, mismatched, fake
+    real, again, _ = images.split(BATCH)
+    right, wrong, right_again = text.split(BATCH)
+    torch.testing.assert_close(again, real)
+    torch.testing.assert_close(wrong, right.roll(1, dims=0))
+    torch.testing.assert_close(right_again, right)
+    assert not torch.equal(wrong, right)
+
+
+def test_mode_seeking_needs_four_samples():
+    with pytest.raises(ValueError, match="mode-seeking term needs at least 4 samples"):
+        make_engine("eager", length=201, mode_seeking=1.0, batch_size=2)
 
 
 def test_half_interpolation_needs_four_samples():

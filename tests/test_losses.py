@@ -7,6 +7,7 @@ from t2i_fast.losses import (
     discriminator_loss,
     generator_loss,
     interpolate_embeddings,
+    mode_seeking_loss,
     sje_loss,
 )
 
@@ -98,6 +99,26 @@ def test_generator_loss_gradient_is_non_saturating():
     generator_loss(x).backward()
     # -log D keeps a strong gradient where D rejects the fake (σ(-8) - 1 ≈ -1).
     torch.testing.assert_close(x.grad, torch.tensor([_sigmoid(-8.0) - 1, -0.5]) / 2)
+
+
+def test_mode_seeking_loss_by_hand():
+    a = torch.tensor([[0.0, 1.0], [0.5, -0.5]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 0.5]])  # |a - b|: 1, 0, 0.5, 1 → mean 0.625
+    za, zb = torch.zeros(2, 3), torch.full((2, 3), 2.0)  # mean |za - zb| = 2
+    loss, ratio = mode_seeking_loss(a, b, za, zb)
+    assert ratio.item() == pytest.approx(0.3125)
+    assert loss.item() == pytest.approx(1 / (0.3125 + 1e-5))
+    assert loss.dtype == torch.float32
+
+
+def test_mode_seeking_gradient_pushes_the_images_apart():
+    a = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    b = torch.tensor([[0.5, 0.0]], requires_grad=True)
+    loss, _ = mode_seeking_loss(a, b, torch.zeros(1, 4), torch.ones(1, 4))
+    loss.backward()
+    # A step against the gradient moves each pixel of a away from b's, and b's away from a's.
+    assert torch.all(torch.sign(-a.grad) == torch.sign(a.detach() - b.detach()))
+    assert torch.all(torch.sign(-b.grad) == torch.sign(b.detach() - a.detach()))
 
 
 def test_bf16_logits_give_float32_loss():

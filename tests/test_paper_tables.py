@@ -40,6 +40,35 @@ def test_the_tables_show_diversity_and_the_baselines(tables):
     assert "| GAN | 0.125 |" in text
 
 
+def test_the_curve_is_a_table_of_checkpoints(tables):
+    run = {**_results(0.5), "curve": [
+        {"step": 312, "minutes": 1.25, "color_acc": 0.5, "shape_acc": 0.25, "size_acc": 0.4},
+        {"step": 624, "minutes": 2.5, "color_acc": 0.9, "shape_acc": 0.3, "size_acc": 0.7}]}
+    text = tables.markdown({"int-cls": run}, epochs=3, seed=0, minutes=7)
+    assert "| 312 | 1.2 | 0.500 | 0.250 | 0.400 |\n| 624 | 2.5 | 0.900 | 0.300 | 0.700 |" in text
+
+
+def test_the_curves_minutes_come_from_the_logged_throughput(tables, tmp_path, monkeypatch):
+    from t2i_fast.config import TrainConfig
+    from t2i_fast.run import Run
+
+    run = Run(tmp_path / "run")
+    run.root.mkdir()
+    run.save_config(TrainConfig(data="d", run=str(run.root), batch_size=10, device="cpu"))
+    # 20 steps at 100 images/s (2 s), then 20 at 50 images/s (4 s).
+    run.metrics_file.write_text('{"step": 20, "images_per_s": 100}\n'
+                                '{"step": 40, "images_per_s": 50}\n')
+    run.checkpoints_dir.mkdir()
+    for step in (20, 40):
+        (run.checkpoints_dir / f"step_{step:08d}.pt").write_bytes(b"")
+        (run.checkpoints_dir / f"step_{step:08d}.attributes.json").write_text(
+            f'{{"color_acc": {step / 100}, "shape_acc": 0.25, "size_acc": 0.5}}')
+    monkeypatch.setattr(tables, "_t2i", lambda *a: pytest.fail("evaluated again"))
+    points = tables.curve(run)
+    assert [(p["step"], p["minutes"], p["color_acc"]) for p in points] == [
+        (20, round(2 / 60, 1), 0.2), (40, round(6 / 60, 1), 0.4)]
+
+
 def test_write_section_keeps_what_is_around_the_markers(tables, tmp_path):
     path = tmp_path / "results.md"
     path.write_text(f"# Hand-written\n\nbefore\n\n{tables.START}\nold table\n{tables.END}\n\n"

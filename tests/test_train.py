@@ -158,6 +158,35 @@ def test_pretrain_text_command(shapes, tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+@pytest.mark.parametrize("match", ["class", "instance"])
+def test_pretraining_matches_by_class_or_by_image(shapes, tmp_path, monkeypatch, match):
+    """class: the SJE loss's labels are class ids and each text feature is its class's mean in
+    the batch; instance: every image is its own label, its feature its own caption's."""
+    from t2i_fast.train import pretrain_text as module
+
+    seen = []
+
+    def recording(image_emb, text_emb, labels):
+        seen.append((text_emb.detach().clone(), labels.clone()))
+        return module.sje_loss.__wrapped__(image_emb, text_emb, labels)
+
+    recording.__wrapped__ = module.sje_loss
+    monkeypatch.setattr(module, "sje_loss", recording)
+    result = CliRunner().invoke(main, ["pretrain-text", "--data", str(shapes), "--out",
+                                       str(tmp_path / "t"), "--epochs", "1", "--batch-size",
+                                       "16", "--holdout-share", "0", "--match", match])
+    assert result.exit_code == 0, result.output
+    text, labels = seen[0]
+    if match == "instance":
+        assert len(set(labels.tolist())) == len(labels)
+    else:
+        assert len(set(labels.tolist())) < len(labels), "16 images of 24 classes share one"
+    for label in labels.unique():  # rows of one label carry one feature (their class mean)
+        rows = text[labels == label]
+        torch.testing.assert_close(rows, rows[:1].expand_as(rows))
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["match"] == match
+
+
 def test_backbone_options_go_together_and_need_torchvision(shapes, tmp_path):
     weights = tmp_path / "w.pt"
     torch.save({}, weights)

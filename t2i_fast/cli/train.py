@@ -16,6 +16,8 @@ from t2i_fast.config import (
     BACKENDS,
     FUSED_LAYERS,
     INTERP_BATCHES,
+    MATCHES,
+    MISMATCHES,
     PAPER_SCHEDULE,
     PRECISIONS,
     SMALL_SCHEDULE,
@@ -95,6 +97,14 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
 @click.option("--interp-beta", type=float, default=_TRAIN["interp_beta"], help="GAN-INT's β.")
 @click.option("--interp-weight", type=float, default=_TRAIN["interp_weight"],
               help="GAN-INT's loss weight.")
+@click.option("--mismatch", type=click.Choice(MISMATCHES), default=_TRAIN["mismatch"],
+              help="GAN-CLS's mismatched pair: a real image of another class with the right "
+                   "text (image, Reed's code) or the real image with another sample's text "
+                   "(text, the paper's Algorithm 1).")
+@click.option("--mode-seeking", type=float, default=_TRAIN["mode_seeking"],
+              help="Weight of the mode-seeking term (Mao et al., CVPR 2019) in G's loss: half "
+                   "the batch's captions drawn again with new noise, their images pushed apart "
+                   "(0: off).")
 @click.option("--ema-decay", type=float, default=_TRAIN["ema_decay"],
               help="Samples come from a moving average of G's weights with this decay "
                    "(0: from G itself).")
@@ -105,6 +115,11 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
 @click.option("--pretrain-epochs", type=click.IntRange(min=1), default=_TRAIN["pretrain_epochs"],
               help=f"Epochs of that pretraining  [default: {PAPER_SCHEDULE.pretrain_epochs}; "
                    f"{SMALL_SCHEDULE.pretrain_epochs} with the small preset]")
+@click.option("--pretrain-match", type=click.Choice(MATCHES), default=_TRAIN["pretrain_match"],
+              help=f"How that pretraining pairs images with captions: class (DS-SJE) or "
+                   f"instance (each image its own class)  [default: "
+                   f"{PAPER_SCHEDULE.pretrain_match}; {SMALL_SCHEDULE.pretrain_match} with the "
+                   f"small preset]")
 @click.option("--train-text-encoder", is_flag=True,
               help="Update the text encoder with D (from scratch without --text-encoder).")
 @click.option("--seed", type=click.IntRange(min=0), default=_TRAIN["seed"])
@@ -189,6 +204,9 @@ def train_command(ctx: click.Context, **options) -> None:
 @click.option("--lr", type=float, default=_PRETRAIN["lr"])
 @click.option("--holdout-share", type=float, default=_PRETRAIN["holdout_share"],
               help="Share of classes held out for zero-shot evaluation (without --eval-data).")
+@click.option("--match", type=click.Choice(MATCHES), default=_PRETRAIN["match"],
+              help="class: DS-SJE (the paper), each image against the other classes' "
+                   "captions; instance: against the other images' captions.")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=_PRETRAIN["eval_data"],
               help="Evaluate on this class-disjoint dataset (e.g. CUB's test split) instead.")
 @click.option("--image-backbone", default=_PRETRAIN["image_backbone"],

@@ -71,7 +71,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i_fast.config import TrainConfig
-from t2i_fast.losses import discriminator_loss, generator_loss, interpolate_embeddings
+from t2i_fast.losses import (
+    discriminator_loss,
+    generator_loss,
+    interpolate_embeddings,
+    mode_seeking_loss,
+)
 from t2i_fast.models.grouped_batchnorm import groupable
 from t2i_fast.train.caption_table import mean_embedding
 from t2i_fast.train.distributed import World
@@ -145,6 +150,9 @@ class StepEngine:
                 and config.batch_size // self.world.size < 4):
             raise ValueError("interp_batch='half' needs at least 4 samples per process: "
                              "BatchNorm needs 2 interpolated ones")
+        if config.mode_seeking and config.batch_size // self.world.size < 4:
+            raise ValueError("the mode-seeking term needs at least 4 samples per process: "
+                             "BatchNorm needs 2 images drawn again")
         self.compile = compiled  # whether the parts are compiled
         self.precision = precision
         self.graphs = compiled and cuda if graphs is None else graphs
@@ -286,7 +294,10 @@ class StepEngine:
             mixed = self._mix(fixed)[:n_mixed] if config.interpolate else None
             z = self._noise(n)
             z_mixed = self._noise(n_mixed) if config.interpolate else None
-            fake, interp = self._run("generator forward", z, fixed, z_mixed, mixed)
+            # The mode-seeking pair: the first half's captions again, with other noise.
+            z_pair = self._noise(n // 2) if config.mode_seeking else None
+            fake, interp, pair = self._run("generator forward", z, fixed, z_mixed, mixed,
+                                           z_pair)
             d_loss, scores = self._run("discriminator step", images, wrong, text,
                                        fake.detach())
         self.opt_d.zero_grad(set_to_none=True)
@@ -298,7 +309,8 @@ class StepEngine:
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                g_loss = self._run("generator step", fake, fixed, interp, mixed)
+                g_loss, g_metrics = self._run("generator step", fake, fixed, interp, mixed,
+                                              z, pair, z_pair)
             self.opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
         finally:
@@ -306,7 +318,7 @@ class StepEngine:
         self.opt_g.step()
         if self.G_ema is not None:
             self._run("moving average", ema_weight)
-        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), **scores}
+        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), **scores, **g_metrics}
 
     def _mix(self, text: torch.Tensor) -> torch.Tensor:
         """GAN-INT's interpolated embeddings, mixed across the global batch (this rank's
@@ -325,12 +337,21 @@ class StepEngine:
         return network(torch.cat(images), torch.cat(text), groups=sizes).split(sizes)
 
     def _generate(self, z: torch.Tensor, text: torch.Tensor, z_mixed: torch.Tensor | None,
-                  mixed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fake images [B, 3, S, S] and, with GAN-INT, those of the mixed embeddings."""
-        if mixed is None:
-            return self.G(z, text), None
-        fake, interp = self._each(self.G, (z, z_mixed), (text, mixed))
-        return fake, interp
+                  mixed: torch.Tensor | None, z_pair: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The fake images [B, 3, S, S]; with GAN-INT, those of the mixed embeddings; with the
+        mode-seeking term, those of the first len(z_pair) embeddings with noise ``z_pair``."""
+        noise, embeddings = [z], [text]
+        if mixed is not None:
+            noise.append(z_mixed), embeddings.append(mixed)
+        if z_pair is not None:
+            noise.append(z_pair), embeddings.append(text[:len(z_pair)])
+        if len(noise) == 1:
+            return self.G(z, text), None, None
+        images = list(self._each(self.G, tuple(noise), tuple(embeddings)))
+        fake = images.pop(0)
+        interp = images.pop(0) if mixed is not None else None
+        return fake, interp, images.pop(0) if z_pair is not None else None
 
     def _discriminator_step(self, images: torch.Tensor, wrong: torch.Tensor,
                             text: torch.Tensor, fake: torch.Tensor
@@ -340,7 +361,11 @@ class StepEngine:
         if images.shape[-1] != self.image_size:
             images = F.adaptive_avg_pool2d(images, self.image_size)  # = interpolate "area"
             wrong = F.adaptive_avg_pool2d(wrong, self.image_size)
-        if config.matching_aware:
+        if config.matching_aware and config.mismatch == "text":
+            # The paper's mismatched pair: each real image with another sample's text.
+            real_right, real_wrong, fake_right = self._each(
+                self.D, (images, images, fake), (text, text.roll(1, dims=0), text))  # [B] each
+        elif config.matching_aware:
             real_right, real_wrong, fake_right = self._each(
                 self.D, (images, wrong, fake), (text, text, text))  # [B] each
         else:
@@ -355,16 +380,24 @@ class StepEngine:
         return loss, scores
 
     def _generator_step(self, fake: torch.Tensor, text: torch.Tensor,
-                        interp: torch.Tensor | None, mixed: torch.Tensor | None
-                        ) -> torch.Tensor:
+                        interp: torch.Tensor | None, mixed: torch.Tensor | None,
+                        z: torch.Tensor, pair: torch.Tensor | None, z_pair: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """G's loss (the G update's): D on ``fake`` and, with GAN-INT, on ``interp``, the
-        images of the ``mixed`` embeddings."""
+        images of the ``mixed`` embeddings; with the mode-seeking term, ``pair`` (noise
+        ``z_pair``) held apart from the first images of ``fake``. And G's metrics."""
+        config = self.config
         if interp is None:
-            return self._g_loss(self.D(fake, text), None,
-                                interp_weight=self.config.interp_weight)
-        # The interpolated batch first: D's running statistics follow its calls' order.
-        interp_logits, fake_logits = self._each(self.D, (interp, fake), (mixed, text))
-        return self._g_loss(fake_logits, interp_logits, interp_weight=self.config.interp_weight)
+            loss = self._g_loss(self.D(fake, text), None, interp_weight=config.interp_weight)
+        else:
+            # The interpolated batch first: D's running statistics follow its calls' order.
+            interp_logits, fake_logits = self._each(self.D, (interp, fake), (mixed, text))
+            loss = self._g_loss(fake_logits, interp_logits, interp_weight=config.interp_weight)
+        if pair is None:
+            return loss, {}
+        m = len(pair)
+        seeking, ratio = mode_seeking_loss(fake[:m], pair, z[:m], z_pair)
+        return loss + config.mode_seeking * seeking, {"mode_seeking_ratio": ratio}
 
     @torch.no_grad()
     def _average(self, weight: torch.Tensor | float) -> None:

@@ -487,7 +487,8 @@ def _pretrain(config: TrainConfig) -> TrainConfig:
             data=config.data, out=str(run.text.root), preset=config.preset,
             # G must render every class: the encoder sees them all (pretrain-text alone
             # holds classes out to measure zero-shot accuracy).
-            holdout_share=0.0, epochs=config.pretrain_epochs, batch_size=config.batch_size,
+            holdout_share=0.0, epochs=config.pretrain_epochs, match=config.pretrain_match,
+            batch_size=config.batch_size,
             seed=config.seed, device=config.device, tensorboard=config.tensorboard))
     config = dataclasses.replace(config, text_encoder=str(run.text.encoder))
     run.save_config(config)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from t2i_fast.atomic import save_atomically, write_text_atomically
-from t2i_fast.config import FieldError, check_types, resolve_device, resolve_preset
+from t2i_fast.config import MATCHES, FieldError, check_types, resolve_device, resolve_preset
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.data.loader import default_size
 from t2i_fast.errors import T2IError
@@ -39,6 +39,7 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     holdout_share: float = 0.25  # of the classes, held out for zero-shot evaluation
+    match: str = "class"  # or "instance" (t2i_fast.config.MATCHES says what each does)
     eval_data: str | None = None  # a class-disjoint split (CUB's test) instead of holding out
     seed: int = 0
     device: str = "auto"
@@ -57,6 +58,8 @@ class PretrainConfig:
         if (self.image_backbone is None) != (self.backbone_weights is None):
             raise FieldError("image_backbone", "and backbone_weights go together",
                              related=("backbone_weights",))
+        if self.match not in MATCHES:
+            raise FieldError("match", f"must be one of {MATCHES}, got {self.match!r}")
         if not 0 <= self.holdout_share < 1:
             raise FieldError("holdout_share", f"must be in [0, 1), got {self.holdout_share}")
         if self.epochs < 1:
@@ -151,8 +154,8 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     # A dataset without classes (one class for every image, as COCO; docs/format.md): each
     # image is its own class, so that an image is matched with its own captions against the
     # other images' in the batch, and no class can be held out.
-    classless = n_classes == 1
-    holdout = np.array([], dtype=np.int64) if config.eval_data or classless else \
+    instances = n_classes == 1 or config.match == "instance"
+    holdout = np.array([], dtype=np.int64) if config.eval_data or n_classes == 1 else \
         zero_shot_classes(n_classes, config.holdout_share, config.seed)
     train_mask = torch.ones(n_classes, dtype=torch.bool)
     train_mask[torch.from_numpy(holdout)] = False
@@ -181,7 +184,7 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
                     bar.update(1)
                     continue
                 images = _prepare(batch.images[keep].to(device), size)
-                labels = (batch.indices if classless else batch.class_ids)[keep].to(device)
+                labels = (batch.indices if instances else batch.class_ids)[keep].to(device)
                 text = text_encoder(batch.captions[keep].to(device))[:, 0]  # [B, E]
                 loss = sje_loss(image_encoder(images), class_averaged(text, labels), labels)
                 optimizer.zero_grad(set_to_none=True)
