@@ -8,6 +8,8 @@ here reads a value back to the host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -54,13 +56,21 @@ def generator_loss(fake_right: torch.Tensor, fake_interp: torch.Tensor | None = 
 
 
 def mode_seeking_loss(images_a: torch.Tensor, images_b: torch.Tensor, z_a: torch.Tensor,
-                      z_b: torch.Tensor, *, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+                      z_b: torch.Tensor, *, eps: float = 1e-5,
+                      across: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mode-seeking term of Mao et al. (CVPR 2019, MSGAN) for images G(z_a, t) and
     G(z_b, t) of the same embeddings: with r = mean|a - b| / mean|z_a - z_b| (how far the
     images move per unit of noise), the loss 1 / (r + eps), which G minimises to keep images
-    of one caption apart. Returns (loss, r), both float32 scalars."""
-    ratio = (images_a.float() - images_b.float()).abs().mean() \
-        / (z_a.float() - z_b.float()).abs().mean()
+    of one caption apart. Returns (loss, r), both float32 scalars.
+
+    ``across`` sums a 0-d tensor over processes, differentiably: then r is the global
+    batch's (every process holds as many pairs), as one process with the whole batch has it."""
+    image_sum = (images_a.float() - images_b.float()).abs().sum()
+    noise_sum = (z_a.float() - z_b.float()).abs().sum()
+    if across is not None:
+        image_sum, noise_sum = across(image_sum), across(noise_sum)
+    ratio = (image_sum / images_a.numel()) / (noise_sum / z_a.numel())
     return 1 / (ratio + eps), ratio.detach()
 
 

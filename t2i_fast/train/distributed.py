@@ -133,6 +133,11 @@ class World:
         dist.all_gather(parts, x.contiguous())
         return torch.stack(parts, dim=1).flatten(0, 1)  # row j·size + r: rank r's row j
 
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the ranks, with a gradient: the backward sums each rank's
+        gradient of the result into every rank's ``x``. Every rank must call it."""
+        return x if self.size == 1 else _sum_over_ranks(x)
+
     def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each 0-d tensor averaged over the ranks: the global batch's value for batch
         means (every rank has as many samples). Every rank must call it."""

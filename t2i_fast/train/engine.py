@@ -396,7 +396,11 @@ class StepEngine:
         if pair is None:
             return loss, {}
         m = len(pair)
-        seeking, ratio = mode_seeking_loss(fake[:m], pair, z[:m], z_pair)
+        # Under DDP the ratio is the global batch's; DDP's mean of the ranks' gradients of
+        # this one loss is then the gradient one process would take.
+        seeking, ratio = mode_seeking_loss(fake[:m], pair, z[:m], z_pair,
+                                           across=self.world.sum if self.world.distributed
+                                           else None)
         return loss + config.mode_seeking * seeking, {"mode_seeking_ratio": ratio}
 
     @torch.no_grad()
