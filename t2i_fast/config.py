@@ -24,8 +24,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 FUSED_LAYERS = ("auto", "on", "off")
 INTERP_BATCHES = ("full", "half")
 # GAN-CLS's mismatched pair: a real image of another class with the right text (Reed's code),
-# or the real image with another sample's text (the paper's Algorithm 1).
-MISMATCHES = ("image", "text")
+# the real image with another sample's text (the paper's Algorithm 1), or with the batch's
+# most similar text of another class (a hard negative).
+MISMATCHES = ("image", "text", "hard")
 
 
 class FieldError(ConfigError):
@@ -208,7 +209,7 @@ class TrainConfig:
     # loss). G draws half the batch's captions again with new noise and is pushed to keep the
     # two images apart: without it G learns to ignore its noise.
     mode_seeking: float = 1.0
-    mismatch: str = "image"  # GAN-CLS's mismatched pair: a wrong image, or a wrong text
+    mismatch: str = "image"  # GAN-CLS's mismatched pair: a wrong image, a wrong text, or "hard"
 
     def __post_init__(self) -> None:
         check_types(self)

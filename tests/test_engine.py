@@ -26,7 +26,7 @@ from t2i_fast.models import Discriminator, Generator, preset
 from t2i_fast.ops.fused_layers import fuse_conv_bn_act
 from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.train import TrainConfig
-from t2i_fast.train.engine import StepEngine
+from t2i_fast.train.engine import StepEngine, hardest_other_class
 
 BATCH, STEPS = 4, 3
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,6 +264,27 @@ def test_the_papers_mismatched_pair_is_the_real_image_with_another_text(batches)
     torch.testing.assert_close(wrong, right.roll(1, dims=0))
     torch.testing.assert_close(right_again, right)
     assert not torch.equal(wrong, right)
+
+
+def test_the_hard_mismatch_is_the_most_similar_text_of_another_class():
+    text = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.6], [0.0, 1.0]])
+    classes = torch.tensor([0, 0, 1, 2])
+    # Row 1 is the most similar to row 0 but of its class: row 2 is the hardest other class.
+    torch.testing.assert_close(hardest_other_class(text, classes), text[[2, 2, 1, 2]])
+    alone = torch.tensor([3, 3, 3, 3])  # no other class in the batch: the next sample's
+    torch.testing.assert_close(hardest_other_class(text, alone), text[[1, 2, 3, 0]])
+
+
+def test_the_hard_mismatch_reaches_d_with_the_batchs_classes(batches):
+    length = batches[0].captions.shape[-1]
+    engine = make_engine("eager", length=length, mismatch="hard")
+    inputs = []
+    engine.D.register_forward_pre_hook(lambda module, args: inputs.append(args))
+    engine.step(batches[0], step=0)
+    images, text = inputs[0]
+    right, wrong, _ = text.split(BATCH)
+    torch.testing.assert_close(wrong, hardest_other_class(right, batches[0].class_ids))
+    torch.testing.assert_close(images.split(BATCH)[1], images.split(BATCH)[0])
 
 
 def test_mode_seeking_needs_four_samples():

@@ -99,8 +99,9 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
               help="GAN-INT's loss weight.")
 @click.option("--mismatch", type=click.Choice(MISMATCHES), default=_TRAIN["mismatch"],
               help="GAN-CLS's mismatched pair: a real image of another class with the right "
-                   "text (image, Reed's code) or the real image with another sample's text "
-                   "(text, the paper's Algorithm 1).")
+                   "text (image, Reed's code), the real image with another sample's text "
+                   "(text, the paper's Algorithm 1) or with the batch's most similar text of "
+                   "another class (hard).")
 @click.option("--mode-seeking", type=float, default=_TRAIN["mode_seeking"],
               help="Weight of the mode-seeking term (Mao et al., CVPR 2019) in G's loss: half "
                    "the batch's captions drawn again with new noise, their images pushed apart "

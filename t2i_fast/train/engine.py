@@ -258,8 +258,10 @@ class StepEngine:
         layout = torch.channels_last if self.compile else torch.preserve_format
         images, wrong = (t.to(self.device, non_blocking=True, memory_format=layout)
                          for t in (batch.images, batch.wrong_images))
+        classes = batch.class_ids.to(self.device, non_blocking=True) \
+            if self.config.mismatch == "hard" else None
         return self._updates(images, wrong, batch.captions.to(self.device, non_blocking=True),
-                             weight)
+                             weight, classes)
 
     def _autocast(self):
         if self.precision != "bf16":
@@ -276,9 +278,11 @@ class StepEngine:
         return self.world.take(z).to(self.device, non_blocking=True)
 
     def _updates(self, images: torch.Tensor, wrong: torch.Tensor, captions: torch.Tensor,
-                 ema_weight: torch.Tensor | float) -> dict[str, torch.Tensor]:
+                 ema_weight: torch.Tensor | float, classes: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
         """The D update, the G update, then G's average (by ``ema_weight``). ``captions``:
-        the loader's caption ids with a caption table, else its captions."""
+        the loader's caption ids with a caption table, else its captions; ``classes``: the
+        samples' class ids, which the hard mismatched pairs need."""
         config = self.config
         n = images.shape[0]
         n_mixed = n // 2 if self.interp_batch == "half" else n
@@ -299,7 +303,7 @@ class StepEngine:
             fake, interp, pair = self._run("generator forward", z, fixed, z_mixed, mixed,
                                            z_pair)
             d_loss, scores = self._run("discriminator step", images, wrong, text,
-                                       fake.detach())
+                                       fake.detach(), classes)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
@@ -354,17 +358,20 @@ class StepEngine:
         return fake, interp, images.pop(0) if z_pair is not None else None
 
     def _discriminator_step(self, images: torch.Tensor, wrong: torch.Tensor,
-                            text: torch.Tensor, fake: torch.Tensor
+                            text: torch.Tensor, fake: torch.Tensor,
+                            classes: torch.Tensor | None
                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """D's loss (the D update's) and D's mean scores, which carry no gradient."""
         config = self.config
         if images.shape[-1] != self.image_size:
             images = F.adaptive_avg_pool2d(images, self.image_size)  # = interpolate "area"
             wrong = F.adaptive_avg_pool2d(wrong, self.image_size)
-        if config.matching_aware and config.mismatch == "text":
+        if config.matching_aware and config.mismatch in ("text", "hard"):
             # The paper's mismatched pair: each real image with another sample's text.
+            other = text.roll(1, dims=0) if config.mismatch == "text" \
+                else hardest_other_class(text, classes)
             real_right, real_wrong, fake_right = self._each(
-                self.D, (images, images, fake), (text, text.roll(1, dims=0), text))  # [B] each
+                self.D, (images, images, fake), (text, other, text))  # [B] each
         elif config.matching_aware:
             real_right, real_wrong, fake_right = self._each(
                 self.D, (images, wrong, fake), (text, text, text))  # [B] each
@@ -462,9 +469,13 @@ class StepEngine:
                             device=self.device, memory_format=torch.channels_last),
                 torch.empty(batch.captions.shape, dtype=batch.captions.dtype,
                             device=self.device))
-        for buffer, value in zip(self._static,
-                                 (batch.images, batch.wrong_images, batch.captions),
-                                 strict=True):
+            if self.config.mismatch == "hard":
+                self._static += (torch.empty(batch.class_ids.shape, dtype=batch.class_ids.dtype,
+                                             device=self.device),)
+        values = (batch.images, batch.wrong_images, batch.captions)
+        if self.config.mismatch == "hard":
+            values += (batch.class_ids,)
+        for buffer, value in zip(self._static, values, strict=True):
             buffer.copy_(value, non_blocking=True)
         if self._graph is not None:
             self._graph.replay()
@@ -476,20 +487,20 @@ class StepEngine:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
-                out = self._updates(*self._static, self._ema_weight)
+                out = self._updates(*self._static[:3], self._ema_weight, *self._static[3:])
             current.wait_stream(side)
             return out
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                outputs = self._updates(*self._static, self._ema_weight)
+                outputs = self._updates(*self._static[:3], self._ema_weight, *self._static[3:])
         except Exception as exc:  # an operation that cannot be captured
             lines = [line for line in str(exc).splitlines() if line.strip()]
             warnings.warn(f"CUDA graph capture of the step failed ({type(exc).__name__}: "
                           f"{lines[0][:200] if lines else ''}); stepping without a graph",
                           RuntimeWarning, stacklevel=2)
             self.graphs = False
-            return self._updates(*self._static, self._ema_weight)
+            return self._updates(*self._static[:3], self._ema_weight, *self._static[3:])
         # Capturing ran nothing: the replay is this step.
         self._graph, self._outputs = graph, outputs
         graph.replay()
@@ -516,6 +527,21 @@ class StepEngine:
                 self.fused += [f"{name}.{layer}" for layer in names]
         evidence["fused"] = list(self.fused)
         return evidence
+
+
+def hardest_other_class(text: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """For each embedding of ``text`` [B, E], the most similar (cosine) embedding of the batch
+    whose sample is of another class (``classes`` [B]): the mismatch D finds hardest to tell
+    (a caption that differs in one attribute), where a random one differs in many. A sample
+    whose batch holds no other class gets the next sample's."""
+    unit = F.normalize(text.detach().float(), dim=1)
+    similarity = unit @ unit.T  # [B, B]
+    same = classes[:, None] == classes[None, :]
+    similarity = similarity.masked_fill(same, -2.0)  # below any cosine
+    best = similarity.argmax(dim=1)  # [B]
+    fallback = torch.arange(1, len(text) + 1, device=text.device) % len(text)
+    best = torch.where(same.all(dim=1), fallback, best)
+    return text[best]
 
 
 def _choose_losses(n: int, *, config: TrainConfig, device: torch.device, precision: str,
