@@ -58,6 +58,10 @@ def _cached(path: Path, make, *, needs: str | None = None) -> dict:
 def run_variant(*, variant: str, data: Path, text_encoder: Path, out: Path, epochs: int,
                 seed: int, style_steps: int, checkpoint_every: int) -> dict:
     run = Run(out / variant)
+    done = run.root / "paper_tables.json"  # written when every stage is: the run's minutes
+    if done.exists():
+        minutes = json.loads(done.read_text())["minutes"]
+        return {**_results(run, variant), "minutes": minutes}
     started = time.perf_counter()
     if run.checkpoints():
         _t2i("train", "--resume", str(run.root))  # continues to the end; a no-op when finished
@@ -71,6 +75,15 @@ def run_variant(*, variant: str, data: Path, text_encoder: Path, out: Path, epoc
     if not run.style_encoder.exists():
         _t2i("train-style", "--run", str(run.root), "--steps", str(style_steps), "--seed",
              str(seed), "--device", "cpu")
+    scores = _results(run, variant)
+    minutes = round((time.perf_counter() - started) / 60, 1)
+    done.write_text(json.dumps({"minutes": minutes}) + "\n")
+    return {**scores, "minutes": minutes}
+
+
+def _results(run: Run, variant: str) -> dict:
+    """The evaluations of a trained run (each made where missing) and, for ``CURVE``, the
+    curve of its checkpoints."""
     scores = {name: _cached(run.evaluation_path(name),
                             lambda name=name: _t2i("eval", name, "--run", str(run.root),
                                                    "--json"),
@@ -78,7 +91,7 @@ def run_variant(*, variant: str, data: Path, text_encoder: Path, out: Path, epoc
               for name in EVALS}
     if variant == CURVE:
         scores["curve"] = curve(run)
-    return {**scores, "minutes": round((time.perf_counter() - started) / 60, 1)}
+    return scores
 
 
 def curve(run: Run) -> list[dict]:
@@ -106,12 +119,13 @@ def markdown(results: dict[str, dict], *, epochs: int, seed: int, minutes: float
     """The tables of ``results`` (variant → {eval name → its JSON}): what the text asks for,
     then style (diversity, and disentangling beside its baselines)."""
     text = ("| variant | colour | shape | size | held-out colour | held-out shape | "
-            "R-precision |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+            "R-precision | minutes |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     for variant, r in results.items():
         a = r["attributes"]
         text += (f"| {VARIANTS[variant]} | {a['color_acc']:.3f} | {a['shape_acc']:.3f} "
                  f"| {a['size_acc']:.3f} | {a['heldout_color_acc']:.3f} "
-                 f"| {a['heldout_shape_acc']:.3f} | {r['retrieval']['r_precision']:.3f} |\n")
+                 f"| {a['heldout_shape_acc']:.3f} | {r['retrieval']['r_precision']:.3f} "
+                 f"| {r['minutes']:.1f} |\n")
     style = ("| variant | diversity ratio | backgrounds covered | positions covered "
              "| background AUC | random encoder | captions | position AUC | random encoder "
              "| captions |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
@@ -135,8 +149,9 @@ def markdown(results: dict[str, dict], *, epochs: int, seed: int, minutes: float
                          f"| {p['shape_acc']:.3f} | {p['size_acc']:.3f} |\n" for p in points)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, no GPU (CPU, `small` preset)"
     return (f"Shapes dataset with {HOLDOUT.replace(',', ', ')} held out of training; "
-            f"{epochs} epochs per variant, seed {seed}; {machine}; {minutes:.0f} minutes in "
-            f"all on {date.today().isoformat()}.\n\n" + text
+            f"{epochs} epochs per variant, seed {seed}; {machine}; {date.today().isoformat()}. "
+            f"Minutes: each run's wall time (training, style encoder, evaluations), "
+            f"{minutes:.0f} in all with the dataset and text pretraining.\n\n" + text
             + "\nStyle: the diversity ratio is the spread of images from different noise "
               "over the real images' (1: as varied as the data); coverage is the share of the "
               "8 backgrounds and 9 position cells one caption's 16 images show (the real "
@@ -178,28 +193,31 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
-    started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = args.out / "shapes_holdout.lmdb"
-    if not data.exists():
-        _t2i("prepare", "shapes", "--out", str(data), "--n", str(args.n), "--holdout-pairs",
-             HOLDOUT)
     text = args.out / "text"
+    data = args.out / "shapes_holdout.lmdb"
     if not text.exists():
+        started = time.perf_counter()
+        if not data.exists():
+            _t2i("prepare", "shapes", "--out", str(data), "--n", str(args.n), "--holdout-pairs",
+                 HOLDOUT)
         partial = args.out / "text.partial"  # renamed when complete
         shutil.rmtree(partial, ignore_errors=True)
         _t2i("pretrain-text", "--data", str(data), "--out", str(partial), "--preset", "small",
              "--epochs", str(args.pretrain_epochs), "--match", SMALL_SCHEDULE.pretrain_match,
              "--holdout-share", "0", "--seed",
              str(args.seed), "--device", "cpu")
+        (partial / "paper_tables.json").write_text(json.dumps(
+            {"minutes": round((time.perf_counter() - started) / 60, 1)}) + "\n")
         partial.rename(text)
+    text_minutes = json.loads((text / "paper_tables.json").read_text())["minutes"]
     results = {v: run_variant(variant=v, data=data, text_encoder=TextEncoderFolder(text).encoder,
                               out=args.out, epochs=args.epochs, seed=args.seed,
                               style_steps=args.style_steps,
                               checkpoint_every=args.checkpoint_every) for v in variants}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results, epochs=args.epochs, seed=args.seed,
-                     minutes=(time.perf_counter() - started) / 60)
+                     minutes=text_minutes + sum(r["minutes"] for r in results.values()))
     print(table)
     if args.markdown:
         write_section(args.markdown, table)

@@ -32,16 +32,18 @@ def _results(ratio):
 
 
 def test_the_tables_show_diversity_and_the_baselines(tables):
-    text = tables.markdown({"gan": _results(0.125), "int-cls": _results(0.5)}, epochs=3,
-                           seed=0, minutes=7)
-    assert "| GAN | 0.900 | 0.300 | 0.500 | 0.800 | 0.400 | 0.200 |" in text
+    text = tables.markdown({"gan": {**_results(0.125), "minutes": 9.5},
+                            "int-cls": {**_results(0.5), "minutes": 10}}, epochs=3, seed=0,
+                           minutes=26)
+    assert "| GAN | 0.900 | 0.300 | 0.500 | 0.800 | 0.400 | 0.200 | 9.5 |" in text
+    assert "26 in all" in text
     assert ("| GAN-INT-CLS | 0.500 | 0.250 (0.875) | 0.125 (0.500) | 0.710 | 0.650 | 0.500 "
             "| 0.610 | 0.550 | 0.660 |") in text
     assert "| GAN | 0.125 |" in text
 
 
 def test_the_curve_is_a_table_of_checkpoints(tables):
-    run = {**_results(0.5), "curve": [
+    run = {**_results(0.5), "minutes": 10, "curve": [
         {"step": 312, "minutes": 1.25, "color_acc": 0.5, "shape_acc": 0.25, "size_acc": 0.4},
         {"step": 624, "minutes": 2.5, "color_acc": 0.9, "shape_acc": 0.3, "size_acc": 0.7}]}
     text = tables.markdown({"int-cls": run}, epochs=3, seed=0, minutes=7)
@@ -110,3 +112,18 @@ def test_a_result_saved_before_the_baselines_is_made_again(tables, tmp_path):
                                                              "baselines": {}}
     assert tables._cached(path, make, needs="baselines")["baselines"] == {}
     assert made == [1], "made once, then read"
+
+
+def test_a_finished_variant_is_read_back_with_its_minutes(tables, tmp_path, monkeypatch):
+    import json
+
+    run = tmp_path / "cls"
+    run.mkdir()
+    (run / "paper_tables.json").write_text('{"minutes": 6.4}\n')
+    for name, found in _results(0.5).items():
+        (run / f"eval_{name}.json").write_text(json.dumps(found))
+    monkeypatch.setattr(tables, "_t2i", lambda *a: pytest.fail(f"ran {a}"))
+    result = tables.run_variant(variant="cls", data=tmp_path / "d", text_encoder=tmp_path / "t",
+                                out=tmp_path, epochs=1, seed=0, style_steps=1,
+                                checkpoint_every=1)
+    assert result["minutes"] == 6.4 and result["diversity"]["ratio"] == 0.5
