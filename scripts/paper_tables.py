@@ -28,7 +28,7 @@ from datetime import date
 from pathlib import Path
 
 from t2i_fast.config import SMALL_SCHEDULE
-from t2i_fast.run import Run, TextEncoderFolder
+from t2i_fast.run import Run, TextEncoderFolder, step_of
 
 VARIANTS = {"gan": "GAN", "cls": "GAN-CLS", "int": "GAN-INT", "int-cls": "GAN-INT-CLS",
             "int-cls-paper": "GAN-INT-CLS, no mode-seeking term"}
@@ -105,7 +105,7 @@ def curve(run: Run) -> list[dict]:
         seconds[row["step"]], last = elapsed, row["step"]
     points = []
     for checkpoint in run.checkpoints():
-        step = int(checkpoint.stem.split("_")[-1])
+        step = step_of(checkpoint)
         found = _cached(checkpoint.with_suffix(".attributes.json"),
                         lambda c=checkpoint: _t2i("eval", "attributes", "--run", str(c),
                                                   "--json"))

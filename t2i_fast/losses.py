@@ -87,6 +87,21 @@ def interpolate_embeddings(t: torch.Tensor, *, beta: float = 0.5,
     return beta * t + (1 - beta) * t.roll(shift, dims=0)
 
 
+def hardest_other_class(text: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """For each embedding of ``text`` [B, E], the most similar (cosine) embedding of the batch
+    whose sample is of another class (``classes`` [B]): the mismatch D finds hardest to tell
+    (a caption that differs in one attribute), where a random one differs in many. A sample
+    whose batch holds no other class gets the next sample's."""
+    unit = F.normalize(text.detach().float(), dim=1)
+    similarity = unit @ unit.T  # [B, B]
+    same = classes[:, None] == classes[None, :]
+    similarity = similarity.masked_fill(same, -2.0)  # below any cosine
+    best = similarity.argmax(dim=1)  # [B]
+    fallback = torch.arange(1, len(text) + 1, device=text.device) % len(text)
+    best = torch.where(same.all(dim=1), fallback, best)
+    return text[best]
+
+
 def sje_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
     """The symmetric structured joint embedding hinge loss (DS-SJE) with margin 1.

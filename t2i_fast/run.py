@@ -82,7 +82,8 @@ def _read_json_object(path: Path, what: str) -> dict:
     return values
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
+    """The step of a checkpoint or sample grid file (step_NNNNNNNN.pt or .png)."""
     return int(_STEP_FILE.search(path.name).group(1))
 
 
@@ -220,7 +221,7 @@ class Run:
         """(step, picture) of each sample grid, in the order of training."""
         if not self.samples_dir.is_dir():
             return []
-        return sorted((_step_of(p), p) for p in self.samples_dir.glob("step_*.png")
+        return sorted((step_of(p), p) for p in self.samples_dir.glob("step_*.png")
                       if _STEP_FILE.search(p.name))
 
     # -- encoders -----------------------------------------------------------------------------

@@ -22,11 +22,12 @@ from torch import nn
 from t2i_fast.cli import main
 from t2i_fast.data import Loader
 from t2i_fast.errors import T2IError
+from t2i_fast.losses import hardest_other_class
 from t2i_fast.models import Discriminator, Generator, preset
 from t2i_fast.ops.fused_layers import fuse_conv_bn_act
 from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.train import TrainConfig
-from t2i_fast.train.engine import StepEngine, hardest_other_class
+from t2i_fast.train.engine import StepEngine
 
 BATCH, STEPS = 4, 3
 ROOT = Path(__file__).resolve().parents[1]

@@ -74,6 +74,7 @@ from t2i_fast.config import TrainConfig
 from t2i_fast.losses import (
     discriminator_loss,
     generator_loss,
+    hardest_other_class,
     interpolate_embeddings,
     mode_seeking_loss,
 )
@@ -210,7 +211,7 @@ class StepEngine:
         if config.joint_text_encoder and self.world.distributed:
             self._encode = self.world.wrap(_Part("text encoder", text_encoder.encode_mean,
                                                  text_encoder=text_encoder))
-        self._static: tuple[torch.Tensor, ...] | None = None  # the graph's input buffers
+        self._static: tuple[torch.Tensor | None, ...] | None = None  # the graph's inputs
         self._graph: torch.cuda.CUDAGraph | None = None
         self._outputs: dict[str, torch.Tensor] | None = None  # the graph's output buffers
         self._uncaptured = 0
@@ -256,12 +257,18 @@ class StepEngine:
         if self.graphs:
             return self._graph_step(batch)
         layout = torch.channels_last if self.compile else torch.preserve_format
+        images, wrong, captions, classes = self._inputs(batch)
         images, wrong = (t.to(self.device, non_blocking=True, memory_format=layout)
-                         for t in (batch.images, batch.wrong_images))
-        classes = batch.class_ids.to(self.device, non_blocking=True) \
-            if self.config.mismatch == "hard" else None
-        return self._updates(images, wrong, batch.captions.to(self.device, non_blocking=True),
-                             weight, classes)
+                         for t in (images, wrong))
+        captions, classes = (t if t is None else t.to(self.device, non_blocking=True)
+                             for t in (captions, classes))
+        return self._updates(images, wrong, captions, classes, weight)
+
+    def _inputs(self, batch) -> tuple[torch.Tensor | None, ...]:
+        """What a step reads of ``batch``, in ``_updates``'s order: images, wrong images,
+        captions, and the class ids where the hard mismatched pairs need them (else None)."""
+        classes = batch.class_ids if self.config.mismatch == "hard" else None
+        return batch.images, batch.wrong_images, batch.captions, classes
 
     def _autocast(self):
         if self.precision != "bf16":
@@ -278,7 +285,7 @@ class StepEngine:
         return self.world.take(z).to(self.device, non_blocking=True)
 
     def _updates(self, images: torch.Tensor, wrong: torch.Tensor, captions: torch.Tensor,
-                 ema_weight: torch.Tensor | float, classes: torch.Tensor | None = None
+                 classes: torch.Tensor | None, ema_weight: torch.Tensor | float
                  ) -> dict[str, torch.Tensor]:
         """The D update, the G update, then G's average (by ``ema_weight``). ``captions``:
         the loader's caption ids with a caption table, else its captions; ``classes``: the
@@ -461,22 +468,18 @@ class StepEngine:
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     def _graph_step(self, batch) -> dict[str, torch.Tensor]:
+        inputs = self._inputs(batch)
         if self._static is None:
-            self._static = (
-                torch.empty(batch.images.shape, dtype=batch.images.dtype, device=self.device,
-                            memory_format=torch.channels_last),
-                torch.empty(batch.wrong_images.shape, dtype=batch.wrong_images.dtype,
-                            device=self.device, memory_format=torch.channels_last),
-                torch.empty(batch.captions.shape, dtype=batch.captions.dtype,
-                            device=self.device))
-            if self.config.mismatch == "hard":
-                self._static += (torch.empty(batch.class_ids.shape, dtype=batch.class_ids.dtype,
-                                             device=self.device),)
-        values = (batch.images, batch.wrong_images, batch.captions)
-        if self.config.mismatch == "hard":
-            values += (batch.class_ids,)
-        for buffer, value in zip(self._static, values, strict=True):
-            buffer.copy_(value, non_blocking=True)
+            # The images channels_last, as the compiled parts take them.
+            layouts = (torch.channels_last, torch.channels_last, torch.contiguous_format,
+                       torch.contiguous_format)
+            self._static = tuple(
+                None if t is None else torch.empty(t.shape, dtype=t.dtype, device=self.device,
+                                                   memory_format=layout)
+                for t, layout in zip(inputs, layouts, strict=True))
+        for buffer, value in zip(self._static, inputs, strict=True):
+            if buffer is not None:
+                buffer.copy_(value, non_blocking=True)
         if self._graph is not None:
             self._graph.replay()
             return self._outputs
@@ -487,20 +490,20 @@ class StepEngine:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
-                out = self._updates(*self._static[:3], self._ema_weight, *self._static[3:])
+                out = self._updates(*self._static, self._ema_weight)
             current.wait_stream(side)
             return out
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                outputs = self._updates(*self._static[:3], self._ema_weight, *self._static[3:])
+                outputs = self._updates(*self._static, self._ema_weight)
         except Exception as exc:  # an operation that cannot be captured
             lines = [line for line in str(exc).splitlines() if line.strip()]
             warnings.warn(f"CUDA graph capture of the step failed ({type(exc).__name__}: "
                           f"{lines[0][:200] if lines else ''}); stepping without a graph",
                           RuntimeWarning, stacklevel=2)
             self.graphs = False
-            return self._updates(*self._static[:3], self._ema_weight, *self._static[3:])
+            return self._updates(*self._static, self._ema_weight)
         # Capturing ran nothing: the replay is this step.
         self._graph, self._outputs = graph, outputs
         graph.replay()
@@ -527,21 +530,6 @@ class StepEngine:
                 self.fused += [f"{name}.{layer}" for layer in names]
         evidence["fused"] = list(self.fused)
         return evidence
-
-
-def hardest_other_class(text: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """For each embedding of ``text`` [B, E], the most similar (cosine) embedding of the batch
-    whose sample is of another class (``classes`` [B]): the mismatch D finds hardest to tell
-    (a caption that differs in one attribute), where a random one differs in many. A sample
-    whose batch holds no other class gets the next sample's."""
-    unit = F.normalize(text.detach().float(), dim=1)
-    similarity = unit @ unit.T  # [B, B]
-    same = classes[:, None] == classes[None, :]
-    similarity = similarity.masked_fill(same, -2.0)  # below any cosine
-    best = similarity.argmax(dim=1)  # [B]
-    fallback = torch.arange(1, len(text) + 1, device=text.device) % len(text)
-    best = torch.where(same.all(dim=1), fallback, best)
-    return text[best]
 
 
 def _choose_losses(n: int, *, config: TrainConfig, device: torch.device, precision: str,

@@ -151,9 +151,10 @@ def pretrain_text(*, config: PretrainConfig) -> Path:
     loader = Loader(config.data, batch_size=config.batch_size, seed=config.seed,
                     captions_per_sample=1, dtype=torch.float32)
     n_classes = len(loader.meta["classes"])
-    # A dataset without classes (one class for every image, as COCO; docs/format.md): each
-    # image is its own class, so that an image is matched with its own captions against the
-    # other images' in the batch, and no class can be held out.
+    # With instance matching, and always for a dataset without classes (one class for every
+    # image, as COCO; docs/format.md), each image is its own class: it is matched with its own
+    # captions against the other images' in the batch. Classes are held out only where there
+    # are some.
     instances = n_classes == 1 or config.match == "instance"
     holdout = np.array([], dtype=np.int64) if config.eval_data or n_classes == 1 else \
         zero_shot_classes(n_classes, config.holdout_share, config.seed)
