@@ -547,9 +547,11 @@ def main(argv: list[str] | None = None) -> dict:
         make_shapes(out=data, n=16 * max(sizes) if not args.dry_run else 16)
         for size in sizes:
             # A named encoder is frozen unless trained (the rows load the same initial one).
-            # The paper's losses, without the mode-seeking term: the plain rows' math.
+            # The paper's step, without the mode-seeking term and the class loss, one
+            # learning rate: the plain rows' math.
             config = TrainConfig(data=str(data), run="-", preset=name, batch_size=size,
                                  text_encoder="initial weights", mode_seeking=0.0,
+                                 class_loss=0.0, d_lr_scale=1.0,
                                  train_text_encoder=args.train_text_encoder)
             options = {"batch_size": size, "seed": SEED, "dtype": torch.float32,
                        "layout": "nhwc", "device": device if device.type == "cuda" else None}

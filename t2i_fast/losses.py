@@ -74,6 +74,17 @@ def mode_seeking_loss(images_a: torch.Tensor, images_b: torch.Tensor, z_a: torch
     return 1 / (ratio + eps), ratio.detach()
 
 
+def class_loss(logits: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TAC-GAN's auxiliary classification term (Dash et al., 2017, after AC-GAN): the cross
+    entropy of class logits [B, K] against class ids [B], batch mean, float32; with the share
+    of rows whose top logit is their class, which carries no gradient. D takes it on real
+    images (it learns to name their class); G on its images of those images' captions (it is
+    pushed to draw that class)."""
+    loss = F.cross_entropy(logits.float(), classes)
+    accuracy = (logits.detach().argmax(dim=1) == classes).float().mean()
+    return loss, accuracy
+
+
 def interpolate_embeddings(t: torch.Tensor, *, beta: float = 0.5,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """GAN-INT's β·t1 + (1-β)·t2 for embeddings ``t`` [B, E]: t1 = t, t2 = t rolled by s rows

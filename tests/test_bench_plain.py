@@ -101,9 +101,11 @@ def test_plain_step_is_the_projects_eager_step():
     n = 6
     _, text, images = inputs(config, n)
     wrong = images.roll(1, 0)
-    # The plain step is the paper's: no mode-seeking term (bench_step.py's config as well).
+    # The plain step is the paper's: no mode-seeking term, no class loss, one learning rate
+    # (bench_step.py's config as well).
     settings = TrainConfig(data="-", run="-", preset="small", batch_size=n,
-                           text_encoder="frozen.pt", ema_decay=0.0, mode_seeking=0.0)
+                           text_encoder="frozen.pt", ema_decay=0.0, mode_seeking=0.0,
+                           class_loss=0.0, d_lr_scale=1.0)
     engine = StepEngine(G=G, D=D, text_encoder=FixedText(text), G_ema=None, config=settings,
                         device=torch.device("cpu"), noise=torch.Generator().manual_seed(3),
                         backend="eager", precision="fp32")

@@ -30,7 +30,8 @@ def engine(*, frozen: bool, table=None, seed: int = 0) -> StepEngine:
     # The paper's losses: the mode-seeking term's 1 / distance would magnify float32 rounding
     # of the two text paths beyond the tolerances that tell them apart.
     config = TrainConfig(data="-", run="-", preset="small", batch_size=BATCH,
-                         text_encoder="-" if frozen else None, mode_seeking=0.0)
+                         text_encoder="-" if frozen else None, mode_seeking=0.0,
+                         class_loss=0.0)
     return StepEngine(G=G, D=D, text_encoder=text, G_ema=copy.deepcopy(G).requires_grad_(False),
                       config=config, device=torch.device("cpu"),
                       noise=torch.Generator().manual_seed(1), backend="eager",

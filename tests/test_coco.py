@@ -11,10 +11,12 @@ from click.testing import CliRunner
 from conftest import tiny_run
 from PIL import Image
 
+from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.cli import main
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.errors import DataError
 from t2i_fast.prepare.coco import make_coco
+from t2i_fast.run import Run
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 
 # (image id, captions as COCO writes them: trailing newlines, spaces before periods, doubles)
@@ -197,11 +199,18 @@ def test_mismatched_images_are_any_other_image(coco):
     assert len({w for _, w in seen}) > 6, "drawn among all the others, not a fixed few"
 
 
-def test_training_runs_a_step(coco, tmp_path):
+def test_training_runs_a_step(coco, tmp_path, capsys):
+    """The small preset's class loss has no classes to tell apart here: the run says so,
+    trains without it (D without a class head) and records that in its config.json."""
     run_dir = tiny_run(coco, tmp_path / "run", max_steps=2)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == \
         "step_00000002.pt"
     assert (run_dir / "samples.png").is_file()
+    assert f"{coco}: one class, nothing for the class loss to tell apart" in \
+        capsys.readouterr().err
+    assert Run(run_dir).config().class_loss == 0.0
+    state = load_checkpoint(run_dir / "checkpoints/step_00000002.pt")
+    assert not any(key.startswith("classify.") for key in state["D"])
 
 
 def test_pretraining_matches_images_with_their_own_captions(coco, tmp_path):

@@ -3,6 +3,7 @@ and ``t2i-fast train`` is a shell over it, so the Python API and the command lin
 same job; config errors speak of fields and the command line of their flags."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from t2i_fast.cli import main
 from t2i_fast.cli import train as train_cli
 from t2i_fast.config import PAPER_SCHEDULE, SMALL_SCHEDULE, FieldError, TrainConfig
+from t2i_fast.errors import ConfigError
 from t2i_fast.train.pretrain_text import PretrainConfig
 
 
@@ -33,7 +35,8 @@ def test_the_command_line_and_the_python_api_train_the_same_job(shapes, tmp_path
     api = TrainConfig(data=str(shapes), run=str(tmp_path / "r"), **given)
     assert cli == api
     expected = SMALL_SCHEDULE if (preset or "small") == "small" else PAPER_SCHEDULE
-    assert (api.epochs, api.pretrain_epochs, api.pretrain_match) == dataclasses.astuple(expected)
+    assert tuple(getattr(api, field.name) for field in dataclasses.fields(expected)) == \
+        dataclasses.astuple(expected)
 
 
 def test_auto_resolves_by_the_device(tmp_path, monkeypatch):
@@ -52,6 +55,38 @@ def test_auto_resolves_by_the_device(tmp_path, monkeypatch):
     # Resolved once: a config written and read back is the config made.
     ran.save(tmp_path / "config.json")
     assert TrainConfig.load(tmp_path / "config.json") == ran == dataclasses.replace(ran)
+
+
+def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
+    """A config.json without the settings added since (the text pretraining's matching, the
+    mode-seeking term, D's learning rate scale, the class loss) reads as the training that
+    run did, not as today's defaults."""
+    made = TrainConfig(data="d", run="r", preset="small")
+    values = dataclasses.asdict(made)
+    for name in ("pretrain_match", "mode_seeking", "d_lr_scale", "class_loss"):
+        del values[name]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    read = TrainConfig.load(tmp_path / "config.json")
+    assert (read.pretrain_match, read.mode_seeking, read.d_lr_scale, read.class_loss) == (
+        "class", 0.0, 1.0, 0.0)
+    assert (made.d_lr_scale, made.class_loss) == (SMALL_SCHEDULE.d_lr_scale,
+                                                  SMALL_SCHEDULE.class_loss)
+    values["class_loss"] = None  # what only a made config may say
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match="class_loss must be set"):
+        TrainConfig.load(tmp_path / "config.json")
+
+
+def test_the_new_weights_are_checked_where_the_flags_are_named(shapes, tmp_path):
+    with pytest.raises(FieldError, match="class_loss must be at least 0"):
+        TrainConfig(data="d", run="r", class_loss=-1.0)
+    for flag, value, message in (("--d-lr-scale", "0", "must be positive, got 0.0"),
+                                 ("--class-loss", "-2", "must be at least 0, got -2.0")):
+        result = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
+                                           str(tmp_path / "r"), flag, value])
+        assert result.exit_code == 1
+        assert result.output.strip() == f"Error: {flag} {message}"
+    assert not (tmp_path / "r").exists()
 
 
 def test_config_errors_name_fields_and_the_command_line_names_flags(shapes, tmp_path):

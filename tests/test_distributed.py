@@ -39,12 +39,14 @@ NETWORKS = ("G", "D", "G_ema", "text_encoder")
 
 
 def settings(shapes, run, **changes) -> TrainConfig:
-    """GAN-INT-CLS with the text encoder trained with D: every part that DDP wraps. The
-    learning rate halves each epoch, so that the schedule shows in the metrics."""
+    """GAN-INT-CLS with the text encoder trained with D: every part that DDP wraps, with
+    the small preset's class loss. The learning rate halves each epoch, so that the schedule
+    shows in the metrics; D's is G's, as the bounds below were measured: the small preset's
+    4 times larger D steps amplify float32 rounding to 1.3% in d_fake by the fourth step."""
     base = TrainConfig(data=str(shapes), run=str(run), preset="small", batch_size=8,
                        max_steps=4, log_every=1, sample_every=100, checkpoint_every=1,
                        keep_checkpoints=8, lr_halve_every=1, loader_threads=1,
-                       train_text_encoder=True, sync_bn=True)
+                       train_text_encoder=True, sync_bn=True, d_lr_scale=1.0)
     return dataclasses.replace(base, **changes)
 
 
@@ -96,7 +98,7 @@ def two(shapes, tmp_path_factory):
                     "--batch-size", 8, "--max-steps", 4, "--log-every", 1,
                     "--sample-every", 100, "--checkpoint-every", 1, "--keep-checkpoints", 8,
                     "--lr-halve-every", 1, "--loader-threads", 1, "--train-text-encoder",
-                    "--sync-bn")
+                    "--sync-bn", "--d-lr-scale", 1)  # as settings() makes it
     assert done.returncode == 0, done.stderr[-3000:]
     return {"run": run, "stdout": done.stdout}
 
@@ -153,7 +155,8 @@ def test_two_processes_train_as_one(one, two):
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
     assert [r["lr"] for r in ours] == [r["lr"] for r in theirs]
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        for key in ("d_loss", "g_loss", "d_real", "d_wrong", "d_fake"):
+        for key in ("d_loss", "g_loss", "d_real", "d_wrong", "d_fake", "class_real_acc",
+                    "class_fake_acc"):
             assert a[key] == pytest.approx(b[key], **close(step)), (step, key)
     assert deviation(state(two["run"], 1), state(one["run"], 1), one["init"]) < 5e-3
     assert deviation(state(two["run"], 4), state(one["run"], 4), one["init"]) < 2e-2

@@ -10,6 +10,7 @@ import torch
 from t2i_fast.data import Loader
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.prepare.shapes import make_shapes
+from t2i_fast.shapes_spec import CLASSES
 from t2i_fast.train import TrainConfig
 from t2i_fast.train.engine import WARMUP_STEPS, StepEngine
 
@@ -41,9 +42,11 @@ def make_engine(backend: str, *, precision: str = "fp32", **options) -> StepEngi
     torch.manual_seed(0)
     models = preset("small")
     device = torch.device("cuda")
-    G, D = Generator(models.gan).to(device), Discriminator(models.gan).to(device)
-    text = TextEncoder(models.text).to(device).eval().requires_grad_(False)
+    # The small preset's step as it trains: with the class loss, so the graph holds class ids.
     config = TrainConfig(data="-", run="-", preset="small", batch_size=BATCH)
+    G = Generator(models.gan).to(device)
+    D = Discriminator(models.gan, num_classes=len(CLASSES)).to(device)
+    text = TextEncoder(models.text).to(device).eval().requires_grad_(False)
     return StepEngine(G=G, D=D, text_encoder=text,
                       G_ema=copy.deepcopy(G).eval().requires_grad_(False), config=config,
                       device=device, noise=torch.Generator(device).manual_seed(1),

@@ -16,6 +16,7 @@ from t2i_fast.data import Loader
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.ops import dispatch, fused_layers
 from t2i_fast.ops.fused_layers import FusedSequential
+from t2i_fast.shapes_spec import CLASSES
 from t2i_fast.train.engine import StepEngine
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
@@ -99,11 +100,11 @@ def test_the_engine_fuses_the_layers_choose_fused_layers_picks(monkeypatch, tmp_
 
     torch.manual_seed(0)
     models = preset("small")
-    G, D = Generator(models.gan), Discriminator(models.gan)
+    G, D = Generator(models.gan), Discriminator(models.gan, num_classes=len(CLASSES))
     reference = copy.deepcopy(G)
     text = TextEncoder(models.text)
     config = TrainConfig(data="-", run="-", preset="small", batch_size=4,
-                         train_text_encoder=True)
+                         train_text_encoder=True)  # with the small preset's class loss
     with pytest.raises(ValueError, match="fused_layers needs the compiled backend on a CUDA"):
         StepEngine(G=G, D=D, text_encoder=text, G_ema=None, config=config, device=CPU,
                    noise=torch.Generator(), backend="eager", precision="fp32",

@@ -122,6 +122,25 @@ def test_dcgan_init_statistics():
     assert torch.count_nonzero(d.stages[0][0].bias) == 0
 
 
+def test_the_class_head_reads_the_image_alone():
+    """D's class logits come from its image features, before the text joins them: another
+    text leaves them as they are and changes the match logit; the match logit is the one
+    D without the head gives."""
+    torch.manual_seed(0)
+    config = preset("small").gan
+    d = Discriminator(config, num_classes=5).eval()
+    images, text = _images(3, 32), torch.randn(3, config.embedding_dim)
+    logits, classes = d(images, text, with_classes=True)
+    assert logits.shape == (3,) and classes.shape == (3, 5)
+    torch.testing.assert_close(d(images, text), logits)
+    other_logits, other_classes = d(images, torch.randn(3, config.embedding_dim),
+                                    with_classes=True)
+    torch.testing.assert_close(other_classes, classes)
+    assert not torch.allclose(other_logits, logits)
+    with pytest.raises(ValueError, match="no class head"):
+        Discriminator(config)(images, text, with_classes=True)
+
+
 def test_text_changes_discriminator_and_generator_output():
     config = preset("small").gan
     g, d = Generator(config).eval(), Discriminator(config).eval()

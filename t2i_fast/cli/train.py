@@ -106,6 +106,15 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
               help="Weight of the mode-seeking term (Mao et al., CVPR 2019) in G's loss: half "
                    "the batch's captions drawn again with new noise, their images pushed apart "
                    "(0: off).")
+@click.option("--d-lr-scale", type=float, default=_TRAIN["d_lr_scale"],
+              help=f"D's learning rate as a multiple of --lr (G's)  [default: "
+                   f"{PAPER_SCHEDULE.d_lr_scale:g} (the paper); {SMALL_SCHEDULE.d_lr_scale:g} "
+                   f"with the small preset]")
+@click.option("--class-loss", type=float, default=_TRAIN["class_loss"],
+              help=f"Weight of the auxiliary class loss (TAC-GAN): D names each real image's "
+                   f"class, G is pushed to draw its caption's; off on a dataset of one class  "
+                   f"[default: {PAPER_SCHEDULE.class_loss:g} (off, the paper); "
+                   f"{SMALL_SCHEDULE.class_loss:g} with the small preset]")
 @click.option("--ema-decay", type=float, default=_TRAIN["ema_decay"],
               help="Samples come from a moving average of G's weights with this decay "
                    "(0: from G itself).")

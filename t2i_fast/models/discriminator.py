@@ -35,9 +35,14 @@ class Discriminator(nn.Module):
     ``groups``: the batch is that many batches (or batches of those sizes) one after
     another, each with its own BatchNorm statistics, as separate calls
     (``t2i_fast.models.grouped_batchnorm``).
+
+    With ``num_classes``, D also names each image's class (TAC-GAN, Dash et al., 2017): a
+    linear map of the last stage's features averaged over the 4×4 grid, before the text joins
+    them, gives class logits [B, num_classes], returned beside the match logits when
+    ``forward`` is asked ``with_classes``.
     """
 
-    def __init__(self, config: GANConfig):
+    def __init__(self, config: GANConfig, *, num_classes: int = 0):
         super().__init__()
         self.config = config
         n = config.num_stages
@@ -62,11 +67,24 @@ class Discriminator(nn.Module):
             _leaky(),
         )
         self.logit = nn.Conv2d(widths[-1], 1, 4)
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be at least 0, got {num_classes}")
+        self.classify = nn.Linear(widths[-1], num_classes) if num_classes else None
         init_weights(self)
 
     def forward(self, images: torch.Tensor, text_embedding: torch.Tensor, *,
-                groups: Groups = 1) -> torch.Tensor:
+                groups: Groups = 1, with_classes: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = grouped(self.stages, images, groups)  # [B, C, 4, 4], C = ndf·2^(n-1)
+        if with_classes:
+            if self.classify is None:
+                raise ValueError("this discriminator has no class head (num_classes=0)")
+            return self._match(x, text_embedding, groups), self.classify(x.mean(dim=(2, 3)))
+        return self._match(x, text_embedding, groups)
+
+    def _match(self, x: torch.Tensor, text_embedding: torch.Tensor,
+               groups: Groups) -> torch.Tensor:
+        """The logits [B] of image features ``x`` [B, C, 4, 4] with the text."""
         h = grouped(self.project, text_embedding, groups)  # [B, P]
         conv, norm, act = self.joint
         w_image, w_text = conv.weight.split([x.shape[1], h.shape[1]], dim=1)

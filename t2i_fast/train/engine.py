@@ -72,6 +72,7 @@ from torch import nn
 
 from t2i_fast.config import TrainConfig
 from t2i_fast.losses import (
+    class_loss,
     discriminator_loss,
     generator_loss,
     hardest_other_class,
@@ -169,16 +170,26 @@ class StepEngine:
                     module.to(memory_format=torch.channels_last)
         # None: the device's default generator, which a CUDA graph draws from.
         self._noise_source = None if compiled and cuda else noise
-        # Under a graph the learning rate must be read from memory the graph knows.
-        self._lr = torch.tensor(config.lr, device=device) if self.graphs else None
+        if config.class_loss and getattr(D, "classify", None) is None:
+            raise ValueError("the class loss needs a discriminator with a class head "
+                             "(num_classes)")
+        self._class_option = {"with_classes": True} if config.class_loss else {}
+        # With Reed's mismatched pair D sees two real images a sample: it names both.
+        self._names_wrong_images = bool(config.class_loss and config.matching_aware
+                                        and config.mismatch == "image")
+        # Under a graph the learning rates must be read from memory the graph knows.
+        self._lr = {name: torch.tensor(config.lr * scale, device=device)
+                    for name, scale in (("D", config.d_lr_scale), ("G", 1.0))} \
+            if self.graphs else None
         self._adam_flags = {"fused": True, "capturable": self.graphs} if compiled else {}
         betas = (config.beta1, config.beta2)
-        lr = self._lr if self._lr is not None else config.lr
         d_params = list(D.parameters())
         if config.joint_text_encoder:
             d_params += list(text_encoder.parameters())  # φ learns from D's judgement
-        self.opt_d = torch.optim.Adam(d_params, lr=lr, betas=betas, **self._adam_flags)
-        self.opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas, **self._adam_flags)
+        self.opt_d = torch.optim.Adam(d_params, lr=self._lr_of("D", config.lr), betas=betas,
+                                      **self._adam_flags)
+        self.opt_g = torch.optim.Adam(G.parameters(), lr=self._lr_of("G", config.lr),
+                                      betas=betas, **self._adam_flags)
         # The average's weight: a device tensor for compiled parts (a float argument would
         # recompile at each new value, and a graph reads it from memory), else a float.
         self._ema_weight = torch.zeros((), device=device) if compiled else None
@@ -217,14 +228,22 @@ class StepEngine:
         self._uncaptured = 0
 
     # -- what the trainer sets ---------------------------------------------------------------
+    def _lr_of(self, name: str, lr: float) -> torch.Tensor | float:
+        """The learning rate of ``name``'s optimizer (D or G) when G's is ``lr``: D's is
+        ``d_lr_scale`` times it. Under a graph, the tensor it reads (set to that value)."""
+        value = lr * (self.config.d_lr_scale if name == "D" else 1.0)
+        if self._lr is None:
+            return value
+        return self._lr[name].fill_(value)
+
     def set_lr(self, lr: float) -> None:
-        for opt in (self.opt_d, self.opt_g):
+        """G's learning rate ``lr``, D's ``d_lr_scale`` times it."""
+        for name, opt in (("D", self.opt_d), ("G", self.opt_g)):
+            value = self._lr_of(name, lr)
             for group in opt.param_groups:
-                # The group's tensor is this one again even after a load_state_dict put the
-                # checkpoint's value there: the graph reads this tensor's memory.
-                group["lr"] = self._lr if self._lr is not None else lr
-        if self._lr is not None:
-            self._lr.fill_(lr)
+                # Under a graph the group's tensor is this one again even after a
+                # load_state_dict put the checkpoint's value there: the graph reads its memory.
+                group["lr"] = value
 
     def after_load(self) -> None:
         """Makes optimizers loaded from a checkpoint (maybe of the other backend) this
@@ -257,18 +276,21 @@ class StepEngine:
         if self.graphs:
             return self._graph_step(batch)
         layout = torch.channels_last if self.compile else torch.preserve_format
-        images, wrong, captions, classes = self._inputs(batch)
+        images, wrong, *rest = self._inputs(batch)
         images, wrong = (t.to(self.device, non_blocking=True, memory_format=layout)
                          for t in (images, wrong))
-        captions, classes = (t if t is None else t.to(self.device, non_blocking=True)
-                             for t in (captions, classes))
-        return self._updates(images, wrong, captions, classes, weight)
+        rest = (t if t is None else t.to(self.device, non_blocking=True) for t in rest)
+        return self._updates(images, wrong, *rest, weight)
 
     def _inputs(self, batch) -> tuple[torch.Tensor | None, ...]:
         """What a step reads of ``batch``, in ``_updates``'s order: images, wrong images,
-        captions, and the class ids where the hard mismatched pairs need them (else None)."""
-        classes = batch.class_ids if self.config.mismatch == "hard" else None
-        return batch.images, batch.wrong_images, batch.captions, classes
+        captions, the class ids where the hard mismatched pairs or the class loss need them,
+        and the wrong images' where the class loss takes them (else None)."""
+        config = self.config
+        wanted = config.mismatch == "hard" or config.class_loss
+        classes = batch.class_ids if wanted else None
+        wrong_classes = batch.wrong_class_ids if self._names_wrong_images else None
+        return batch.images, batch.wrong_images, batch.captions, classes, wrong_classes
 
     def _autocast(self):
         if self.precision != "bf16":
@@ -285,11 +307,12 @@ class StepEngine:
         return self.world.take(z).to(self.device, non_blocking=True)
 
     def _updates(self, images: torch.Tensor, wrong: torch.Tensor, captions: torch.Tensor,
-                 classes: torch.Tensor | None, ema_weight: torch.Tensor | float
-                 ) -> dict[str, torch.Tensor]:
+                 classes: torch.Tensor | None, wrong_classes: torch.Tensor | None,
+                 ema_weight: torch.Tensor | float) -> dict[str, torch.Tensor]:
         """The D update, the G update, then G's average (by ``ema_weight``). ``captions``:
         the loader's caption ids with a caption table, else its captions; ``classes``: the
-        samples' class ids, which the hard mismatched pairs need."""
+        samples' class ids, which the hard mismatched pairs and the class loss need;
+        ``wrong_classes``: the wrong images', which the class loss names too."""
         config = self.config
         n = images.shape[0]
         n_mixed = n // 2 if self.interp_batch == "half" else n
@@ -310,7 +333,7 @@ class StepEngine:
             fake, interp, pair = self._run("generator forward", z, fixed, z_mixed, mixed,
                                            z_pair)
             d_loss, scores = self._run("discriminator step", images, wrong, text,
-                                       fake.detach(), classes)
+                                       fake.detach(), classes, wrong_classes)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
@@ -321,7 +344,7 @@ class StepEngine:
         try:
             with self._autocast():
                 g_loss, g_metrics = self._run("generator step", fake, fixed, interp, mixed,
-                                              z, pair, z_pair)
+                                              z, pair, z_pair, classes)
             self.opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
         finally:
@@ -339,13 +362,17 @@ class StepEngine:
 
     # -- the parts ----------------------------------------------------------------------------
     def _each(self, network: nn.Module, images: tuple[torch.Tensor, ...],
-              text: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+              text: tuple[torch.Tensor, ...], **options) -> tuple:
         """``network`` on each pair (images[i], text[i]): one call over the concatenated
-        batches with BatchNorm statistics per group, or one call per group."""
-        if not self.grouped:
-            return tuple(network(x, t) for x, t in zip(images, text, strict=True))
+        batches with BatchNorm statistics per group, or one call per group. Where the network
+        returns a tuple (D ``with_classes``), each group's entry is a tuple too."""
+        if not self.grouped or len(images) == 1:
+            return tuple(network(x, t, **options) for x, t in zip(images, text, strict=True))
         sizes = tuple(len(x) for x in images)
-        return network(torch.cat(images), torch.cat(text), groups=sizes).split(sizes)
+        out = network(torch.cat(images), torch.cat(text), groups=sizes, **options)
+        if isinstance(out, tuple):
+            return tuple(zip(*(o.split(sizes) for o in out), strict=True))
+        return out.split(sizes)
 
     def _generate(self, z: torch.Tensor, text: torch.Tensor, z_mixed: torch.Tensor | None,
                   mixed: torch.Tensor | None, z_pair: torch.Tensor | None
@@ -366,9 +393,11 @@ class StepEngine:
 
     def _discriminator_step(self, images: torch.Tensor, wrong: torch.Tensor,
                             text: torch.Tensor, fake: torch.Tensor,
-                            classes: torch.Tensor | None
+                            classes: torch.Tensor | None, wrong_classes: torch.Tensor | None
                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """D's loss (the D update's) and D's mean scores, which carry no gradient."""
+        """D's loss (the D update's) and D's mean scores, which carry no gradient. With the
+        class loss, D's class logits of the real images against ``classes``, and of the wrong
+        images against ``wrong_classes`` where given (twice the labelled images a step)."""
         config = self.config
         if images.shape[-1] != self.image_size:
             images = F.adaptive_avg_pool2d(images, self.image_size)  # = interpolate "area"
@@ -377,45 +406,66 @@ class StepEngine:
             # The paper's mismatched pair: each real image with another sample's text.
             other = text.roll(1, dims=0) if config.mismatch == "text" \
                 else hardest_other_class(text, classes)
-            real_right, real_wrong, fake_right = self._each(
-                self.D, (images, images, fake), (text, other, text))  # [B] each
+            batches, texts = (images, images, fake), (text, other, text)
         elif config.matching_aware:
-            real_right, real_wrong, fake_right = self._each(
-                self.D, (images, wrong, fake), (text, text, text))  # [B] each
+            batches, texts = (images, wrong, fake), (text, text, text)
         else:
-            (real_right, fake_right), real_wrong = self._each(
-                self.D, (images, fake), (text, text)), None
+            batches, texts = (images, fake), (text, text)
+        with_classes = bool(config.class_loss)
+        outputs = self._each(self.D, batches, texts, **self._class_option)
+        if with_classes:  # the real images come first, the wrong ones next
+            if wrong_classes is not None:
+                class_logits = torch.cat([outputs[0][1], outputs[1][1]])  # [2B, K]
+                classes = torch.cat([classes, wrong_classes])
+            else:
+                class_logits = outputs[0][1]  # [B, K]
+            outputs = tuple(o[0] for o in outputs)
+        real_right, *middle, fake_right = outputs  # [B] each
+        real_wrong = middle[0] if middle else None
         loss = self._d_loss(real_right, real_wrong, fake_right,
                             matching_aware=config.matching_aware)
         scores = {"d_real": torch.sigmoid(real_right.detach().float()).mean(),
                   "d_fake": torch.sigmoid(fake_right.detach().float()).mean()}
         if real_wrong is not None:
             scores["d_wrong"] = torch.sigmoid(real_wrong.detach().float()).mean()
+        if with_classes:
+            named, scores["class_real_acc"] = class_loss(class_logits, classes)
+            loss = loss + config.class_loss * named
         return loss, scores
 
     def _generator_step(self, fake: torch.Tensor, text: torch.Tensor,
                         interp: torch.Tensor | None, mixed: torch.Tensor | None,
-                        z: torch.Tensor, pair: torch.Tensor | None, z_pair: torch.Tensor | None
+                        z: torch.Tensor, pair: torch.Tensor | None, z_pair: torch.Tensor | None,
+                        classes: torch.Tensor | None
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """G's loss (the G update's): D on ``fake`` and, with GAN-INT, on ``interp``, the
-        images of the ``mixed`` embeddings; with the mode-seeking term, ``pair`` (noise
-        ``z_pair``) held apart from the first images of ``fake``. And G's metrics."""
+        images of the ``mixed`` embeddings; with the class loss, D's class logits of ``fake``
+        against ``classes``, the class of each caption's record (a mixed embedding has none);
+        with the mode-seeking term, ``pair`` (noise ``z_pair``) held apart from the first
+        images of ``fake``. And G's metrics."""
         config = self.config
-        if interp is None:
-            loss = self._g_loss(self.D(fake, text), None, interp_weight=config.interp_weight)
-        else:
-            # The interpolated batch first: D's running statistics follow its calls' order.
-            interp_logits, fake_logits = self._each(self.D, (interp, fake), (mixed, text))
-            loss = self._g_loss(fake_logits, interp_logits, interp_weight=config.interp_weight)
+        with_classes = bool(config.class_loss)
+        # The interpolated batch first: D's running statistics follow its calls' order.
+        batches, texts = ((fake,), (text,)) if interp is None else ((interp, fake), (mixed, text))
+        outputs = self._each(self.D, batches, texts, **self._class_option)
+        if with_classes:
+            outputs, class_logits = tuple(o[0] for o in outputs), outputs[-1][1]
+        *interp_logits, fake_logits = outputs
+        loss = self._g_loss(fake_logits, interp_logits[0] if interp_logits else None,
+                            interp_weight=config.interp_weight)
+        metrics = {}
+        if with_classes:
+            named, metrics["class_fake_acc"] = class_loss(class_logits, classes)
+            loss = loss + config.class_loss * named
         if pair is None:
-            return loss, {}
+            return loss, metrics
         m = len(pair)
         # Under DDP the ratio is the global batch's; DDP's mean of the ranks' gradients of
         # this one loss is then the gradient one process would take.
         seeking, ratio = mode_seeking_loss(fake[:m], pair, z[:m], z_pair,
                                            across=self.world.sum if self.world.distributed
                                            else None)
-        return loss + config.mode_seeking * seeking, {"mode_seeking_ratio": ratio}
+        return loss + config.mode_seeking * seeking, {**metrics, "mode_seeking_ratio": ratio}
 
     @torch.no_grad()
     def _average(self, weight: torch.Tensor | float) -> None:
@@ -471,8 +521,7 @@ class StepEngine:
         inputs = self._inputs(batch)
         if self._static is None:
             # The images channels_last, as the compiled parts take them.
-            layouts = (torch.channels_last, torch.channels_last, torch.contiguous_format,
-                       torch.contiguous_format)
+            layouts = (torch.channels_last, torch.channels_last, *[torch.contiguous_format] * 3)
             self._static = tuple(
                 None if t is None else torch.empty(t.shape, dtype=t.dtype, device=self.device,
                                                    memory_format=layout)

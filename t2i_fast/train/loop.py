@@ -66,7 +66,8 @@ class Trainer:
                              device=self.device if self.device.type == "cuda" else None)
         torch.manual_seed(config.seed)
         self.G = Generator(gan).to(self.device)
-        self.D = Discriminator(gan).to(self.device)
+        num_classes = len(self.loader.meta["classes"]) if config.class_loss else 0
+        self.D = Discriminator(gan, num_classes=num_classes).to(self.device)
         # Sampling from an average of G's recent weights smooths out the step-to-step swings
         # of GAN training; the updates themselves are the paper's.
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) \
@@ -461,8 +462,11 @@ def _open(config: TrainConfig, *, resume: bool) -> TrainConfig:
         if run.root.exists():
             raise T2IError(f"{run.root}: run folder exists (pass --resume {run.root} to "
                            "continue it, or choose another --run)")
-        with Dataset(config.data):
-            pass  # a bad dataset fails before the run folder exists
+        with Dataset(config.data) as ds:  # a bad dataset fails before the run folder exists
+            if config.class_loss and len(ds.classes) < 2:
+                click.echo(f"{config.data}: one class, nothing for the class loss to tell "
+                           "apart: it is off", err=True)
+                config = dataclasses.replace(config, class_loss=0.0)
         run.root.mkdir(parents=True)
     try:
         if not resume:
