@@ -315,8 +315,8 @@ class TrainConfig:
         for name in _SCHEDULED:
             # None is "the preset's" only when a config is made; a run records the value.
             if name in values and values[name] is None:
-                raise ConfigError(f"{path}: {name} must be set (a run records its value), "
-                                  "got None")
+                raise ConfigError(f"{path}: {name} must be set, got None: a run records "
+                                  "the value it trained with")
         try:
             return cls(**{**_BEFORE_RECORDED, **values})
         except FieldError as exc:

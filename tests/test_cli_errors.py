@@ -90,7 +90,7 @@ def test_config_fields_are_checked_by_type():
 @pytest.mark.parametrize(("change", "message"), [
     ({"batch_size": "64"}, "batch_size must be an integer, got '64'"),
     ({"lr": "fast"}, "lr must be a finite number, got 'fast'"),
-    ({"epochs": None}, "epochs must be an integer, got None"),
+    ({"epochs": None}, "epochs must be set, got None: a run records the value it trained with"),
     ({"data": None}, "data must be a string, got None"),
 ])
 def test_a_config_json_with_a_wrong_type_names_file_and_field(run, tmp_path, change, message):

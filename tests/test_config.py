@@ -73,7 +73,7 @@ def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
                                                   SMALL_SCHEDULE.class_loss)
     values["class_loss"] = None  # what only a made config may say
     (tmp_path / "config.json").write_text(json.dumps(values))
-    with pytest.raises(ConfigError, match="class_loss must be set"):
+    with pytest.raises(ConfigError, match="class_loss must be set, got None"):
         TrainConfig.load(tmp_path / "config.json")
 
 
