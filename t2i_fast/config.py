@@ -115,7 +115,7 @@ class Schedule:
 # preset trains a short job instead, whose text encoder must also tell the sizes apart, and
 # whose D must learn to see shapes within it: a faster D (the two time-scale update rule of
 # Heusel et al., 2017) with a class loss (TAC-GAN, Dash et al., 2017), which together moved
-# G's shape score from chance (0.28) to 0.74-0.75 in 10 epochs (docs/results.md).
+# G's shape score from chance (0.28) to 0.62-0.73 over three seeds of the main job (README).
 PAPER_SCHEDULE = Schedule(epochs=600, pretrain_epochs=20, pretrain_match="class",
                           d_lr_scale=1.0, class_loss=0.0)
 SMALL_SCHEDULE = Schedule(epochs=10, pretrain_epochs=16, pretrain_match="instance",
