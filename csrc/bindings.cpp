@@ -13,9 +13,19 @@ namespace py = pybind11;
 
 namespace {
 
-// Owns the core loader and the Python objects whose memory its slots point into. Members are
-// destroyed in reverse order: the core (joining its threads) goes before the buffers.
+// Owns the core loader and the Python objects whose memory its slots point into; the core's
+// threads are joined before the buffers go.
 struct LoaderHandle {
+  LoaderHandle() = default;
+  LoaderHandle(const LoaderHandle&) = delete;
+  LoaderHandle& operator=(const LoaderHandle&) = delete;
+  // A lease may keep the core alive after the handle goes; its threads must not go on
+  // filling slots in buffers freed with the handle. They never take the GIL: joining them
+  // while holding it cannot deadlock.
+  ~LoaderHandle() {
+    if (core) core->close();
+  }
+
   std::vector<py::object> buffers;
   std::shared_ptr<t2i::Loader> core;
 
@@ -209,8 +219,10 @@ PYBIND11_MODULE(_C, m) {
       .def("close", [](LoaderHandle& h) {
         if (!h.core) return;
         {
+          // Its own reference: another thread's close() may reset h.core meanwhile.
+          std::shared_ptr<t2i::Loader> core = h.core;
           py::gil_scoped_release release;
-          h.core->close();
+          core->close();
         }
         h.core.reset();
         h.buffers.clear();

@@ -200,11 +200,13 @@ Loader::~Loader() { close(); }
 void Loader::close() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) return;
     stopping_ = true;
   }
   work_cv_.notify_all();
   ready_cv_.notify_all();
+  // A close() that returned while another one was still joining would let the destructor
+  // free joinable threads (std::terminate) or the slots' owner free memory they still fill.
+  std::lock_guard<std::mutex> joining(join_mu_);
   for (auto& t : threads_) t.join();
   threads_.clear();
 }

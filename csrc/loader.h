@@ -123,6 +123,8 @@ class Loader {
   // (once) the error that filling that batch met.
   std::optional<ReadyBatch> next();
   void release(int slot) noexcept;
+  // Stops the threads and returns once they are joined, whichever call (of any thread, the
+  // destructor's included) comes first.
   void close();
 
  private:
@@ -169,6 +171,7 @@ class Loader {
   int leased_ = 0;
   bool stopping_ = false;
   std::map<int64_t, Filled> filled_;
+  std::mutex join_mu_;  // held while the threads are joined: a second close() waits for it
   std::vector<std::thread> threads_;
 };
 

@@ -297,6 +297,51 @@ def test_batches_outlive_a_closed_loader(random_dataset):
     assert torch.equal(batch.images, before)
 
 
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_a_core_dropped_unclosed_stops_its_threads_while_a_batch_lives(random_dataset):
+    """The core handle goes without close() while a batch still leases a slot (and so keeps
+    the C++ loader alive): its threads must stop with the handle, not go on filling slots
+    whose buffers went with it."""
+    base = _thread_count()
+    loader = Loader(random_dataset, batch_size=4, num_threads=3)
+    batch = next(iter(loader))
+    before = batch.images.clone()
+    core, loader._core = loader._core, None  # the Python side will not close it
+    assert _thread_count() == base + 3
+    del core, loader
+    gc.collect()
+    assert _thread_count() == base
+    assert torch.equal(batch.images, before)
+
+
+def test_closing_from_two_threads_at_once_waits_for_both(random_dataset):
+    """Concurrent close() calls of one core all return after its threads are joined."""
+    import threading
+
+    base = _thread_count()
+    for _ in range(5):
+        loader = Loader(random_dataset, batch_size=4, num_threads=4)
+        batch = next(iter(loader))
+        core, loader._core = loader._core, None
+        start = threading.Barrier(3)
+
+        def close(core=core, start=start):
+            start.wait()
+            core.close()
+
+        closers = [threading.Thread(target=close) for _ in range(3)]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
+        del core, loader, batch
+    gc.collect()
+    assert _thread_count() == base
+
+
 def copy_dataset(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
