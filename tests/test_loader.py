@@ -514,9 +514,6 @@ def test_two_loaders_at_once_and_reopening(random_dataset):
 
 
 def test_no_threads_or_memory_leak(random_dataset):
-    def threads() -> int:
-        return len(os.listdir("/proc/self/task"))
-
     def rss_mib() -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -525,18 +522,18 @@ def test_no_threads_or_memory_leak(random_dataset):
         with Loader(random_dataset, batch_size=4, num_threads=4) as loader:
             list(loader)
     gc.collect()
-    base_threads, base_rss = threads(), rss_mib()
+    base_threads, base_rss = _thread_count(), rss_mib()
     for _ in range(30):
         # 12 slots of 64 x 2 x 3 x 20 x 20 bytes: 3.6 MiB a loader, 110 MiB if leaked
         loader = Loader(random_dataset, batch_size=4, num_threads=4, depth=12,
                         size=20)
-        assert threads() == base_threads + 4
+        assert _thread_count() == base_threads + 4
         for _batch in loader:
             pass
         loader.close()
         del loader, _batch
     gc.collect()
-    assert threads() == base_threads
+    assert _thread_count() == base_threads
     assert rss_mib() - base_rss < 20
 
 
