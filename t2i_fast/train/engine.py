@@ -173,7 +173,7 @@ class StepEngine:
         if config.class_loss and getattr(D, "classify", None) is None:
             raise ValueError("the class loss needs a discriminator with a class head "
                              "(num_classes)")
-        self._with_classes = bool(config.class_loss)  # D's class logits beside its logits
+        self._class_option = {"with_classes": True} if config.class_loss else {}
         # With Reed's mismatched pair D sees two real images a sample: it names both.
         self._names_wrong_images = bool(config.class_loss and config.matching_aware
                                         and config.mismatch == "image")
@@ -411,8 +411,8 @@ class StepEngine:
             batches, texts = (images, wrong, fake), (text, text, text)
         else:
             batches, texts = (images, fake), (text, text)
-        with_classes = self._with_classes
-        outputs = self._each(self.D, batches, texts, with_classes=with_classes)
+        with_classes = bool(config.class_loss)
+        outputs = self._each(self.D, batches, texts, **self._class_option)
         if with_classes:  # the real images come first, the wrong ones next
             if wrong_classes is not None:
                 class_logits = torch.cat([outputs[0][1], outputs[1][1]])  # [2B, K]
@@ -444,10 +444,10 @@ class StepEngine:
         with the mode-seeking term, ``pair`` (noise ``z_pair``) held apart from the first
         images of ``fake``. And G's metrics."""
         config = self.config
-        with_classes = self._with_classes
+        with_classes = bool(config.class_loss)
         # The interpolated batch first: D's running statistics follow its calls' order.
         batches, texts = ((fake,), (text,)) if interp is None else ((interp, fake), (mixed, text))
-        outputs = self._each(self.D, batches, texts, with_classes=with_classes)
+        outputs = self._each(self.D, batches, texts, **self._class_option)
         if with_classes:
             outputs, class_logits = tuple(o[0] for o in outputs), outputs[-1][1]
         *interp_logits, fake_logits = outputs
