@@ -156,7 +156,8 @@ def _disentangle(results: dict) -> str | None:
     return (_grid(["", *columns], rows)
             + _note(f"{results.get('n_pairs', '?')} pairs; 0.5 is chance. The style encoder "
                     "disentangles where it beats the random encoder; the captions are the "
-                    "paper's text baseline."))
+                    "paper's text baseline; the position code is the ceiling of a generator "
+                    "that draws each axis of the centre from one direction of z."))
 
 
 def _diversity(results: dict) -> str | None:

@@ -15,11 +15,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from conftest import load_script  # noqa: E402
 from torch import nn  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
@@ -31,7 +30,6 @@ from t2i_fast.ops import dispatch  # noqa: E402
 from t2i_fast.ops.fused_layers import ConvBNAct, conv_bn_act_layers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ROOT = Path(__file__).resolve().parents[1]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_kernels = pytest.mark.skipif(
     not torch.cuda.is_available() and not cba.INTERPRETED,
@@ -429,11 +427,7 @@ def test_every_preset_layer_is_accepted(name):
 
 @pytest.fixture(scope="module")
 def bench_script():
-    spec = importlib.util.spec_from_file_location("bench_kernels",
-                                                  ROOT / "scripts/bench_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_kernels")
 
 
 def test_bench_dry_run_lists_the_layers_and_runs_a_tiny_one(bench_script, capsys,

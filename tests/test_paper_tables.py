@@ -1,19 +1,16 @@
 """scripts/paper_tables.py without training: its tables and where it writes them."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "scripts/paper_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("paper_tables")
 
 
 def _results(ratio):

@@ -98,15 +98,17 @@ def test_diversity_and_the_disentangling_baselines_have_tables(run, tmp_path):
     (saved / "eval_disentangle.json").write_text(json.dumps(
         {"background_auc": 0.75, "position_auc": 0.625, "n_pairs": 800,
          "baselines": {"random_encoder": {"background_auc": 0.65, "position_auc": 0.55},
-                       "captions": {"background_auc": 0.5, "position_auc": 0.6875}}}))
+                       "captions": {"background_auc": 0.5, "position_auc": 0.6875},
+                       "position_code": {"background_auc": 0.5, "position_auc": 0.5625}}}))
     page = make_report(run=saved)
     assert "<h3>eval_diversity.json</h3>" in page and "generated over real: 0.312" in page
     assert _row(page, "spread (mean pairwise distance)") == ["0.05", "0.2"]
     assert _row(page, "backgrounds covered (share of 8)") == ["0.125", "0.875"]
     assert _row(page, "a large blue cross") == ["0.375", "0.125", "0.875", "0.25", "0.5", "16"]
-    assert "<th>style encoder</th><th>random encoder</th><th>captions</th>" in page
-    assert _row(page, "background AUC") == ["0.75", "0.65", "0.5"]
-    assert _row(page, "position AUC") == ["0.625", "0.55", "0.6875"]
+    assert ("<th>style encoder</th><th>random encoder</th><th>captions</th>"
+            "<th>position code</th>") in page
+    assert _row(page, "background AUC") == ["0.75", "0.65", "0.5", "0.5"]
+    assert _row(page, "position AUC") == ["0.625", "0.55", "0.6875", "0.5625"]
     # A file from before the baselines is listed as it is.
     (saved / "eval_disentangle.json").write_text(json.dumps(
         {"background_auc": 0.75, "position_auc": 0.625, "n_pairs": 800}))

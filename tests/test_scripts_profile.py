@@ -1,22 +1,16 @@
 """scripts/profile_step.py on the CPU: one tiny step profiled, the summary's shape."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from t2i_fast.prepare.shapes import make_shapes
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts/profile_step.py"
 
 
 @pytest.fixture(scope="module")
 def profile_step():
-    spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_step")
 
 
 def test_profile_one_cpu_step(profile_step, tmp_path, capsys):

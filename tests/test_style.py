@@ -3,6 +3,7 @@
 import itertools
 import json
 import shutil
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -206,13 +207,46 @@ def test_position_cells_split_the_visible_window_in_thirds():
     assert position_cells(np.array(centres), low=12, high=64).tolist() == [0, 1, 2, 0, 3, 8, 6]
 
 
+def test_the_position_code_is_each_axis_rank_as_a_normal_quantile():
+    centres = np.array([[30.0, 5.0], [10.0, 5.0], [20.0, 7.0], [40.0, 6.0]])
+    codes = disentangle.position_code(centres)
+    quantile = NormalDist().inv_cdf
+    # x ranks 3, 1, 2, 4; y ties share ranks 1 and 2, then 4 and 3.
+    expected_x = [quantile(r / 4 - 1 / 8) for r in (3, 1, 2, 4)]
+    expected_y = [quantile(r / 4 - 1 / 8) for r in (1.5, 1.5, 4, 3)]
+    assert codes == pytest.approx(np.array([expected_x, expected_y]).T, abs=1e-12)
+    # Only the order on each axis counts: the code of any monotone map of the centres.
+    assert disentangle.position_code(np.exp(centres / 10) - 3) == pytest.approx(codes, abs=1e-12)
+    assert disentangle.position_code(centres[:, ::-1]) == pytest.approx(codes[:, ::-1])
+
+
+def test_the_position_code_cannot_gather_a_crowded_middle_cell():
+    # Off the middle, a cell is a direction from the centre, which a cosine reads; the middle
+    # cell's codes are small vectors pointing every way. Where half the centres sit in the
+    # middle (as in the shapes dataset), the code holds each centre exactly and still
+    # scores near chance by cosine, though a distance reads the cells from it.
+    rng = np.random.default_rng(0)
+    first, second = disentangle.sample_pairs(900, 20000, 0)
+    crowded = np.clip(rng.normal(1.5, 0.5, size=(900, 2)), 0, 3)
+    uniform = rng.uniform(0, 3, size=(900, 2))
+    for centres, middle, low, high in ((crowded, (0.4, 0.5), 0.5, 0.65),
+                                       (uniform, (0.1, 0.14), 0.85, 1)):
+        cells = position_cells(centres, low=0, high=3)
+        assert middle[0] < np.mean(cells == 4) < middle[1]
+        same = cells[first] == cells[second]
+        codes = disentangle.position_code(centres)
+        assert low < roc_auc(disentangle.cosine_similarity(codes[first], codes[second]),
+                             same) < high
+        assert roc_auc(-np.linalg.norm(codes[first] - codes[second], axis=1), same) > 0.85
+
+
 def test_eval_disentangle_json(styled):
     args = ("eval", "disentangle", "--run", styled, "--n", 64, "--pairs", 800, "--json")
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
     assert set(scores) == {"background_auc", "position_auc", "n_pairs", "baselines"}
-    assert set(scores["baselines"]) == {"random_encoder", "captions"}
+    assert set(scores["baselines"]) == {"random_encoder", "captions", "position_code"}
     assert scores["n_pairs"] == 800
     for found in (scores, *scores["baselines"].values()):
         assert all(0 <= found[key] <= 1 for key in ("background_auc", "position_auc"))
@@ -220,12 +254,14 @@ def test_eval_disentangle_json(styled):
     table = invoke("eval", "disentangle", "--run", styled, "--n", 64, "--pairs", 800)
     lines = table.output.splitlines()
     assert [line.split()[0] for line in lines] == ["factor", "background", "position", "pairs"]
-    assert lines[0].split()[1:6] == ["style", "encoder", "random", "encoder", "captions"]
+    assert lines[0].split()[1:8] == ["style", "encoder", "random", "encoder", "captions",
+                                     "position", "code"]
     for line, factor in zip(lines[1:3], ("background", "position"), strict=True):
         shown = [float(value) for value in line.split()[1:]]
         assert shown == pytest.approx([scores[f"{factor}_auc"],
                                        scores["baselines"]["random_encoder"][f"{factor}_auc"],
-                                       scores["baselines"]["captions"][f"{factor}_auc"]],
+                                       scores["baselines"]["captions"][f"{factor}_auc"],
+                                       scores["baselines"]["position_code"][f"{factor}_auc"]],
                                       abs=5e-5)
 
 
@@ -265,8 +301,18 @@ def test_the_baselines_match_an_independent_computation(styled, shapes):
     with torch.no_grad():
         styles = fresh(torch.nn.functional.interpolate(x, size=32, mode="area")).numpy()
     random_similarity = disentangle.cosine_similarity(styles[first], styles[second])
+    # The position code: each axis's rank among the 48 centres (ties sharing the mean of
+    # theirs) through the normal quantile function.
+    with Dataset(shapes) as ds:
+        centres = np.array([ds[i].attributes["position"] for i in range(48)], dtype=float)
+    below = (centres[None, :, :] < centres[:, None, :]).sum(axis=1)  # [48, 2]
+    equal = (centres[None, :, :] == centres[:, None, :]).sum(axis=1)
+    codes = np.vectorize(NormalDist().inv_cdf)((below + (equal + 1) / 2 - 0.5) / 48)
+    code_similarity = disentangle.cosine_similarity(codes[first], codes[second])
     for factor, truth in (("background", backgrounds), ("position", cells)):
         same = truth[first] == truth[second]
+        assert scores["baselines"]["position_code"][f"{factor}_auc"] == pytest.approx(
+            roc_auc(code_similarity, same), abs=1e-9)
         # The briefly trained text encoder gives near-equal similarities, whose order the
         # rounding of batched matrix products may swap.
         assert scores["baselines"]["captions"][f"{factor}_auc"] == pytest.approx(

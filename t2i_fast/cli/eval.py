@@ -147,9 +147,11 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     """The paper's disentangling study (Figure 5) on the shapes dataset: ROC AUC of the cosine
     similarity of real images' style vectors S(x), pairs with the same background (or the
     first shape's centre in the same cell of a 3x3 grid over the visible window) against
-    pairs without. 0.5 is chance, 1 perfect. Beside it, the same AUCs of two baselines on the
-    same pairs: a randomly initialised encoder of S's architecture, and the paper's text
-    baseline, the images' caption embeddings (the run's text encoder)."""
+    pairs without. 0.5 is chance, 1 perfect. Beside it, the same AUCs of three baselines on
+    the same pairs: a randomly initialised encoder of S's architecture, the paper's text
+    baseline (the images' caption embeddings by the run's text encoder), and the true
+    centres in the code of a generator that draws each axis from one direction of z: the
+    position AUC of such a generator's exact inverse, a ceiling for S's."""
     device = resolve_device("auto")
     encoder, _ = load_style_encoder(Run(run), device=device)
     model = TrainedModel.load(run, device=device)
@@ -160,12 +162,13 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
         return
     baselines = scores["baselines"]
     click.echo(f"{'factor':<12}{'style encoder':>15}{'random encoder':>16}{'captions':>10}"
-               "   (ROC AUC)")
+               f"{'position code':>15}   (ROC AUC)")
     for factor in ("background", "position"):
         key = f"{factor}_auc"
         click.echo(f"{factor:<12}{scores[key]:>15.4f}"
                    f"{baselines['random_encoder'][key]:>16.4f}"
-                   f"{baselines['captions'][key]:>10.4f}")
+                   f"{baselines['captions'][key]:>10.4f}"
+                   f"{baselines['position_code'][key]:>15.4f}")
     click.echo(f"{'pairs':<12}{scores['n_pairs']:>15}")
 
 

@@ -24,12 +24,21 @@ Two baselines, scored on the same pairs, say what the AUCs mean:
   text alone tells. No caption names a background, so its background AUC stays near 0.5; but
   captions name the size, and a large shape's centre has little room to move (the middle
   cell, always), so its position AUC is above chance (0.6-0.7 on the shapes dataset).
+- ``position_code``: what a perfect style encoder reads from a generator that draws each axis
+  of the shape's centre as a monotone function of one direction of z (the smooth map a
+  convolutional G learns): each record's true centre in that code (``position_code``), and
+  nothing else. Cosine similarity does not see which directions of z they are, so this is
+  the position AUC of every such generator's exact inverse, a ceiling for the trained S
+  (about 0.56 on the shapes dataset: half of the centres lie in the middle cell, whose codes
+  are small vectors in every direction, so the cosine cannot gather them); a style vector
+  that also carries other factors scores lower still. Its background AUC is chance.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -55,11 +64,27 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     negatives = labels.size - positives
     if positives == 0 or negatives == 0:
         raise ValueError("ROC AUC needs both positive and negative labels")
-    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    # Tied scores share the mean of the 1-based ranks they span.
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[group.ravel()]
-    u = ranks[labels].sum() - positives * (positives + 1) / 2
+    u = average_ranks(scores)[labels].sum() - positives * (positives + 1) / 2
     return float(u / (positives * negatives))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """The 1-based ranks of ``values`` [N] in ascending order, tied values sharing the mean
+    of the ranks they span."""
+    _, group, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[group.ravel()]
+
+
+def position_code(positions: np.ndarray) -> np.ndarray:
+    """Centres [N, 2] → their Gaussian codes [N, 2]: per axis, the standard normal quantile of
+    the centre's rank among the N (ties sharing their mean rank). A generator whose noise
+    z ~ N(0, I) sets each axis of the centre through a monotone function of one direction of
+    z writes the centre this way, up to which directions, and so reads back from it exactly."""
+    positions = np.asarray(positions, dtype=np.float64)
+    quantile = NormalDist().inv_cdf
+    codes = [[quantile((rank - 0.5) / len(positions)) for rank in average_ranks(axis)]
+             for axis in positions.T]
+    return np.array(codes, dtype=np.float64).T.reshape(positions.shape)
 
 
 def position_cells(positions: np.ndarray, *, low: float, high: float,
@@ -71,10 +96,11 @@ def position_cells(positions: np.ndarray, *, low: float, high: float,
     return y * cells + x
 
 
-def read_records(dataset: str | Path,
-                 n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:
+def read_records(dataset: str | Path, n: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:
     """The first ``n`` records' training views uint8 [N, C, C, 3], background ids [N],
-    position cells [N] and captions."""
+    the first shape's centre (x, y in stored pixels) [N, 2], its position cell [N] and the
+    captions."""
     with Dataset(dataset) as ds:
         count = min(n, len(ds))
         stored = min(ds.meta["image_size"])
@@ -94,8 +120,9 @@ def read_records(dataset: str | Path,
             positions.append(truth["position"])
             captions.append(sample.captions)
     low, high = visible_window(stored)
-    cells = position_cells(np.array(positions), low=low, high=high)
-    return np.stack(views), np.array(backgrounds), cells, captions
+    centres = np.array(positions, dtype=np.float64).reshape(-1, 2)
+    cells = position_cells(centres, low=low, high=high)
+    return np.stack(views), np.array(backgrounds), centres, cells, captions
 
 
 @torch.no_grad()
@@ -155,9 +182,10 @@ def evaluate_disentangle(*, encoder: StyleEncoder, dataset: str | Path,
     """{"background_auc", "position_auc", "n_pairs", "baselines"} for ``pairs`` random pairs
     among the first ``n`` records; the pairs and the random encoder depend on ``seed`` alone.
     "baselines" holds the same AUCs of a random encoder of ``encoder``'s architecture
-    ("random_encoder") and, with ``embed`` (the run's text encoder: captions → [M, E]), of
-    the records' caption embeddings ("captions")."""
-    images, backgrounds, cells, captions = read_records(dataset, n)
+    ("random_encoder"), of the ideal position code ("position_code") and, with ``embed``
+    (the run's text encoder: captions → [M, E]), of the records' caption embeddings
+    ("captions")."""
+    images, backgrounds, centres, cells, captions = read_records(dataset, n)
     if len(images) < 2:
         raise T2IError(f"{dataset}: the study needs at least 2 images, got {len(images)}")
     device = device or next(encoder.parameters()).device
@@ -179,5 +207,6 @@ def evaluate_disentangle(*, encoder: StyleEncoder, dataset: str | Path,
         random_encoder(encoder.config, seed=seed).to(device), images, device=device))}
     if embed is not None:
         baselines["captions"] = aucs(caption_features(embed, captions))
+    baselines["position_code"] = aucs(position_code(centres))
     return {**aucs(predict_styles(encoder, images, device=device)), "n_pairs": pairs,
             "baselines": baselines}
