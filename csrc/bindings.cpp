@@ -29,9 +29,13 @@ struct LoaderHandle {
   std::vector<py::object> buffers;
   std::shared_ptr<t2i::Loader> core;
 
-  t2i::Loader& get() {
+  t2i::Loader& get() { return *share(); }
+
+  // A reference for work done without the GIL, during which another thread may close the
+  // handle and drop its own.
+  std::shared_ptr<t2i::Loader> share() {
     if (!core) throw std::invalid_argument("the loader is closed");
-    return *core;
+    return core;
   }
 };
 
@@ -196,36 +200,43 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "start_epoch",
           [](LoaderHandle& h, uint64_t epoch, int64_t first_batch) {
-            t2i::Loader& core = h.get();
+            std::shared_ptr<t2i::Loader> core = h.share();
             py::gil_scoped_release release;
-            core.start_epoch(epoch, first_batch);
+            core->start_epoch(epoch, first_batch);
           },
           py::arg("epoch"), py::arg("first_batch") = 0)
       .def(
           "next",
           [](LoaderHandle& h) -> py::object {
-            t2i::Loader& core = h.get();
+            std::shared_ptr<t2i::Loader> core = h.share();
             std::optional<t2i::ReadyBatch> ready;
             {
               py::gil_scoped_release release;
-              ready = core.next();
+              ready = core->next();
             }
             if (!ready) return py::none();
-            auto lease = std::make_unique<Lease>(h.core, h.buffers[ready->slot], ready->slot);
+            if (h.core != core) {  // closed by another thread while this one waited
+              core->release(ready->slot);
+              throw std::invalid_argument("the loader is closed");
+            }
+            auto lease = std::make_unique<Lease>(core, h.buffers[ready->slot], ready->slot);
             return py::make_tuple(py::cast(std::move(lease)), ready->batch, ready->size);
           },
           "(lease, batch, size) of the next full batch, or None at the end of the epoch; the "
           "lease exposes the slot's bytes and frees the slot when the last view of it goes.")
       .def("close", [](LoaderHandle& h) {
-        if (!h.core) return;
+        // Its own reference: another thread's close() may reset h.core meanwhile.
+        std::shared_ptr<t2i::Loader> core = h.core;
+        if (!core) return;
         {
-          // Its own reference: another thread's close() may reset h.core meanwhile.
-          std::shared_ptr<t2i::Loader> core = h.core;
           py::gil_scoped_release release;
           core->close();
         }
         h.core.reset();
-        h.buffers.clear();
+        // The buffers leave the handle before any is released: releasing one may run Python
+        // code that hands the GIL to another closing thread, which must find none left.
+        std::vector<py::object> buffers;
+        buffers.swap(h.buffers);
       });
 
   py::class_<Lease>(m, "Lease", py::buffer_protocol())

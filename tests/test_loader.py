@@ -6,6 +6,8 @@ import math
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -317,29 +319,53 @@ def test_a_core_dropped_unclosed_stops_its_threads_while_a_batch_lives(random_da
     assert torch.equal(batch.images, before)
 
 
-def test_closing_from_two_threads_at_once_waits_for_both(random_dataset):
-    """Concurrent close() calls of one core all return after its threads are joined."""
-    import threading
+_CLOSE_FROM_THREADS = """
+import gc, os, sys, threading, time
+import numpy as np
+from t2i_fast.data.loader import Loader
 
-    base = _thread_count()
-    for _ in range(5):
-        loader = Loader(random_dataset, batch_size=4, num_threads=4)
-        batch = next(iter(loader))
-        core, loader._core = loader._core, None
-        start = threading.Barrier(3)
+class SlowToFree(np.ndarray):
+    def __del__(self):
+        time.sleep(0.02)  # the GIL goes to another thread while the handle drops its slots
 
-        def close(core=core, start=start):
-            start.wait()
-            core.close()
+def thread_count():
+    return len(os.listdir("/proc/self/task"))
 
-        closers = [threading.Thread(target=close) for _ in range(3)]
-        for t in closers:
-            t.start()
-        for t in closers:
-            t.join()
-        del core, loader, batch
-    gc.collect()
-    assert _thread_count() == base
+base = thread_count()
+for _ in range(5):
+    loader = Loader(sys.argv[1], batch_size=4, num_threads=4)
+    batch = next(iter(loader))
+    core, loader._core = loader._core, None
+    for _ in range(4):
+        core.add_slot(np.zeros(core.layout["bytes"], np.uint8).view(SlowToFree))
+    start = threading.Barrier(3)
+
+    def close(core=core, start=start):
+        start.wait()
+        core.close()
+
+    closers = [threading.Thread(target=close) for _ in range(3)]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join()
+    del core, loader, batch
+gc.collect()
+print("threads left", thread_count() - base)
+"""
+
+
+def test_closing_from_threads_at_once_joins_once_and_frees_once(random_dataset, tmp_path):
+    """Concurrent close() calls of one core all return after its threads are joined, and
+    drop each slot buffer once: dropping one may run Python code that lets another closing
+    thread in, which must find the handle's buffers gone (released twice, they crashed a
+    later test). In a child process, so that a crash fails this test alone; run outside the
+    checkout, whose source tree would shadow the installed package."""
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _CLOSE_FROM_THREADS,
+                           str(random_dataset)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "threads left 0"
 
 
 def copy_dataset(src: Path, dst: Path) -> Path:
