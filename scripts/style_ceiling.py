@@ -11,7 +11,7 @@ built from each record's true background kind and centre:
   S reads the octile's mean. "cones": the kind is the largest of 8 directions of z (the
   best case for a cosine); S reads that cone's mean vector.
 - position: each axis of the centre a monotone function of one direction of z
-  (``position_code``, the study's own ceiling baseline).
+  (``position_code``, the study's own baseline).
 - nuisance: further directions S reads exactly and that say nothing of either factor, as a
   real image's other factors would (the shift of a flat colour, a ramp's ends, the noise
   field, the stripes' phase, the exact size): independent normal values per record.
@@ -83,7 +83,7 @@ def main() -> None:
                         help="records (the first N; eval disentangle's default)")
     parser.add_argument("--pairs", type=int, default=10000, help="random pairs scored")
     args = parser.parse_args()
-    print("| S reads back | nuisance directions | background AUC | position AUC |\n"
+    print("| S reads back | other directions | background AUC | position AUC |\n"
           "| --- | ---: | ---: | ---: |")
     for row in ceiling_table(data=args.data, n=args.n, pairs=args.pairs):
         print(f"| {row['code']} | {row['nuisance']} | {row['background_auc']:.3f} "

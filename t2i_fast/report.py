@@ -156,8 +156,9 @@ def _disentangle(results: dict) -> str | None:
     return (_grid(["", *columns], rows)
             + _note(f"{results.get('n_pairs', '?')} pairs; 0.5 is chance. The style encoder "
                     "disentangles where it beats the random encoder; the captions are the "
-                    "paper's text baseline; the position code is the ceiling of a generator "
-                    "that draws each axis of the centre from one direction of z."))
+                    "paper's text baseline; the position code is what an exact inverse of "
+                    "a generator that draws each axis of the centre from one direction of z "
+                    "scores."))
 
 
 def _diversity(results: dict) -> str | None:

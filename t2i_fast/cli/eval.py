@@ -151,7 +151,7 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     the same pairs: a randomly initialised encoder of S's architecture, the paper's text
     baseline (the images' caption embeddings by the run's text encoder), and the true
     centres in the code of a generator that draws each axis from one direction of z: the
-    position AUC of such a generator's exact inverse, a ceiling for S's."""
+    position AUC of such a generator's exact inverse."""
     device = resolve_device("auto")
     encoder, _ = load_style_encoder(Run(run), device=device)
     model = TrainedModel.load(run, device=device)

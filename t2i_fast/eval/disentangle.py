@@ -28,10 +28,12 @@ Two baselines, scored on the same pairs, say what the AUCs mean:
   of the shape's centre as a monotone function of one direction of z (the smooth map a
   convolutional G learns): each record's true centre in that code (``position_code``), and
   nothing else. Cosine similarity does not see which directions of z they are, so this is
-  the position AUC of every such generator's exact inverse, a ceiling for the trained S
-  (about 0.56 on the shapes dataset: half of the centres lie in the middle cell, whose codes
-  are small vectors in every direction, so the cosine cannot gather them); a style vector
-  that also carries other factors scores lower still. Its background AUC is chance.
+  the position AUC of every such generator's exact inverse: what inverting it can teach S
+  about position at most (about 0.56 on the shapes dataset: half of the centres lie in the
+  middle cell, whose codes are small vectors in every direction, so the cosine cannot
+  gather them); an inverse that also carries other factors scores lower still. A trained S
+  is no exact inverse on real images (its features also answer to pixels, as the random
+  encoder's do), so this is a yardstick, not a bound. Its background AUC is chance.
 """
 
 from __future__ import annotations
