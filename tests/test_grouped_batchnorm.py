@@ -10,7 +10,7 @@ from torch import nn
 
 from t2i_fast.models import Discriminator, Generator, preset
 from t2i_fast.models.grouped_batchnorm import groupable, grouped, grouped_batch_norm
-from t2i_fast.train.distributed import sync_batchnorm
+from t2i_fast.train.distributed import World, sync_batchnorm
 
 
 def weights(shape: tuple[int, ...]) -> torch.Tensor:
@@ -146,7 +146,7 @@ def test_synchronised_batchnorm_does_not_group():
     group for such networks, and a grouped call refuses rather than mixing groups."""
     D = Discriminator(preset("small").gan)
     assert groupable(D)
-    synced = sync_batchnorm(D, torch.device("cpu"))
+    synced = sync_batchnorm(D, World(device=torch.device("cpu")))
     assert not groupable(synced)
     layer = next(m for m in synced.modules() if type(m).__name__ == "_CPUSyncBatchNorm")
     with pytest.raises(TypeError, match="does not take statistics per group"):

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.distributed.nn.functional  # noqa: F401  (imported now, before any group: below)
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
@@ -40,21 +43,33 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in 
 
 T = TypeVar("T")
 
+# torch.distributed.nn.functional's collectives take ``group=group.WORLD`` as a default,
+# bound when it is first imported (by torch._dynamo, or DDP's first use of it). Imported
+# after the default group exists, those defaults keep the group alive past
+# destroy_process_group to interpreter exit, and a gloo worker thread that lets go of a
+# finished collective's tensor there must take the GIL of an interpreter being torn down:
+# the process aborts ("terminate called without an active exception"). Imported above,
+# before any group, they hold None.
+
 
 @dataclass(frozen=True)
 class World:
     """This process's place among the training processes: ``rank`` of ``size``, training on
-    ``device``. ``group`` (a gloo group for long waits) is None for a process on its own,
-    without torch.distributed."""
+    ``device``. ``group`` (a gloo group for long waits) is None and ``group_name`` empty
+    for a process on its own, without torch.distributed. ``group_name`` names the default
+    group for the collectives inside compiled code: by name, since a graph that captured
+    the group itself would keep it alive past destroy_process_group (see letting_go)."""
 
     device: torch.device
     rank: int = 0
     size: int = 1
     group: Any = field(default=None, compare=False, repr=False)
+    group_name: str = field(default="", compare=False, repr=False)
 
     @property
     def distributed(self) -> bool:
-        return self.group is not None
+        # Read inside compiled code: by the name, for the group would be captured.
+        return bool(self.group_name)
 
     @property
     def main(self) -> bool:
@@ -136,7 +151,7 @@ class World:
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over the ranks, with a gradient: the backward sums each rank's
         gradient of the result into every rank's ``x``. Every rank must call it."""
-        return x if self.size == 1 else _sum_over_ranks(x)
+        return x if self.size == 1 else _sum_over_ranks(x, self.group_name)
 
     def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each 0-d tensor averaged over the ranks: the global batch's value for batch
@@ -176,6 +191,32 @@ def process_group(device: str = "auto") -> Iterator[World]:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def letting_go(world: World) -> Iterator[None]:
+    """Around the training of this process of ``world``: on the way out, by return or by
+    exception, what it made is freed (the locals of a propagating exception's frames, and
+    of the exceptions chained to it, cleared; then the cycles among the models collected),
+    so that no DDP module or group is left holding the process groups. Then
+    destroy_process_group ends their threads while the interpreter runs; a group alive at
+    interpreter exit aborts the process (see the import of torch.distributed.nn.functional
+    above). The tracebacks keep their lines, not their frames' variables."""
+    if not world.distributed:
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        seen: set[int] = set()
+        chained: BaseException | None = exc
+        while chained is not None and id(chained) not in seen:
+            seen.add(id(chained))
+            traceback.clear_frames(chained.__traceback__)
+            chained = chained.__cause__ or chained.__context__
+        raise
+    finally:
+        gc.collect()
+
+
 def _world(device: str, local_rank: int) -> World:
     resolved = resolve_device(device)
     size = dist.get_world_size()
@@ -185,25 +226,27 @@ def _world(device: str, local_rank: int) -> World:
                            "GPU, cuda:LOCAL_RANK (pass --device cuda or auto)")
         resolved = torch.device("cuda", local_rank)
     return World(device=resolved, rank=dist.get_rank(), size=size,
-                 group=dist.new_group(backend="gloo", timeout=PATIENCE))
+                 group=dist.new_group(backend="gloo", timeout=PATIENCE),
+                 group_name=dist.group.WORLD.group_name)
 
 
-def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module`` with BatchNorm over the global batch: torch's SyncBatchNorm on a GPU; on the
-    CPU, where SyncBatchNorm refuses to run (its statistics kernels are GPU-only), the same
-    computation over the functional collectives' all_reduce (differentiable, and traced by
-    torch.compile)."""
-    if device.type == "cuda":
+def sync_batchnorm(module: nn.Module, world: World) -> nn.Module:
+    """``module`` with BatchNorm over ``world``'s global batch: torch's SyncBatchNorm on a
+    GPU; on the CPU, where SyncBatchNorm refuses to run (its statistics kernels are
+    GPU-only), the same computation over the functional collectives' all_reduce
+    (differentiable, and traced by torch.compile)."""
+    if world.device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, _BatchNorm):
         synced = _CPUSyncBatchNorm(module.num_features, module.eps, module.momentum)
+        synced.group_name = world.group_name
         synced.weight, synced.bias = module.weight, module.bias
         synced.running_mean, synced.running_var = module.running_mean, module.running_var
         synced.num_batches_tracked = module.num_batches_tracked
         synced.train(module.training)
         return synced
     for name, child in module.named_children():
-        setattr(module, name, sync_batchnorm(child, device))
+        setattr(module, name, sync_batchnorm(child, world))
     return module
 
 
@@ -211,7 +254,10 @@ class _CPUSyncBatchNorm(_BatchNorm):
     """Affine BatchNorm (1d or 2d) with the statistics of every rank's batch together, as
     SyncBatchNorm computes them: mean, then the mean squared deviation from it (two passes,
     no E[x²] - E[x]² cancellation), each summed over the ranks; the backward all-reduces the
-    gradients of those sums, so each rank's loss reaches every rank's inputs."""
+    gradients of those sums, so each rank's loss reaches every rank's inputs, over the group
+    named ``group_name``."""
+
+    group_name: str
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -225,9 +271,9 @@ class _CPUSyncBatchNorm(_BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = _sum_over_ranks(x.sum(dims)) / count
+        mean = _sum_over_ranks(x.sum(dims), self.group_name) / count
         centred = x - mean.view(shape)
-        var = _sum_over_ranks(centred.square().sum(dims)) / count
+        var = _sum_over_ranks(centred.square().sum(dims), self.group_name) / count
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             momentum = self.momentum if self.momentum is not None else \
@@ -240,5 +286,5 @@ class _CPUSyncBatchNorm(_BatchNorm):
         return centred * scale.view(shape) + self.bias.view(shape)
 
 
-def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+def _sum_over_ranks(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return funcol.all_reduce(x, "sum", group_name)

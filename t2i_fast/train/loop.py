@@ -33,7 +33,13 @@ from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.run import Run
 from t2i_fast.train.caption_table import embed_all_captions, mean_embedding
-from t2i_fast.train.distributed import World, process_group, single, sync_batchnorm
+from t2i_fast.train.distributed import (
+    World,
+    letting_go,
+    process_group,
+    single,
+    sync_batchnorm,
+)
 from t2i_fast.train.engine import MetricsReader, StepEngine
 from t2i_fast.train.pretrain_text import PretrainConfig, pretrain_text
 from t2i_fast.train.signals import StopSignals, TrainingStopped, stop_signals
@@ -73,8 +79,8 @@ class Trainer:
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) \
             if config.ema_decay else None
         if config.sync_bn and self.world.size > 1:
-            self.G = sync_batchnorm(self.G, self.device)
-            self.D = sync_batchnorm(self.D, self.device)
+            self.G = sync_batchnorm(self.G, self.world)
+            self.D = sync_batchnorm(self.D, self.world)
         self.text_encoder = TextEncoder(self.models.text).to(self.device)
         if config.text_encoder is not None:
             self._load_text_encoder(Path(config.text_encoder))
@@ -416,7 +422,7 @@ def train(*, config: TrainConfig, resume: bool = False, world: World | None = No
     if config.tensorboard:
         require_tensorboard()
     run = Path(config.run)
-    with stop_signals() as stop:
+    with letting_go(world), stop_signals() as stop:
         try:
             _train(config, resume=resume, world=world, stop=stop)
         except Exception as exc:  # the run's files and the pretraining's share the disk
