@@ -91,7 +91,7 @@ def _results(run: Run, variant: str) -> dict:
     scores = {name: _cached(run.evaluation_path(name),
                             lambda name=name: _t2i("eval", name, "--run", str(run.root),
                                                    "--json"),
-                            needs="baselines" if name == "disentangle" else None)
+                            needs="position_clusters" if name == "disentangle" else None)
               for name in EVALS}
     if variant == CURVE:
         scores["curve"] = curve(run)
@@ -160,7 +160,8 @@ def markdown(results: dict[str, dict], *, epochs: int, seed: int, minutes: float
               "over the real images' (1: as varied as the data); coverage is the share of the "
               "8 backgrounds and 9 position cells one caption's 16 images show (the real "
               "images' in parentheses); the AUCs of the style encoder stand beside a random "
-              "encoder's and the captions' (the paper's text baseline).\n\n" + style)
+              "encoder's and the captions' (the paper's text baseline), positions grouped "
+              "as the paper groups poses, by k-means of the records' centres.\n\n" + style)
 
 
 def write_section(path: Path, table: str) -> None:

@@ -11,10 +11,10 @@ from conftest import tiny_run, write_random_dataset
 from t2i_fast.cli import main
 from t2i_fast.data import Dataset
 from t2i_fast.eval.attributes import parse_caption
-from t2i_fast.eval.disentangle import position_cells
 from t2i_fast.eval.diversity import (
     evaluate_diversity,
     one_shape_records,
+    position_cells,
     read_background,
     read_position,
     spread,
@@ -84,6 +84,12 @@ def test_the_readers_read_real_images(shapes, size):
                            high=64)
     read = [view_cell(read_position(image), stored=76) for image in images]
     assert len(set(cells)) >= 6 and np.mean(np.array(read) == cells) >= 0.9
+
+
+def test_position_cells_split_the_visible_window_in_thirds():
+    # The 76-pixel shapes images keep pixels [12, 64) in every crop: cells 52 / 3 pixels wide.
+    centres = [(13, 13), (30, 13), (47, 13), (13, 29), (13, 30), (63, 63), (5, 70)]
+    assert position_cells(np.array(centres), low=12, high=64).tolist() == [0, 1, 2, 0, 3, 8, 6]
 
 
 def test_read_position_of_nothing_is_none():

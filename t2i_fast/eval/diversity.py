@@ -15,7 +15,7 @@ For each one-shape caption (colour, shape, size; the first template of
   variety. ``ratio`` is the generated spread over the real one: 0 for a generator that
   ignores its noise, about 1 for one that varies as the data does.
 - **coverage**: the share of the 8 backgrounds (``shapes_spec.BACKGROUNDS``) and of the 9
-  position cells (3×3 over the visible window, as ``eval disentangle`` places them) that the
+  position cells (3×3 over the visible window, where the generator places shapes) that the
   ``n`` images show. The real images' kinds and positions are their records' ground truth;
   the generated ones' are read by a fixed image analysis (``read_background``,
   ``read_position``) that reads the real images themselves mostly right (the tests hold it to
@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from t2i_fast.data.dataset import Dataset
 from t2i_fast.errors import DataError, T2IError
 from t2i_fast.eval.attributes import MIN_CHROMA, components, score_image
-from t2i_fast.eval.disentangle import POSITION_CELLS, position_cells
 from t2i_fast.shapes_spec import (
     BACKGROUNDS,
     COLORS,
@@ -64,6 +63,17 @@ _FLAT_STD = 5.0  # grey levels vary less than this over a flat background
 _PLANE_FIT = 0.85  # share of the variance a plane explains in a ramp
 _STRIPE_CORRELATION = -0.25  # stripes anticorrelate at half their period; smooth noise never
 _EDGE = 2  # pixels around a shape (at 64) left out of the background: its anti-aliased edge
+
+POSITION_CELLS = 3  # per axis
+
+
+def position_cells(positions: np.ndarray, *, low: float, high: float,
+                   cells: int = POSITION_CELLS) -> np.ndarray:
+    """Centres [N, 2] (x, y in stored pixels) → cell ids [N] of a cells × cells grid over the
+    window [low, high) on both axes (row-major; centres outside go to the nearest cell)."""
+    index = np.floor((np.asarray(positions, dtype=np.float64) - low) / (high - low) * cells)
+    x, y = np.clip(index, 0, cells - 1).astype(np.int64).T
+    return y * cells + x
 
 
 def read_background(image: np.ndarray) -> int:
