@@ -59,18 +59,21 @@ def test_auto_resolves_by_the_device(tmp_path, monkeypatch):
 
 def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
     """A config.json without the settings added since (the text pretraining's matching, the
-    mode-seeking term, D's learning rate scale, the class loss) reads as the training that
-    run did, not as today's defaults."""
+    mode-seeking term, D's learning rate scale, the class loss, G's weight of it) reads as
+    the training that run did, not as today's defaults."""
     made = TrainConfig(data="d", run="r", preset="small")
     values = dataclasses.asdict(made)
-    for name in ("pretrain_match", "mode_seeking", "d_lr_scale", "class_loss"):
+    for name in ("pretrain_match", "mode_seeking", "d_lr_scale", "class_loss", "g_class_loss"):
         del values[name]
     (tmp_path / "config.json").write_text(json.dumps(values))
     read = TrainConfig.load(tmp_path / "config.json")
-    assert (read.pretrain_match, read.mode_seeking, read.d_lr_scale, read.class_loss) == (
-        "class", 0.0, 1.0, 0.0)
-    assert (made.d_lr_scale, made.class_loss) == (SMALL_SCHEDULE.d_lr_scale,
-                                                  SMALL_SCHEDULE.class_loss)
+    assert (read.pretrain_match, read.mode_seeking, read.d_lr_scale, read.class_loss,
+            read.g_class_loss) == ("class", 0.0, 1.0, 0.0, 0.0)
+    assert (made.d_lr_scale, made.class_loss, made.g_class_loss) == (
+        SMALL_SCHEDULE.d_lr_scale, SMALL_SCHEDULE.class_loss, SMALL_SCHEDULE.g_class_loss)
+    # A run with the class loss, made before G's weight was its own: G's took D's.
+    (tmp_path / "config.json").write_text(json.dumps({**values, "class_loss": 10.0}))
+    assert TrainConfig.load(tmp_path / "config.json").g_class_loss == 10.0
     values["class_loss"] = None  # what only a made config may say
     (tmp_path / "config.json").write_text(json.dumps(values))
     with pytest.raises(ConfigError, match="class_loss must be set, got None"):
@@ -80,8 +83,11 @@ def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
 def test_the_new_weights_are_checked_where_the_flags_are_named(shapes, tmp_path):
     with pytest.raises(FieldError, match="class_loss must be at least 0"):
         TrainConfig(data="d", run="r", class_loss=-1.0)
+    with pytest.raises(FieldError, match="g_class_loss must be at least 0"):
+        TrainConfig(data="d", run="r", g_class_loss=-1.0)
     for flag, value, message in (("--d-lr-scale", "0", "must be positive, got 0.0"),
-                                 ("--class-loss", "-2", "must be at least 0, got -2.0")):
+                                 ("--class-loss", "-2", "must be at least 0, got -2.0"),
+                                 ("--g-class-loss", "-1", "must be at least 0, got -1.0")):
         result = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
                                            str(tmp_path / "r"), flag, value])
         assert result.exit_code == 1

@@ -299,13 +299,14 @@ def test_the_hard_mismatch_reaches_d_with_the_batchs_classes(batches):
 
 def test_the_class_loss_names_the_real_images_for_d_and_the_captions_classes_for_g(batches):
     """TAC-GAN's term: D's loss adds λ times the cross entropy of its class logits of the real
-    images (the right and the wrong ones) against their classes; G's adds λ times that of its
-    images against the classes of the records whose captions drew them. Two engines alike
-    but for λ take the same first D and G losses apart by exactly the difference in λ times
-    those cross entropies."""
+    images (the right and the wrong ones) against their classes; G's adds its own λ times
+    that of its images against the classes of the records whose captions drew them. Two
+    engines alike but for the λs take the same first D and G losses apart by exactly the
+    difference in each λ times those cross entropies."""
     length = batches[0].captions.shape[-1]
-    engines = [make_engine("eager", length=length, class_loss=weight, mode_seeking=0.0,
-                           variant="cls") for weight in (1.0, 3.0)]
+    engines = [make_engine("eager", length=length, class_loss=d_weight, g_class_loss=g_weight,
+                           mode_seeking=0.0, variant="cls")
+               for d_weight, g_weight in ((1.0, 1.0), (3.0, 5.0))]
     batch = batches[0]
     images = F.adaptive_avg_pool2d(batch.images, 32)
     wrong = F.adaptive_avg_pool2d(batch.wrong_images, 32)
@@ -325,7 +326,7 @@ def test_the_class_loss_names_the_real_images_for_d_and_the_captions_classes_for
     (d_one, scores), (d_three, _) = d_losses
     assert (d_three - d_one).item() == pytest.approx(2 * named_real.item(), rel=1e-5)
     (g_one, metrics), (g_three, _) = g_losses
-    assert (g_three - g_one).item() == pytest.approx(2 * named_fake.item(), rel=1e-5)
+    assert (g_three - g_one).item() == pytest.approx(4 * named_fake.item(), rel=1e-5)
     for accuracy, rows in ((scores["class_real_acc"], 2 * BATCH),
                            (metrics["class_fake_acc"], BATCH)):
         assert 0 <= accuracy.item() <= 1

@@ -456,7 +456,7 @@ class StepEngine:
         metrics = {}
         if with_classes:
             named, metrics["class_fake_acc"] = class_loss(class_logits, classes)
-            loss = loss + config.class_loss * named
+            loss = loss + config.g_class_loss * named
         if pair is None:
             return loss, metrics
         m = len(pair)
