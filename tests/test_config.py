@@ -70,7 +70,9 @@ def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
     assert (read.pretrain_match, read.mode_seeking, read.d_lr_scale, read.class_loss,
             read.g_class_loss) == ("class", 0.0, 1.0, 0.0, 0.0)
     assert (made.d_lr_scale, made.class_loss, made.g_class_loss) == (
-        SMALL_SCHEDULE.d_lr_scale, SMALL_SCHEDULE.class_loss, SMALL_SCHEDULE.g_class_loss)
+        SMALL_SCHEDULE.d_lr_scale, SMALL_SCHEDULE.class_loss, SMALL_SCHEDULE.class_loss)
+    assert TrainConfig(data="d", run="r", preset="small", class_loss=3.0).g_class_loss == 3.0
+    assert TrainConfig(data="d", run="r", preset="small", g_class_loss=1.0).g_class_loss == 1.0
     # A run with the class loss, made before G's weight was its own: G's took D's.
     (tmp_path / "config.json").write_text(json.dumps({**values, "class_loss": 10.0}))
     assert TrainConfig.load(tmp_path / "config.json").g_class_loss == 10.0

@@ -116,8 +116,9 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
                    f"[default: {PAPER_SCHEDULE.class_loss:g} (off, the paper); "
                    f"{SMALL_SCHEDULE.class_loss:g} with the small preset]")
 @click.option("--g-class-loss", type=float, default=_TRAIN["g_class_loss"],
-              help=f"The class loss's weight in G's loss (--class-loss weighs D's)  [default: "
-                   f"{SMALL_SCHEDULE.g_class_loss:g} with the small preset]")
+              help="The class loss's weight in G's loss, where --class-loss weighs D's; lower "
+                   "lets the noise move the shape more, at a cost in shape  [default: "
+                   "--class-loss]")
 @click.option("--ema-decay", type=float, default=_TRAIN["ema_decay"],
               help="Samples come from a moving average of G's weights with this decay "
                    "(0: from G itself).")
