@@ -322,10 +322,9 @@ class TrainConfig:
             if name in values and values[name] is None:
                 raise ConfigError(f"{path}: {name} must be set, got None: a run records "
                                   "the value it trained with")
-        values = {**_BEFORE_RECORDED, **values}
-        # Before G's weight was a setting of its own, G's loss took D's.
-        values.setdefault("g_class_loss", values["class_loss"])
         try:
-            return cls(**values)
+            # Without g_class_loss (made before it was its own setting) G's weight resolves to
+            # the class loss's, as those runs trained.
+            return cls(**{**_BEFORE_RECORDED, **values})
         except FieldError as exc:
             raise ConfigError(f"{path}: {exc}") from exc

@@ -17,7 +17,7 @@ AUC says how well that score tells pairs that share a style factor from pairs th
 Images are seen as the generator learnt them: the centred training crop
 (``shapes_spec.training_crop`` of the stored side), resized to the model's resolution.
 
-Two baselines, scored on the same pairs, say what the AUCs mean:
+Three baselines, scored on the same pairs, say what the AUCs mean:
 
 - ``random_encoder``: a style encoder of the same architecture with its initial weights
   (seeded; BatchNorm with its initial statistics, so a fixed random convolutional network).

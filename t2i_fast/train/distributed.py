@@ -24,7 +24,15 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.distributed.nn.functional  # noqa: F401  (imported now, before any group: below)
+
+# torch.distributed.nn.functional's collectives take ``group=group.WORLD`` as a default,
+# bound when it is first imported (by torch._dynamo, or DDP's first use of it). Imported
+# after the default group exists, those defaults keep the group alive past
+# destroy_process_group to interpreter exit, and a gloo worker thread that lets go of a
+# finished collective's tensor there must take the GIL of an interpreter being torn down:
+# the process aborts ("terminate called without an active exception"). Imported here,
+# before any group, they hold None.
+import torch.distributed.nn.functional  # noqa: F401
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
@@ -42,14 +50,6 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in 
                    else {"broadcast_buffers": False})
 
 T = TypeVar("T")
-
-# torch.distributed.nn.functional's collectives take ``group=group.WORLD`` as a default,
-# bound when it is first imported (by torch._dynamo, or DDP's first use of it). Imported
-# after the default group exists, those defaults keep the group alive past
-# destroy_process_group to interpreter exit, and a gloo worker thread that lets go of a
-# finished collective's tensor there must take the GIL of an interpreter being torn down:
-# the process aborts ("terminate called without an active exception"). Imported above,
-# before any group, they hold None.
 
 
 @dataclass(frozen=True)
