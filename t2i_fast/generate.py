@@ -14,7 +14,8 @@ from t2i_fast.data import Dataset
 from t2i_fast.data.alphabet import encode
 from t2i_fast.data.format import record_key
 from t2i_fast.errors import T2IError
-from t2i_fast.models import Generator, TextEncoder, preset
+from t2i_fast.models import Generator, TextEncoder
+from t2i_fast.models.config import checkpoint_models
 from t2i_fast.pictures import image_grid
 from t2i_fast.prepare.captions import read_class_list
 from t2i_fast.run import Run
@@ -28,7 +29,7 @@ class TrainedModel:
     are encoded at ``doc_length`` characters, the length the text encoder learnt on."""
 
     def __init__(self, checkpoint: dict, *, device: torch.device, doc_length: int):
-        models = preset(checkpoint["preset"])
+        models = checkpoint_models(checkpoint)
         self.device = device
         self.doc_length = doc_length
         self.step = checkpoint["step"]

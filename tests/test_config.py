@@ -35,6 +35,8 @@ def test_the_command_line_and_the_python_api_train_the_same_job(shapes, tmp_path
     api = TrainConfig(data=str(shapes), run=str(tmp_path / "r"), **given)
     assert cli == api
     expected = SMALL_SCHEDULE if (preset or "small") == "small" else PAPER_SCHEDULE
+    if expected.g_class_loss is None:  # G's weight of the class loss: D's
+        expected = dataclasses.replace(expected, g_class_loss=expected.class_loss)
     assert tuple(getattr(api, field.name) for field in dataclasses.fields(expected)) == \
         dataclasses.astuple(expected)
 
@@ -63,16 +65,22 @@ def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
     the training that run did, not as today's defaults."""
     made = TrainConfig(data="d", run="r", preset="small")
     values = dataclasses.asdict(made)
-    for name in ("pretrain_match", "mode_seeking", "d_lr_scale", "class_loss", "g_class_loss"):
+    for name in ("pretrain_match", "mode_seeking", "d_lr_scale", "class_loss", "g_class_loss",
+                 "g_first_layer"):
         del values[name]
     (tmp_path / "config.json").write_text(json.dumps(values))
     read = TrainConfig.load(tmp_path / "config.json")
     assert (read.pretrain_match, read.mode_seeking, read.d_lr_scale, read.class_loss,
-            read.g_class_loss) == ("class", 0.0, 1.0, 0.0, 0.0)
-    assert (made.d_lr_scale, made.class_loss, made.g_class_loss) == (
-        SMALL_SCHEDULE.d_lr_scale, SMALL_SCHEDULE.class_loss, SMALL_SCHEDULE.class_loss)
-    assert TrainConfig(data="d", run="r", preset="small", class_loss=3.0).g_class_loss == 3.0
-    assert TrainConfig(data="d", run="r", preset="small", g_class_loss=1.0).g_class_loss == 1.0
+            read.g_class_loss, read.g_first_layer) == ("class", 0.0, 1.0, 0.0, 0.0, "per-cell")
+    assert (made.d_lr_scale, made.class_loss, made.g_class_loss, made.g_first_layer) == (
+        SMALL_SCHEDULE.d_lr_scale, SMALL_SCHEDULE.class_loss, 1.0, "uniform")
+    assert TrainConfig(data="d", run="r", preset="reed").g_first_layer == "per-cell"
+    assert TrainConfig(data="d", run="r", preset="small",
+                       g_first_layer="per-cell").g_first_layer == "per-cell"
+    # G's weight is the small preset's own; elsewhere it follows D's.
+    assert TrainConfig(data="d", run="r", preset="small", class_loss=3.0).g_class_loss == 1.0
+    assert TrainConfig(data="d", run="r", preset="reed", class_loss=3.0).g_class_loss == 3.0
+    assert TrainConfig(data="d", run="r", preset="small", g_class_loss=5.0).g_class_loss == 5.0
     # A run with the class loss, made before G's weight was its own: G's took D's.
     (tmp_path / "config.json").write_text(json.dumps({**values, "class_loss": 10.0}))
     assert TrainConfig.load(tmp_path / "config.json").g_class_loss == 10.0
@@ -87,6 +95,8 @@ def test_the_new_weights_are_checked_where_the_flags_are_named(shapes, tmp_path)
         TrainConfig(data="d", run="r", class_loss=-1.0)
     with pytest.raises(FieldError, match="g_class_loss must be at least 0"):
         TrainConfig(data="d", run="r", g_class_loss=-1.0)
+    with pytest.raises(FieldError, match="g_first_layer must be one of"):
+        TrainConfig(data="d", run="r", g_first_layer="diagonal")
     for flag, value, message in (("--d-lr-scale", "0", "must be positive, got 0.0"),
                                  ("--class-loss", "-2", "must be at least 0, got -2.0"),
                                  ("--g-class-loss", "-1", "must be at least 0, got -1.0")):

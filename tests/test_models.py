@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from t2i_fast.models import (
     preset,
 )
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
+from t2i_fast.models.config import checkpoint_models, recorded
 from t2i_fast.models.generator import ProjectTo4x4, ResidualBlock
 
 L = 201
@@ -257,6 +260,63 @@ def test_project_to_4x4_is_the_transposed_convolution(memory_format):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="1×1 map"):
         layer(torch.randn(3, 7, 2, 2, dtype=torch.float64))
+
+
+def test_a_uniform_first_layer_varies_over_its_cells_by_its_first_inputs_alone():
+    """With cell_inputs k, the inputs after the first k weigh their weights' mean over the
+    cells at every cell: the same map as a transposed convolution whose weight is that mean
+    for them, gradients included; the cells differ only through the first k inputs."""
+    layer = ProjectTo4x4(7, 5, cell_inputs=1).double()
+    x = torch.randn(3, 7, 1, 1, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    w = layer.weight
+    mixed = torch.cat([w[:1], w[1:].mean(dim=(2, 3), keepdim=True).expand_as(w[1:])])
+    want = torch.nn.functional.conv_transpose2d(x, mixed)
+    torch.testing.assert_close(y, want)
+    grad = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, w), grad),
+                    torch.autograd.grad(want, (x, w), grad), strict=True):
+        torch.testing.assert_close(a, b)
+    cells = lambda out: out.flatten(2)  # noqa: E731  [B, C, 16]
+    without_first = layer(torch.cat([torch.zeros(3, 1, 1, 1, dtype=torch.float64),
+                                     x[:, 1:].detach()], dim=1))
+    torch.testing.assert_close(cells(without_first),
+                               cells(without_first)[..., :1].expand(-1, -1, 16))
+    assert not torch.allclose(cells(y), cells(y)[..., :1].expand(-1, -1, 16))
+    per_cell = ProjectTo4x4(7, 5).double()
+    per_cell.load_state_dict(layer.state_dict())  # the same tensors, another map
+    assert not torch.allclose(per_cell(x), y)
+    with pytest.raises(ValueError, match=r"cell_inputs must be in \[0, 7\], got 8"):
+        ProjectTo4x4(7, 5, cell_inputs=8)
+
+
+def test_the_generator_builds_its_first_layer_as_configured():
+    gan = preset("small").gan
+    assert Generator(gan).stages[0][0].cell_inputs is None
+    uniform = Generator(dataclasses.replace(gan, first_layer="uniform"))
+    assert uniform.stages[0][0].cell_inputs == 1
+    # The same tensors as the paper's layer: a checkpoint's shapes do not tell them apart.
+    assert {k: v.shape for k, v in uniform.state_dict().items()} == \
+        {k: v.shape for k, v in Generator(gan).state_dict().items()}
+    with pytest.raises(ValueError, match="first_layer must be one of"):
+        dataclasses.replace(gan, first_layer="diagonal")
+
+
+def test_a_checkpoint_names_its_first_layer_and_old_ones_read_as_per_cell():
+    small = preset("small")
+    recorded_uniform = {"preset": "small", "model_config": dataclasses.asdict(
+        dataclasses.replace(small, gan=dataclasses.replace(small.gan, first_layer="uniform")))}
+    assert checkpoint_models(recorded_uniform).gan.first_layer == "uniform"
+    old = dataclasses.asdict(small)
+    del old["gan"]["first_layer"]  # made before the setting
+    assert checkpoint_models({"preset": "small", "model_config": old}) == small
+    assert recorded(old) == dataclasses.asdict(small)
+    assert checkpoint_models({"preset": "small"}) == small
+    forged = dataclasses.asdict(small)
+    forged["gan"]["first_layer"] = "everywhere"
+    with pytest.raises(ValueError, match="first_layer must be one of"):
+        checkpoint_models({"preset": "small", "model_config": forged})
+    assert recorded("not a dict") == "not a dict"
 
 
 def test_recomputed_batchnorm_stats_average_the_batches():

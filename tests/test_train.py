@@ -10,6 +10,7 @@ from PIL import Image
 
 from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.cli import main
+from t2i_fast.generate import TrainedModel
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.run import Run
 from t2i_fast.train import TrainConfig, train
@@ -63,6 +64,31 @@ def test_resume_is_bit_identical(shapes, tmp_path):
         assert torch.equal(a[name], b[name]), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut/metrics.jsonl").open()]
     assert steps == [3, 5, 7]  # each run logs its last step; nothing is logged twice
+
+
+def test_a_run_made_before_the_first_layer_setting_resumes_and_samples_as_it_trained(
+        shapes, tmp_path):
+    """Neither its config.json nor its checkpoint names G's first layer: it trained with the
+    paper's per-cell layer, and resuming and sampling keep that, not the small preset's
+    uniform one (the two have the same tensors, so nothing else would tell)."""
+    made = config(shapes, tmp_path / "old", max_steps=3, g_first_layer="per-cell")
+    train(config=made)
+    run = Run(made.run)
+    values = json.loads(run.config_file.read_text())
+    del values["g_first_layer"]
+    run.config_file.write_text(json.dumps(values))
+    checkpoint = run.latest_checkpoint()
+    state = torch.load(checkpoint, weights_only=True)
+    del state["model_config"]["gan"]["first_layer"]
+    torch.save(state, checkpoint)
+    old = TrainConfig.load(run.config_file)
+    assert old.g_first_layer == "per-cell" != config(shapes, "r").g_first_layer
+    train(config=dataclasses.replace(old, max_steps=5), resume=True)
+    after = load_checkpoint(run.latest_checkpoint())
+    assert after["step"] == 5 and after["model_config"]["gan"]["first_layer"] == "per-cell"
+    assert TrainedModel.load(made.run).generator.stages[0][0].cell_inputs is None
+    uniform = train(config=config(shapes, tmp_path / "new", max_steps=1))
+    assert TrainedModel.load(uniform).generator.stages[0][0].cell_inputs == 1
 
 
 @pytest.mark.parametrize("variant", ["gan", "cls", "int"])

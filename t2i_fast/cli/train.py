@@ -25,6 +25,7 @@ from t2i_fast.config import (
 )
 from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
+from t2i_fast.models.config import FIRST_LAYERS
 from t2i_fast.run import Run, TextEncoderFolder
 from t2i_fast.train import VARIANTS, TrainConfig, train
 from t2i_fast.train.distributed import World, process_group
@@ -116,9 +117,16 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
                    f"[default: {PAPER_SCHEDULE.class_loss:g} (off, the paper); "
                    f"{SMALL_SCHEDULE.class_loss:g} with the small preset]")
 @click.option("--g-class-loss", type=float, default=_TRAIN["g_class_loss"],
-              help="The class loss's weight in G's loss, where --class-loss weighs D's; lower "
-                   "lets the noise move the shape more, at a cost in shape  [default: "
-                   "--class-loss]")
+              help=f"The class loss's weight in G's loss, where --class-loss weighs D's; "
+                   f"lower lets the noise move the shape more, at a cost in shape  [default: "
+                   f"--class-loss; {SMALL_SCHEDULE.g_class_loss:g} with the small preset]")
+@click.option("--g-first-layer", type=click.Choice(FIRST_LAYERS),
+              default=_TRAIN["g_first_layer"],
+              help=f"G's first layer: per-cell weights for every input over the 4×4 map (the "
+                   f"paper), or the same weights at every cell for all but z's first "
+                   f"dimension (uniform), with which the noise moves the shape more  "
+                   f"[default: {PAPER_SCHEDULE.g_first_layer} (the paper); "
+                   f"{SMALL_SCHEDULE.g_first_layer} with the small preset]")
 @click.option("--ema-decay", type=float, default=_TRAIN["ema_decay"],
               help="Samples come from a moving average of G's weights with this decay "
                    "(0: from G itself).")

@@ -8,11 +8,13 @@ text does not describe them). ``"dcgan"`` drops the residual blocks and uses the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from t2i_fast.data.alphabet import ALPHABET_SIZE
 
 RNN_KINDS = ("gru", "lstm", "rnn")
+# How G's first layer spreads its inputs over the 4×4 map (GANConfig.first_layer).
+FIRST_LAYERS = ("per-cell", "uniform")
 
 
 def _check_positive(config: object, *names: str) -> None:
@@ -87,8 +89,19 @@ class GANConfig:
     embedding_dim: int = 1024
     projected_dim: int = 128  # the text embedding's width after the projection in G and D
     residual: bool = True
+    # G's first layer maps [z, φ(t)] to the 4×4 map. per-cell (the paper): every input has
+    # weights of its own at each cell. uniform: only z's first dimension does; the other
+    # noise dimensions and the text weigh the same at every cell, so the 4×4 map is one
+    # vector everywhere plus z₀ times a learned pattern. With per-cell weights every noise
+    # dimension draws a 4×4 pattern of its own, and on the shapes dataset the noise mostly
+    # redrew a blob texture behind a shape that stayed in place; uniform, it moves the shape
+    # (docs/results.md, "A uniform first layer").
+    first_layer: str = "per-cell"
 
     def __post_init__(self) -> None:
+        if self.first_layer not in FIRST_LAYERS:
+            raise ValueError(f"first_layer must be one of {FIRST_LAYERS}, "
+                             f"got {self.first_layer!r}")
         size = self.image_size
         # 16 is the smallest size where every residual block sits after a BatchNorm stage.
         if size < 16 or size & (size - 1):
@@ -125,6 +138,25 @@ PRESETS: dict[str, ModelConfig] = {
         gan=GANConfig(image_size=32, ngf=32, ndf=32, embedding_dim=128),
     ),
 }
+
+
+def recorded(model_config: object) -> object:
+    """A checkpoint's ``model_config`` with the settings added since it was made filled in
+    as those checkpoints' networks had them (G's first layer per-cell); anything that is not
+    such a dict comes back as it is, for the caller's check to refuse."""
+    if isinstance(model_config, dict) and isinstance(model_config.get("gan"), dict):
+        gan = {"first_layer": "per-cell", **model_config["gan"]}
+        return {**model_config, "gan": gan}
+    return model_config
+
+
+def checkpoint_models(state: dict) -> ModelConfig:
+    """The networks a training checkpoint ``state`` holds: its preset's, with G's first layer
+    as the checkpoint records it. ValueError for a preset or first layer that is none."""
+    gan = recorded(state.get("model_config"))
+    first_layer = gan["gan"]["first_layer"] if isinstance(gan, dict) else "per-cell"
+    models = preset(state["preset"])
+    return replace(models, gan=replace(models.gan, first_layer=first_layer))
 
 
 def preset(name: str) -> ModelConfig:

@@ -33,16 +33,29 @@ class ProjectTo4x4(nn.ConvTranspose2d):
     one matrix product whose output [B, C, 4, 4] is channels_last. As a convolution, its
     [B, C_in, 1, 1] input is both contiguous and channels_last: torch.compile (2.11, CUDA)
     predicted one output layout where cuDNN returned the other, and failed on a stride
-    assertion. Same parameters as the ``nn.ConvTranspose2d`` it is."""
+    assertion. Same parameters as the ``nn.ConvTranspose2d`` it is.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 4):
+    ``cell_inputs``: only the first that many inputs use their weights of each cell; the
+    others use their weights' mean over the cells, the same at every cell (None: all inputs
+    per cell). The weight keeps its shape, so the checkpoint's tensors are the paper's."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 4, *,
+                 cell_inputs: int | None = None):
         super().__init__(in_channels, out_channels, kernel_size, bias=False)
+        if cell_inputs is not None and not 0 <= cell_inputs <= in_channels:
+            raise ValueError(f"cell_inputs must be in [0, {in_channels}], got {cell_inputs}")
+        self.cell_inputs = cell_inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (1, 1):
             raise ValueError(f"ProjectTo4x4 takes a 1×1 map, got {tuple(x.shape)}")
         # out[b, :, i, j] = Σ_c x[b, c] · W[c, :, i, j]: no overlap, no flip at stride 1.
-        w = self.weight.permute(0, 2, 3, 1).flatten(1)  # [C_in, kH·kW·C_out]
+        weight = self.weight  # [C_in, C_out, kH, kW]
+        if self.cell_inputs is not None:
+            k = self.cell_inputs
+            uniform = weight[k:].mean(dim=(2, 3), keepdim=True).expand_as(weight[k:])
+            weight = torch.cat([weight[:k], uniform])
+        w = weight.permute(0, 2, 3, 1).flatten(1)  # [C_in, kH·kW·C_out]
         y = x.flatten(1) @ w  # [B, kH·kW·C_out]
         return y.view(len(x), *self.kernel_size, self.out_channels).permute(0, 3, 1, 2)
 
@@ -57,8 +70,9 @@ class Generator(nn.Module):
 
     The embedding is projected (Linear, BN, LeakyReLU 0.2) to ``projected_dim`` and
     concatenated after z. A 4×4 transposed convolution makes the 4×4 map (width ngf·2^(n-1)
-    for n up-sampling stages); each stage doubles the resolution and halves the width down to
-    ngf, and a last one makes the 3 channels, then tanh. With ``residual``, a bottleneck
+    for n up-sampling stages; with ``first_layer`` uniform, only z₀ varies over its cells);
+    each stage doubles the resolution and halves the width down to ngf, and a last one makes
+    the 3 channels, then tanh. With ``residual``, a bottleneck
     residual block follows the BN of the 4×4 map and of the 8×8 map, before their ReLU.
 
     ``groups``: the batch is that many batches (or batches of those sizes) one after
@@ -77,8 +91,9 @@ class Generator(nn.Module):
             nn.BatchNorm1d(config.projected_dim),
             nn.LeakyReLU(0.2),
         )
-        stages = [self._stage(ProjectTo4x4(config.z_dim + config.projected_dim, widths[0]),
-                              widths[0], config.residual)]
+        first = ProjectTo4x4(config.z_dim + config.projected_dim, widths[0],
+                             cell_inputs=1 if config.first_layer == "uniform" else None)
+        stages = [self._stage(first, widths[0], config.residual)]
         for i in range(1, n):
             stages.append(self._stage(nn.ConvTranspose2d(widths[i - 1], widths[i], 4, 2, 1,
                                                          bias=False),

@@ -30,6 +30,7 @@ from t2i_fast.data.alphabet import encode
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
+from t2i_fast.models.config import recorded
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.run import Run
 from t2i_fast.train.caption_table import embed_all_captions, mean_embedding
@@ -57,7 +58,9 @@ class Trainer:
         self.world = world if world is not None else single(config.device)
         self.run = Run(config.run)
         self.device = self.world.device
-        self.models = preset(config.preset)
+        models = preset(config.preset)
+        self.models = dataclasses.replace(
+            models, gan=dataclasses.replace(models.gan, first_layer=config.g_first_layer))
         gan = self.models.gan
         # The epoch's order sharded by rank: rank r's batch b holds samples r, r + w, ... of
         # the global batch b, so the loader's position means the same on any number of ranks.
@@ -159,7 +162,7 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path)
-        if state.get("model_config") != dataclasses.asdict(self.models):
+        if recorded(state.get("model_config")) != dataclasses.asdict(self.models):
             raise T2IError(f"{path}: checkpoint of another architecture (preset "
                            f"{state.get('preset')!r}) than this run's {self.config.preset!r}")
         self.G.load_state_dict(state["G"])
