@@ -316,6 +316,9 @@ def test_a_checkpoint_names_its_first_layer_and_old_ones_read_as_per_cell():
     forged["gan"]["first_layer"] = "everywhere"
     with pytest.raises(ValueError, match="first_layer must be one of"):
         checkpoint_models({"preset": "small", "model_config": forged})
+    forged["gan"]["first_layer"] = None  # not "the preset's": a forged value
+    with pytest.raises(ValueError, match="first_layer must be one of"):
+        checkpoint_models({"preset": "small", "model_config": forged})
     assert recorded("not a dict") == "not a dict"
 
 

@@ -8,7 +8,7 @@ text does not describe them). ``"dcgan"`` drops the residual blocks and uses the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from t2i_fast.data.alphabet import ALPHABET_SIZE
 
@@ -141,27 +141,35 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def recorded(model_config: object) -> object:
-    """A checkpoint's ``model_config`` with the settings added since it was made filled in
-    as those checkpoints' networks had them (G's first layer per-cell); anything that is not
-    such a dict comes back as it is, for the caller's check to refuse."""
+    """A checkpoint's ``model_config`` with the GAN settings added since it was made filled in
+    with their defaults, which are what those checkpoints' networks did (a setting is added
+    with the paper's behaviour as its default: G's first layer per-cell); anything that is
+    not such a dict comes back as it is, for the caller's check to refuse."""
     if isinstance(model_config, dict) and isinstance(model_config.get("gan"), dict):
-        gan = {"first_layer": "per-cell", **model_config["gan"]}
-        return {**model_config, "gan": gan}
+        defaults = {f.name: f.default for f in fields(GANConfig)}
+        return {**model_config, "gan": {**defaults, **model_config["gan"]}}
     return model_config
 
 
 def checkpoint_models(state: dict) -> ModelConfig:
     """The networks a training checkpoint ``state`` holds: its preset's, with G's first layer
     as the checkpoint records it. ValueError for a preset or first layer that is none."""
-    gan = recorded(state.get("model_config"))
-    first_layer = gan["gan"]["first_layer"] if isinstance(gan, dict) else "per-cell"
-    models = preset(state["preset"])
-    return replace(models, gan=replace(models.gan, first_layer=first_layer))
+    made = recorded(state.get("model_config"))
+    gan = made.get("gan") if isinstance(made, dict) else None
+    if not isinstance(gan, dict):  # a checkpoint that records no networks: its preset's
+        return preset(state["preset"])
+    if not isinstance(gan["first_layer"], str):
+        raise ValueError(f"first_layer must be one of {FIRST_LAYERS}, got {gan['first_layer']!r}")
+    return preset(state["preset"], first_layer=gan["first_layer"])
 
 
-def preset(name: str) -> ModelConfig:
-    """The named configuration: one of ``PRESETS`` ("reed", "dcgan", "small")."""
+def preset(name: str, *, first_layer: str | None = None) -> ModelConfig:
+    """The named configuration: one of ``PRESETS`` ("reed", "dcgan", "small"); with
+    ``first_layer``, G's first layer that one (``GANConfig.first_layer``)."""
     try:
-        return PRESETS[name]
+        models = PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    if first_layer is None:
+        return models
+    return replace(models, gan=replace(models.gan, first_layer=first_layer))
