@@ -24,7 +24,9 @@ def _results(ratio):
                         "baselines": {"random_encoder": {"background_auc": 0.65,
                                                          "position_auc": 0.55},
                                       "captions": {"background_auc": 0.5,
-                                                   "position_auc": 0.66}}},
+                                                   "position_auc": 0.66}},
+                        "generated": {"position_auc": 0.8, "n_images": 990,
+                                      "position_clusters": 8}},
     }
 
 
@@ -35,7 +37,7 @@ def test_the_tables_show_diversity_and_the_baselines(tables):
     assert "| GAN | 0.900 | 0.300 | 0.500 | 0.800 | 0.400 | 0.200 | 9.5 |" in text
     assert "26 in all" in text
     assert ("| GAN-INT-CLS | 0.500 | 0.250 (0.875) | 0.125 (0.500) | 0.710 | 0.650 | 0.500 "
-            "| 0.610 | 0.550 | 0.660 |") in text
+            "| 0.610 | 0.550 | 0.660 | 0.800 |") in text
     assert "| GAN | 0.125 |" in text
 
 
@@ -97,18 +99,25 @@ def test_the_results_page_has_the_markers(tables):
     assert text.index(tables.START) < text.index(tables.END)
 
 
-def test_a_result_saved_before_the_position_clusters_is_made_again(tables, tmp_path):
-    # Studies saved before the position groups were the paper's k-means clusters lack the key.
+def test_a_result_saved_before_the_generated_study_is_made_again(tables, tmp_path):
+    # Studies saved before the position study on G's own images lack the key.
     path = tmp_path / "eval_disentangle.json"
     path.write_text('{"background_auc": 0.7, "baselines": {}}')
     made = []
 
     def make():
         made.append(1)
-        return '{"background_auc": 0.6, "position_clusters": 8, "baselines": {}}'
-    assert tables._cached(path, make, needs="position_clusters")["background_auc"] == 0.6
-    assert tables._cached(path, make, needs="position_clusters")["position_clusters"] == 8
+        return '{"background_auc": 0.6, "generated": {"position_auc": null}, "baselines": {}}'
+    assert tables._cached(path, make, needs="generated")["background_auc"] == 0.6
+    assert tables._cached(path, make, needs="generated")["generated"] == {"position_auc": None}
     assert made == [1], "made once, then read"
+
+
+def test_a_study_without_a_generated_auc_shows_a_dash(tables):
+    results = _results(0.5)
+    results["disentangle"]["generated"]["position_auc"] = None
+    text = tables.markdown({"gan": {**results, "minutes": 1}}, epochs=1, seed=0, minutes=2)
+    assert "| 0.610 | 0.550 | 0.660 | – |" in text
 
 
 def test_a_finished_variant_is_read_back_with_its_minutes(tables, tmp_path, monkeypatch):

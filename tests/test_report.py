@@ -99,8 +99,10 @@ def test_diversity_and_the_disentangling_baselines_have_tables(run, tmp_path):
         {"background_auc": 0.75, "position_auc": 0.625, "n_pairs": 800,
          "baselines": {"random_encoder": {"background_auc": 0.65, "position_auc": 0.55},
                        "captions": {"background_auc": 0.5, "position_auc": 0.6875},
-                       "position_code": {"background_auc": 0.5, "position_auc": 0.5625}}}))
+                       "position_code": {"background_auc": 0.5, "position_auc": 0.5625}},
+         "generated": {"position_auc": 0.8125, "n_images": 990, "position_clusters": 8}}))
     page = make_report(run=saved)
+    assert "On the generator&#x27;s own images the style encoder reads position at 0.812" in page
     assert "<h3>eval_diversity.json</h3>" in page and "generated over real: 0.312" in page
     assert _row(page, "spread (mean pairwise distance)") == ["0.05", "0.2"]
     assert _row(page, "backgrounds covered (share of 8)") == ["0.125", "0.875"]
@@ -114,6 +116,7 @@ def test_diversity_and_the_disentangling_baselines_have_tables(run, tmp_path):
         {"background_auc": 0.75, "position_auc": 0.625, "n_pairs": 800}))
     page = make_report(run=saved)
     assert "random encoder" not in page and _row(page, "background_auc") == ["0.75"]
+    assert "own images" not in page
 
 
 def _chromium():

@@ -267,7 +267,10 @@ def test_eval_disentangle_json(styled):
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
     assert set(scores) == {"background_auc", "position_auc", "n_pairs", "position_clusters",
-                           "baselines"}
+                           "baselines", "generated"}
+    generated = scores["generated"]
+    assert set(generated) == {"position_auc", "n_images", "position_clusters"}
+    assert 0 <= generated["n_images"] <= 64, "one image of each record's first caption"
     assert scores["position_clusters"] == 2  # 64 records: the fewest clusters
     assert set(scores["baselines"]) == {"random_encoder", "captions", "position_code"}
     assert scores["n_pairs"] == 800
@@ -277,8 +280,9 @@ def test_eval_disentangle_json(styled):
     table = invoke("eval", "disentangle", "--run", styled, "--n", 64, "--pairs", 800)
     lines = table.output.splitlines()
     assert [line.split()[0] for line in lines] == ["factor", "background", "position", "pairs",
-                                                    "clusters"]
-    assert lines[-1].split()[1] == "2"
+                                                    "clusters", "on"]
+    assert lines[-2].split()[1] == "2"
+    assert f"({generated['n_images']} images with a shape" in lines[-1]
     assert lines[0].split()[1:8] == ["style", "encoder", "random", "encoder", "captions",
                                      "position", "code"]
     for line, factor in zip(lines[1:3], ("background", "position"), strict=True):
@@ -392,3 +396,56 @@ def test_eval_disentangle_errors(run, styled, tmp_path):
     random = write_random_dataset(tmp_path / "random.lmdb", n=4, size=20)
     line = one_error_line(invoke("eval", "disentangle", "--run", styled, "--data", random))
     assert "no background or position" in line
+
+
+# -- the position study on the generator's own images ----------------------------------------
+class _RedCentre(torch.nn.Module):
+    """A style encoder that reads the red square's centre, as offsets from the middle."""
+    config = StyleEncoderConfig(image_size=32, ndf=4, z_dim=2)
+
+    def forward(self, x):  # [B, 3, S, S] in [-1, 1] → [B, 2]
+        red = ((x[:, 0] > 0.5) & (x[:, 1] < 0)).float()  # [B, S, S]
+        grid = (torch.arange(x.shape[-1]) + 0.5) / x.shape[-1] - 0.5
+        mass = red.sum((1, 2)).clamp(min=1)
+        centre = torch.stack([(red.sum(1) * grid).sum(1), (red.sum(2) * grid).sum(1)], 1)
+        return centre / mass[:, None]  # [B, 2]: x, y
+
+
+class _Noise(_RedCentre):
+    def forward(self, x):  # features that ignore the image
+        return torch.randn(len(x), 2, generator=torch.Generator().manual_seed(len(x)))
+
+
+def _squares(calls, blank=()):
+    """A Draw: grey 32-pixel images with a red 6-pixel square at a random place (none for
+    the captions in ``blank``), recording each call's (count, seed)."""
+    def draw(captions, seed):
+        calls.append((len(captions), seed))
+        rng = np.random.default_rng(seed)
+        images = np.full((len(captions), 32, 32, 3), 128, dtype=np.uint8)
+        for image, caption in zip(images, captions, strict=True):
+            top, left = rng.integers(2, 24, size=2)
+            if caption not in blank:
+                image[top:top + 6, left:left + 6] = (220, 30, 30)
+        return images
+    return draw
+
+
+def test_the_generated_study_reads_the_positions_the_generator_drew():
+    calls = []
+    captions = [f"caption {i}" for i in range(300)]
+    blank = {"caption 3", "caption 260"}
+    found = disentangle.generated_positions(encoder=_RedCentre(), draw=_squares(calls, blank),
+                                            captions=captions, pairs=3000, seed=4, device=CPU)
+    assert calls == [(250, 4), (50, 5)], "batches of DRAW_BATCH, noise seed + batch"
+    assert found["n_images"] == 298, "images without a shape are left out"
+    assert found["position_clusters"] == 3  # 298 images, about 118 a cluster
+    assert found["position_auc"] > 0.8
+    ignorant = disentangle.generated_positions(encoder=_Noise(), draw=_squares([], blank),
+                                               captions=captions, pairs=3000, seed=4,
+                                               device=CPU)
+    assert 0.4 < ignorant["position_auc"] < 0.6
+    none = disentangle.generated_positions(encoder=_RedCentre(),
+                                           draw=_squares([], set(captions[1:])),
+                                           captions=captions, pairs=100, seed=0, device=CPU)
+    assert none == {"position_auc": None, "n_images": 1, "position_clusters": 0}

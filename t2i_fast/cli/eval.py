@@ -152,12 +152,18 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     the same pairs: a randomly initialised encoder of S's architecture, the paper's text
     baseline (the images' caption embeddings by the run's text encoder), and the true
     centres in the code of a generator that draws each axis from one direction of z: the
-    position AUC of such a generator's exact inverse."""
+    position AUC of such a generator's exact inverse. Below them, the position AUC on the
+    generator's own images, where S learnt: what carries over to real images is the rest."""
     device = resolve_device("auto")
     encoder, _ = load_style_encoder(Run(run), device=device)
     model = TrainedModel.load(run, device=device)
+
+    def draw(captions: list[str], noise_seed: int):
+        return to_uint8(model.generate(model.embed(captions),
+                                       model.noise(len(captions), noise_seed)))
+
     scores = evaluate_disentangle(encoder=encoder, dataset=dataset or _run_data(run),
-                                  embed=model.embed, n=n, pairs=pairs, seed=seed)
+                                  embed=model.embed, draw=draw, n=n, pairs=pairs, seed=seed)
     if as_json:
         click.echo(json.dumps(scores))
         return
@@ -172,6 +178,11 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
                    f"{baselines['position_code'][key]:>15.4f}")
     click.echo(f"{'pairs':<12}{scores['n_pairs']:>15}")
     click.echo(f"{'clusters':<12}{scores['position_clusters']:>15}   (of the centres: position)")
+    generated = scores["generated"]
+    auc = generated["position_auc"]
+    click.echo(f"on the generator's own images: position AUC "
+               f"{'none' if auc is None else f'{auc:.4f}'} ({generated['n_images']} images "
+               f"with a shape, {generated['position_clusters']} clusters)")
 
 
 @eval_group.command()

@@ -37,6 +37,15 @@ Three baselines, scored on the same pairs, say what the AUCs mean:
   dataset); an inverse that also carries other factors scores lower. A trained S is no
   exact inverse on real images (its features also answer to pixels, as the random
   encoder's do), so this is a yardstick, not a bound. Its background AUC is chance.
+
+Beside them, with the generator (``draw``), the position half of the study on the
+generator's own images (``generated``): one image of each record's first caption, its
+shape's centre read as ``eval diversity`` reads it, the centres grouped by k-means as the
+real ones are, pairs scored by the same cosine. S learns from such images, so this is what
+it learnt of G's positions; the real images' AUC beside it is how much of that carries over.
+A high AUC here and chance on real images is a generator whose images S cannot transfer
+from (on the shapes dataset, backgrounds unlike the real ones), not a style encoder that
+failed to learn. G's images have no true background kind, so there is no background half.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import torch.nn.functional as F
 
 from t2i_fast.data.dataset import Dataset
 from t2i_fast.errors import DataError, T2IError
+from t2i_fast.eval.diversity import read_position
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.shapes_spec import training_crop
 
@@ -58,6 +68,9 @@ from t2i_fast.shapes_spec import training_crop
 # background colour): about 118 images a cluster. The study groups the records' centres the
 # same way, as many clusters as keep about that many records in each.
 RECORDS_PER_CLUSTER = 118
+# What the generator is asked for: (captions, noise seed) → uint8 [len(captions), S, S, 3].
+Draw = Callable[[list[str], int], np.ndarray]
+DRAW_BATCH = 250  # images a call of Draw: batch k's noise seed is the study's seed + k
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -202,10 +215,36 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
 
 
+def generated_positions(*, encoder: StyleEncoder, draw: Draw, captions: list[str],
+                        pairs: int, seed: int, device: torch.device) -> dict:
+    """{"position_auc", "n_images", "position_clusters"}: the position study on one image
+    ``draw`` makes of each caption, over those where a shape is found ("n_images"), their
+    centres grouped by k-means (about RECORDS_PER_CLUSTER images a cluster). "position_auc"
+    is None where fewer than 2 images show a shape or every pair falls in one group."""
+    images = np.concatenate([np.asarray(draw(captions[start:start + DRAW_BATCH], seed + k))
+                             for k, start in enumerate(range(0, len(captions), DRAW_BATCH))])
+    centres = [read_position(image) for image in images]  # images: [N, S, S, 3]
+    found = np.array([centre is not None for centre in centres])
+    count = int(found.sum())
+    result = {"position_auc": None, "n_images": count, "position_clusters": 0}
+    if count < 2:
+        return result
+    groups = position_clusters(np.array([c for c in centres if c is not None]),
+                               clusters=max(2, round(count / RECORDS_PER_CLUSTER)))
+    first, second = sample_pairs(count, pairs, seed)
+    same = groups[first] == groups[second]
+    result["position_clusters"] = int(groups.max()) + 1
+    if same.all() or not same.any():
+        return result
+    styles = predict_styles(encoder, images[found], device=device)
+    result["position_auc"] = roc_auc(cosine_similarity(styles[first], styles[second]), same)
+    return result
+
+
 def evaluate_disentangle(*, encoder: StyleEncoder, dataset: str | Path,
                          embed: Callable[[list[str]], torch.Tensor] | None = None,
-                         n: int = 1000, pairs: int = 10000, seed: int = 0,
-                         device: torch.device | None = None) -> dict:
+                         draw: Draw | None = None, n: int = 1000, pairs: int = 10000,
+                         seed: int = 0, device: torch.device | None = None) -> dict:
     """{"background_auc", "position_auc", "n_pairs", "position_clusters", "baselines"} for
     ``pairs`` random pairs among the first ``n`` records, their centres grouped into
     ``position_clusters`` k-means clusters; the pairs and the random encoder depend on
@@ -213,7 +252,8 @@ def evaluate_disentangle(*, encoder: StyleEncoder, dataset: str | Path,
     "baselines" holds the same AUCs of a random encoder of ``encoder``'s architecture
     ("random_encoder"), of the ideal position code ("position_code") and, with ``embed``
     (the run's text encoder: captions → [M, E]), of the records' caption embeddings
-    ("captions")."""
+    ("captions"). With ``draw`` (the run's generator), "generated" holds the position study
+    on its images of the records' first captions (``generated_positions``)."""
     images, backgrounds, centres, groups, captions = read_records(dataset, n)
     if len(images) < 2:
         raise T2IError(f"{dataset}: the study needs at least 2 images, got {len(images)}")
@@ -237,5 +277,10 @@ def evaluate_disentangle(*, encoder: StyleEncoder, dataset: str | Path,
     if embed is not None:
         baselines["captions"] = aucs(caption_features(embed, captions))
     baselines["position_code"] = aucs(position_code(centres))
-    return {**aucs(predict_styles(encoder, images, device=device)), "n_pairs": pairs,
-            "position_clusters": int(groups.max()) + 1, "baselines": baselines}
+    scores = {**aucs(predict_styles(encoder, images, device=device)), "n_pairs": pairs,
+              "position_clusters": int(groups.max()) + 1, "baselines": baselines}
+    if draw is not None:
+        scores["generated"] = generated_positions(
+            encoder=encoder, draw=draw, captions=[texts[0] for texts in captions],
+            pairs=pairs, seed=seed, device=device)
+    return scores
