@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -16,7 +17,7 @@ from t2i_fast.data.format import record_key
 from t2i_fast.errors import T2IError
 from t2i_fast.models import Generator, TextEncoder
 from t2i_fast.models.config import checkpoint_models
-from t2i_fast.pictures import image_grid
+from t2i_fast.pictures import image_grid, to_uint8
 from t2i_fast.prepare.captions import read_class_list
 from t2i_fast.run import Run
 
@@ -72,6 +73,11 @@ class TrainedModel:
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """Noise that depends on the seed only, not on the device."""
         return torch.randn(n, self.z_dim, generator=torch.Generator().manual_seed(seed))
+
+    def draw(self, captions: list[str], seed: int) -> np.ndarray:
+        """One image of each caption, noise ``self.noise(len(captions), seed)``: uint8
+        [N, S, S, 3], as the evaluations read pictures."""
+        return to_uint8(self.generate(self.embed(captions), self.noise(len(captions), seed)))
 
 
 @dataclass(frozen=True)

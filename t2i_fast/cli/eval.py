@@ -14,7 +14,6 @@ from t2i_fast.eval.diversity import evaluate_diversity
 from t2i_fast.eval.fid import WEIGHTS_ENV, WEIGHTS_NAME, evaluate_fid
 from t2i_fast.eval.retrieval import Encoders, evaluate_retrieval, find_encoders
 from t2i_fast.generate import TrainedModel
-from t2i_fast.pictures import to_uint8
 from t2i_fast.run import Run
 from t2i_fast.style_transfer import load_style_encoder
 
@@ -110,8 +109,7 @@ def diversity(run: Path, dataset: Path | None, n: int, captions: int | None,
     model = TrainedModel.load(run)
 
     def sampler(caption: str, count: int, noise_seed: int):
-        text = model.embed([caption] * count)
-        return to_uint8(model.generate(text, model.noise(count, noise_seed)))
+        return model.draw([caption] * count, noise_seed)
 
     scores = evaluate_diversity(sampler=sampler, dataset=dataset or _run_data(run),
                                 size=model.generator.config.image_size, n=n,
@@ -157,13 +155,8 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     device = resolve_device("auto")
     encoder, _ = load_style_encoder(Run(run), device=device)
     model = TrainedModel.load(run, device=device)
-
-    def draw(captions: list[str], noise_seed: int):
-        return to_uint8(model.generate(model.embed(captions),
-                                       model.noise(len(captions), noise_seed)))
-
     scores = evaluate_disentangle(encoder=encoder, dataset=dataset or _run_data(run),
-                                  embed=model.embed, draw=draw, n=n, pairs=pairs, seed=seed)
+                                  embed=model.embed, draw=model.draw, n=n, pairs=pairs, seed=seed)
     if as_json:
         click.echo(json.dumps(scores))
         return

@@ -17,6 +17,12 @@ RNN_KINDS = ("gru", "lstm", "rnn")
 FIRST_LAYERS = ("per-cell", "uniform")
 
 
+def check_first_layer(value: object) -> None:
+    """ValueError unless ``value`` is one of FIRST_LAYERS."""
+    if value not in FIRST_LAYERS:
+        raise ValueError(f"first_layer must be one of {FIRST_LAYERS}, got {value!r}")
+
+
 def _check_positive(config: object, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -99,9 +105,7 @@ class GANConfig:
     first_layer: str = "per-cell"
 
     def __post_init__(self) -> None:
-        if self.first_layer not in FIRST_LAYERS:
-            raise ValueError(f"first_layer must be one of {FIRST_LAYERS}, "
-                             f"got {self.first_layer!r}")
+        check_first_layer(self.first_layer)
         size = self.image_size
         # 16 is the smallest size where every residual block sits after a BatchNorm stage.
         if size < 16 or size & (size - 1):
@@ -158,8 +162,7 @@ def checkpoint_models(state: dict) -> ModelConfig:
     gan = made.get("gan") if isinstance(made, dict) else None
     if not isinstance(gan, dict):  # a checkpoint that records no networks: its preset's
         return preset(state["preset"])
-    if not isinstance(gan["first_layer"], str):
-        raise ValueError(f"first_layer must be one of {FIRST_LAYERS}, got {gan['first_layer']!r}")
+    check_first_layer(gan["first_layer"])  # before preset(), which reads None as its default
     return preset(state["preset"], first_layer=gan["first_layer"])
 
 
