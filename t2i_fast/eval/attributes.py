@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from t2i_fast.data.dataset import Dataset, Sample
 from t2i_fast.errors import DataError
 from t2i_fast.generate import TrainedModel
-from t2i_fast.pictures import to_uint8
 from t2i_fast.shapes_spec import (
     COLORS,
     CROSS_ARM,
@@ -309,8 +308,7 @@ def _generate(model: TrainedModel, captions: list[str], *, seed: int,
               batch_size: int) -> list[np.ndarray]:
     images: list[np.ndarray] = []
     for start in range(0, len(captions), batch_size):
-        text = model.embed(captions[start: start + batch_size])
-        images.extend(to_uint8(model.generate(text, model.noise(len(text), seed + start))))
+        images.extend(model.draw(captions[start: start + batch_size], seed + start))
     return images
 
 
