@@ -161,8 +161,13 @@ def read_records(dataset: str | Path, n: int
             positions.append(truth["position"])
             captions.append(sample.captions)
     centres = np.array(positions, dtype=np.float64).reshape(-1, 2)
-    groups = position_clusters(centres, clusters=max(2, round(count / RECORDS_PER_CLUSTER)))
-    return np.stack(views), np.array(backgrounds), centres, groups, captions
+    return np.stack(views), np.array(backgrounds), centres, study_groups(centres), captions
+
+
+def study_groups(centres: np.ndarray) -> np.ndarray:
+    """The study's position groups of centres [N, 2]: k-means cluster ids [N], about
+    RECORDS_PER_CLUSTER centres a cluster (at least 2 clusters)."""
+    return position_clusters(centres, clusters=max(2, round(len(centres) / RECORDS_PER_CLUSTER)))
 
 
 @torch.no_grad()
@@ -229,8 +234,7 @@ def generated_positions(*, encoder: StyleEncoder, draw: Draw, captions: list[str
     result = {"position_auc": None, "n_images": count, "position_clusters": 0}
     if count < 2:
         return result
-    groups = position_clusters(np.array([c for c in centres if c is not None]),
-                               clusters=max(2, round(count / RECORDS_PER_CLUSTER)))
+    groups = study_groups(np.array([c for c in centres if c is not None]))
     first, second = sample_pairs(count, pairs, seed)
     same = groups[first] == groups[second]
     result["position_clusters"] = int(groups.max()) + 1
