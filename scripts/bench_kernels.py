@@ -68,13 +68,13 @@ import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from t2i_fast.bench.timing import cuda_ms, matmul_tflops, wall_ms  # noqa: E402
 from t2i_fast.models.config import preset  # noqa: E402
 from t2i_fast.models.discriminator import Discriminator  # noqa: E402
 from t2i_fast.models.generator import Generator  # noqa: E402
@@ -135,19 +135,8 @@ def describe(layer: LayerShape) -> str:
 def per_call_ms(fn) -> float:
     """Median ms of fn called from Python, launch overhead included."""
     if not torch.cuda.is_available():  # the dry run: wall clock
-        return wall_ms(fn)
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def wall_ms(fn, reps: int = 2) -> float:
-    times = []
-    for _ in range(reps):
-        tick = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - tick))
-    return statistics.median(times)
+        return wall_ms(fn, reps=2)
+    return cuda_ms(fn)
 
 
 def cpu_timer(key: str, name: str, step) -> list[float]:
@@ -157,14 +146,11 @@ def cpu_timer(key: str, name: str, step) -> list[float]:
 
 def measure_ceilings() -> dict[str, float]:
     """This card's bf16 matmul TFLOP/s and device copy GB/s."""
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    tflops = 2 * n**3 / per_call_ms(lambda: a @ b) / 1e9
     src = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
     dst = torch.empty_like(src)
     gbps = 2 * src.numel() / per_call_ms(lambda: dst.copy_(src)) / 1e6
-    return {"bf16_matmul_tflops": round(tflops, 1), "copy_gbps": round(gbps, 1)}
+    return {"bf16_matmul_tflops": round(matmul_tflops(torch.bfloat16), 1),
+            "copy_gbps": round(gbps, 1)}
 
 
 def conv_work(layer: LayerShape, batch: int, dtype: torch.dtype) -> dict[str, dict]:

@@ -129,6 +129,9 @@ else
   # dispatch and timed per call and in-graph; the step's fused off/auto/on rows from bench_step.
   stage bench_kernels 120 '"$PYTHON" scripts/bench_kernels.py --batch 64 --no-compile --max-size 8 --step-json "$RESULTS/bench_step.json" --json "$RESULTS/bench_kernels.json"'
   stage profile_step 90 '"$PYTHON" scripts/profile_step.py --preset reed --batch-size 64 --json "$RESULTS/profile_step.json" --trace "$LOGS/profile_trace.json"'
+  # G's pass with each upsampling (the paper's, the stock resize-convolution, ours), eager
+  # and compiled: three small compiles.
+  stage bench_upsample 90 '"$PYTHON" scripts/bench_upsample.py --preset reed --batch 64 --json "$RESULTS/bench_upsample.json"'
   # Its last line of output is its JSON; 3000 images and 2 epochs keep it near a minute.
   stage bench_loader 60 '"$PYTHON" scripts/bench_loader.py --n 3000 --epochs 2 >"$LOGS/bench_loader.out" && tail -n 1 "$LOGS/bench_loader.out" >"$RESULTS/bench_loader.json"'
 fi

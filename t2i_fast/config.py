@@ -17,7 +17,7 @@ import torch
 from t2i_fast.atomic import write_text_atomically
 from t2i_fast.errors import ConfigError, T2IError
 from t2i_fast.models import PRESETS
-from t2i_fast.models.config import FIRST_LAYERS
+from t2i_fast.models.config import FIRST_LAYERS, UPSAMPLES
 
 VARIANTS = ("gan", "cls", "int", "int-cls")
 BACKENDS = ("auto", "eager", "compiled")
@@ -247,6 +247,10 @@ class TrainConfig:
     # G's first layer (FIRST_LAYERS): per-cell (the paper) or uniform but for z₀ over the
     # 4×4 map; None: the preset's.
     g_first_layer: str | None = None
+    # How G doubles the resolution (UPSAMPLES): transposed convolutions (the paper), or a
+    # nearest or bilinear resize then a 3×3 convolution (docs/results.md, "G's upsampling
+    # as an option").
+    g_upsample: str = "transposed"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -256,7 +260,8 @@ class TrainConfig:
                               ("fused_layers", FUSED_LAYERS),
                               ("interp_batch", INTERP_BATCHES),
                               ("pretrain_match", MATCHES), ("mismatch", MISMATCHES),
-                              ("g_first_layer", FIRST_LAYERS)):
+                              ("g_first_layer", FIRST_LAYERS),
+                              ("g_upsample", UPSAMPLES)):
             if getattr(self, name) not in choices:
                 raise FieldError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
         if self.lr <= 0:

@@ -25,6 +25,7 @@ from t2i_fast.data import Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.losses import hardest_other_class
 from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
+from t2i_fast.models.config import UPSAMPLES
 from t2i_fast.ops.fused_layers import fuse_conv_bn_act
 from t2i_fast.prepare.shapes import make_shapes
 from t2i_fast.shapes_spec import CLASSES
@@ -422,16 +423,26 @@ def test_fused_layers_keep_the_networks(monkeypatch):
     try:
         text = torch.randn(4, config.embedding_dim)
         images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-        cases = ((Generator(config), (torch.randn(4, config.z_dim), text)),
-                 (Discriminator(config).to(memory_format=torch.channels_last), (images, text)))
+        noise = torch.randn(4, config.z_dim)
+        # G with each upsampling: a resize's 3×3 convolution is fused like the paper's
+        # transposed one; the nearest layer, one transposed convolution of its own, is not.
+        # Each case: the network, its inputs, its fused layers outside the residual blocks.
+        stage_convs = {"transposed": {"stages.0.0", "stages.1.0", "stages.2.0"},
+                       "nearest": {"stages.0.0"},
+                       "bilinear": {"stages.0.0", "stages.1.1", "stages.2.1"}}
+        cases = (*((Generator(dataclasses.replace(config, upsample=mode)), (noise, text),
+                    stage_convs[mode]) for mode in UPSAMPLES),
+                 (Discriminator(config).to(memory_format=torch.channels_last), (images, text),
+                  {"stages.1.0", "stages.2.0"}))
     finally:
         torch.set_default_dtype(torch.float32)
-    for model, inputs in cases:
+    for model, inputs, fused_stages in cases:
         reference = copy.deepcopy(model)
         keys = list(model.state_dict())
         # Each layer is offered with the input its convolution saw.
         names = fuse_conv_bn_act(model, *inputs, impl="ref",
                                  wanted=lambda conv, bn, slope, x: x.shape[1] == conv.in_channels)
+        assert {name for name in names if ".body." not in name} == fused_stages
         assert len(names) >= 4 and list(model.state_dict()) == keys
         for a, b in zip(model.buffers(), reference.buffers(), strict=True):
             assert torch.equal(a, b)

@@ -18,7 +18,7 @@ from t2i_fast.models import (
 )
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.models.config import checkpoint_models, recorded
-from t2i_fast.models.generator import ProjectTo4x4, ResidualBlock
+from t2i_fast.models.generator import NearestResizeConv, ProjectTo4x4, ResidualBlock
 
 L = 201
 
@@ -300,6 +300,68 @@ def test_the_generator_builds_its_first_layer_as_configured():
         {k: v.shape for k, v in Generator(gan).state_dict().items()}
     with pytest.raises(ValueError, match="first_layer must be one of"):
         dataclasses.replace(gan, first_layer="diagonal")
+
+
+def test_a_nearest_resize_convolution_is_one_transposed_convolution():
+    """Output and every gradient equal a ×2 nearest resize then the 3×3 convolution, odd
+    sizes included."""
+    layer = NearestResizeConv(5, 4, bias=True).double()
+    torch.nn.init.normal_(layer.conv.bias)
+    x = torch.randn(2, 5, 3, 7, dtype=torch.float64, requires_grad=True)
+    y = layer(x)  # [2, 4, 6, 14]
+    want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2),
+                                      layer.conv.weight, layer.conv.bias, padding=1)
+    assert y.shape == (2, 4, 6, 14)
+    torch.testing.assert_close(y, want)
+    grad = torch.randn_like(y)
+    inputs = (x, layer.conv.weight, layer.conv.bias)
+    for a, b in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(want, inputs, grad),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+    assert layer.kernel().shape == (5, 4, 4, 4)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_a_resize_generator_doubles_by_resizing_then_a_3x3_convolution(mode):
+    """Each stage after the 4×4 map, and the RGB layer, compute conv3×3(resize×2(x)) before
+    the stage's BatchNorm; the 4×4 map keeps the paper's layer."""
+    gan = dataclasses.replace(preset("small").gan, upsample=mode)
+    g = Generator(gan).double()
+    x = torch.randn(3, g.stages[0][1].num_features, 4, 4, dtype=torch.float64)
+    stage = list(g.stages[1])
+    before_bn = stage[:[isinstance(m, torch.nn.BatchNorm2d) for m in stage].index(True)]
+    conv = next(m for m in g.stages[1].modules() if isinstance(m, torch.nn.Conv2d))
+    want = torch.nn.functional.conv2d(
+        torch.nn.functional.interpolate(x, scale_factor=2, mode=mode), conv.weight, padding=1)
+    torch.testing.assert_close(torch.nn.Sequential(*before_bn)(x), want)  # [3, C/2, 8, 8]
+    rgb = next(m for m in g.to_rgb.modules() if isinstance(m, torch.nn.Conv2d))
+    assert rgb.kernel_size == (3, 3) and rgb.bias is not None and rgb.out_channels == 3
+    assert isinstance(g.stages[0][0], ProjectTo4x4)
+    images = g(torch.randn(2, gan.z_dim, dtype=torch.float64),
+               torch.randn(2, gan.embedding_dim, dtype=torch.float64))
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+    paper = Generator(preset("small").gan)
+    assert all(isinstance(m, torch.nn.ConvTranspose2d)
+               for m in (paper.stages[1][0], paper.stages[2][0], paper.to_rgb[0]))
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        dataclasses.replace(gan, upsample="pixel-shuffle")
+
+
+def test_a_checkpoint_names_its_upsampling_and_old_ones_read_as_transposed():
+    small = preset("small")
+    nearest = {"preset": "small", "model_config": dataclasses.asdict(
+        dataclasses.replace(small, gan=dataclasses.replace(small.gan, upsample="nearest")))}
+    assert checkpoint_models(nearest).gan.upsample == "nearest"
+    assert preset("small", upsample="bilinear").gan.upsample == "bilinear"
+    old = dataclasses.asdict(small)
+    del old["gan"]["upsample"]  # made before the setting
+    assert checkpoint_models({"preset": "small", "model_config": old}).gan.upsample == \
+        "transposed"
+    forged = dataclasses.asdict(small)
+    for value in ("bicubic", None):
+        forged["gan"]["upsample"] = value
+        with pytest.raises(ValueError, match="upsample must be one of"):
+            checkpoint_models({"preset": "small", "model_config": forged})
 
 
 def test_a_checkpoint_names_its_first_layer_and_old_ones_read_as_per_cell():

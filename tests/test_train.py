@@ -91,6 +91,23 @@ def test_a_run_made_before_the_first_layer_setting_resumes_and_samples_as_it_tra
     assert TrainedModel.load(uniform).generator.stages[0][0].cell_inputs == 1
 
 
+def test_a_resize_generator_trains_resumes_and_samples_as_it_trained(shapes, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
+                                       str(tmp_path / "r"), "--preset", "small",
+                                       "--batch-size", "8", "--max-steps", "2",
+                                       "--train-text-encoder", "--g-upsample", "bilinear"])
+    assert result.exit_code == 0, result.output
+    run = Run(tmp_path / "r")
+    made = TrainConfig.load(run.config_file)
+    assert made.g_upsample == "bilinear"
+    train(config=dataclasses.replace(made, max_steps=3), resume=True)
+    after = load_checkpoint(run.latest_checkpoint())
+    assert after["step"] == 3 and after["model_config"]["gan"]["upsample"] == "bilinear"
+    G = TrainedModel.load(run.root).generator
+    assert [m.mode for m in G.modules() if isinstance(m, torch.nn.Upsample)] == ["bilinear"] * 3
+    assert G.state_dict().keys() == after["G_ema"].keys()
+
+
 @pytest.mark.parametrize("variant", ["gan", "cls", "int"])
 def test_variants_train(shapes, tmp_path, variant):
     run = train(config=config(shapes, tmp_path / variant, variant=variant, max_steps=2,

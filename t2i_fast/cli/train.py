@@ -25,7 +25,7 @@ from t2i_fast.config import (
 )
 from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
-from t2i_fast.models.config import FIRST_LAYERS
+from t2i_fast.models.config import FIRST_LAYERS, UPSAMPLES
 from t2i_fast.run import Run, TextEncoderFolder
 from t2i_fast.train import VARIANTS, TrainConfig, train
 from t2i_fast.train.distributed import World, process_group
@@ -127,6 +127,10 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
                    f"dimension (uniform), with which the noise moves the shape more  "
                    f"[default: {PAPER_SCHEDULE.g_first_layer} (the paper); "
                    f"{SMALL_SCHEDULE.g_first_layer} with the small preset]")
+@click.option("--g-upsample", type=click.Choice(UPSAMPLES), default=_TRAIN["g_upsample"],
+              help="How G doubles the resolution: a stride-2 transposed convolution (the "
+                   "paper), or a nearest or bilinear resize then a 3×3 convolution, with "
+                   "which the noise moves the shape further.")
 @click.option("--ema-decay", type=float, default=_TRAIN["ema_decay"],
               help="Samples come from a moving average of G's weights with this decay "
                    "(0: from G itself).")

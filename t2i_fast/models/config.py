@@ -15,12 +15,16 @@ from t2i_fast.data.alphabet import ALPHABET_SIZE
 RNN_KINDS = ("gru", "lstm", "rnn")
 # How G's first layer spreads its inputs over the 4×4 map (GANConfig.first_layer).
 FIRST_LAYERS = ("per-cell", "uniform")
+# How G doubles the resolution (GANConfig.upsample).
+UPSAMPLES = ("transposed", "nearest", "bilinear")
+# G's settings a training run chooses (TrainConfig's g_<name>) and a checkpoint records.
+G_CHOICES = {"first_layer": FIRST_LAYERS, "upsample": UPSAMPLES}
 
 
-def check_first_layer(value: object) -> None:
-    """ValueError unless ``value`` is one of FIRST_LAYERS."""
-    if value not in FIRST_LAYERS:
-        raise ValueError(f"first_layer must be one of {FIRST_LAYERS}, got {value!r}")
+def check_choice(name: str, value: object) -> None:
+    """ValueError unless ``value`` is one of G_CHOICES[name]."""
+    if value not in G_CHOICES[name]:
+        raise ValueError(f"{name} must be one of {G_CHOICES[name]}, got {value!r}")
 
 
 def _check_positive(config: object, *names: str) -> None:
@@ -103,9 +107,15 @@ class GANConfig:
     # redrew a blob texture behind a shape that stayed in place; uniform, it moves the shape
     # (docs/results.md, "A uniform first layer").
     first_layer: str = "per-cell"
+    # How each stage doubles the resolution: transposed, a 4×4 stride-2 transposed
+    # convolution (the paper); nearest or bilinear, that ×2 resize then a 3×3 convolution
+    # (Odena et al., 2016), with which the noise moves the shape further (docs/results.md,
+    # "Feature matching, and G's upsampling").
+    upsample: str = "transposed"
 
     def __post_init__(self) -> None:
-        check_first_layer(self.first_layer)
+        for name in G_CHOICES:
+            check_choice(name, getattr(self, name))
         size = self.image_size
         # 16 is the smallest size where every residual block sits after a BatchNorm stage.
         if size < 16 or size & (size - 1):
@@ -156,23 +166,26 @@ def recorded(model_config: object) -> object:
 
 
 def checkpoint_models(state: dict) -> ModelConfig:
-    """The networks a training checkpoint ``state`` holds: its preset's, with G's first layer
-    as the checkpoint records it. ValueError for a preset or first layer that is none."""
+    """The networks a training checkpoint ``state`` holds: its preset's, with G's choices
+    (G_CHOICES) as the checkpoint records them. ValueError for a preset or choice that is
+    none."""
     made = recorded(state.get("model_config"))
     gan = made.get("gan") if isinstance(made, dict) else None
     if not isinstance(gan, dict):  # a checkpoint that records no networks: its preset's
         return preset(state["preset"])
-    check_first_layer(gan["first_layer"])  # before preset(), which reads None as its default
-    return preset(state["preset"], first_layer=gan["first_layer"])
+    for name in G_CHOICES:  # before preset(), which reads None as its default
+        check_choice(name, gan[name])
+    return preset(state["preset"], **{name: gan[name] for name in G_CHOICES})
 
 
-def preset(name: str, *, first_layer: str | None = None) -> ModelConfig:
+def preset(name: str, *, first_layer: str | None = None,
+           upsample: str | None = None) -> ModelConfig:
     """The named configuration: one of ``PRESETS`` ("reed", "dcgan", "small"); with
-    ``first_layer``, G's first layer that one (``GANConfig.first_layer``)."""
+    ``first_layer`` or ``upsample``, G's that one (``GANConfig``); None: the preset's."""
     try:
         models = PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
-    if first_layer is None:
-        return models
-    return replace(models, gan=replace(models.gan, first_layer=first_layer))
+    chosen = {setting: value for setting, value in (("first_layer", first_layer),
+                                                     ("upsample", upsample)) if value is not None}
+    return replace(models, gan=replace(models.gan, **chosen)) if chosen else models

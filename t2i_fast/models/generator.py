@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from t2i_fast.models.config import GANConfig
@@ -60,6 +61,32 @@ class ProjectTo4x4(nn.ConvTranspose2d):
         return y.view(len(x), *self.kernel_size, self.out_channels).permute(0, 3, 1, 2)
 
 
+class NearestResizeConv(nn.Module):
+    """A ×2 nearest-neighbour resize, then ``conv``, a 3×3 convolution with padding 1 (Odena
+    et al., 2016), computed as the one stride-2 4×4 transposed convolution the two make
+    together, ``kernel()``: the 3×3 weight summed over each 2×2 window of itself padded to
+    5×5, in the transposed layout. The same numbers and gradients as the two steps, without
+    the 4× larger map between them, at about the speed of the paper's transposed layer
+    (scripts/bench_upsample.py). Not a convolution module itself, so the fused layers on a
+    GPU leave its BatchNorm unfused."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, bias: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
+
+    def kernel(self) -> torch.Tensor:
+        """[C_in, C_out, 4, 4]: along each axis, tap k of the transposed convolution (output
+        row 2i + k - 1 from input row i) is the sum of the 3×3 taps 2 - k and 3 - k, those
+        that read the two resized rows copied from row i."""
+        flipped = self.conv.weight.transpose(0, 1).flip(-2, -1)  # [C_in, C_out, 3, 3]
+        padded = F.pad(flipped, (1, 1, 1, 1))  # [C_in, C_out, 5, 5]
+        return (padded[..., 1:, 1:] + padded[..., :-1, 1:]
+                + padded[..., 1:, :-1] + padded[..., :-1, :-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(x, self.kernel(), self.conv.bias, stride=2, padding=1)
+
+
 def bottleneck(channels: int) -> int:
     """Reed's bottleneck width: a quarter of the block's width."""
     return max(channels // 4, 1)
@@ -71,8 +98,9 @@ class Generator(nn.Module):
     The embedding is projected (Linear, BN, LeakyReLU 0.2) to ``projected_dim`` and
     concatenated after z. A 4×4 transposed convolution makes the 4×4 map (width ngf·2^(n-1)
     for n up-sampling stages; with ``first_layer`` uniform, only z₀ varies over its cells);
-    each stage doubles the resolution and halves the width down to ngf, and a last one makes
-    the 3 channels, then tanh. With ``residual``, a bottleneck
+    each stage doubles the resolution (``upsample``: a transposed convolution, or a resize
+    and a 3×3 convolution) and halves the width down to ngf, and a last one makes the 3
+    channels, then tanh. With ``residual``, a bottleneck
     residual block follows the BN of the 4×4 map and of the 8×8 map, before their ReLU.
 
     ``groups``: the batch is that many batches (or batches of those sizes) one after
@@ -93,18 +121,27 @@ class Generator(nn.Module):
         )
         first = ProjectTo4x4(config.z_dim + config.projected_dim, widths[0],
                              cell_inputs=1 if config.first_layer == "uniform" else None)
-        stages = [self._stage(first, widths[0], config.residual)]
+        stages = [self._stage([first], widths[0], config.residual)]
         for i in range(1, n):
-            stages.append(self._stage(nn.ConvTranspose2d(widths[i - 1], widths[i], 4, 2, 1,
-                                                         bias=False),
+            stages.append(self._stage(self._doubling(widths[i - 1], widths[i], bias=False),
                                       widths[i], config.residual and i == 1))
         self.stages = nn.Sequential(*stages)
-        self.to_rgb = nn.Sequential(nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1), nn.Tanh())
+        self.to_rgb = nn.Sequential(*self._doubling(widths[-1], 3, bias=True), nn.Tanh())
         init_weights(self)
 
+    def _doubling(self, in_channels: int, out_channels: int, *, bias: bool) -> list[nn.Module]:
+        """Layers that double the resolution (``GANConfig.upsample``); the convolution
+        comes last, so that a BatchNorm after it follows it directly (fused_layers)."""
+        if self.config.upsample == "transposed":
+            return [nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=bias)]
+        if self.config.upsample == "nearest":
+            return [NearestResizeConv(in_channels, out_channels, bias=bias)]
+        return [nn.Upsample(scale_factor=2, mode=self.config.upsample),
+                nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)]
+
     @staticmethod
-    def _stage(up: nn.Module, width: int, residual: bool) -> nn.Sequential:
-        layers = [up, nn.BatchNorm2d(width)]
+    def _stage(up: list[nn.Module], width: int, residual: bool) -> nn.Sequential:
+        layers = [*up, nn.BatchNorm2d(width)]
         if residual:
             layers.append(ResidualBlock(width, bottleneck(width), nn.ReLU))
         layers.append(nn.ReLU())

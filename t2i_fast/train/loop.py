@@ -58,7 +58,8 @@ class Trainer:
         self.world = world if world is not None else single(config.device)
         self.run = Run(config.run)
         self.device = self.world.device
-        self.models = preset(config.preset, first_layer=config.g_first_layer)
+        self.models = preset(config.preset, first_layer=config.g_first_layer,
+                             upsample=config.g_upsample)
         gan = self.models.gan
         # The epoch's order sharded by rank: rank r's batch b holds samples r, r + w, ... of
         # the global batch b, so the loader's position means the same on any number of ranks.
