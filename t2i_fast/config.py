@@ -17,7 +17,7 @@ import torch
 from t2i_fast.atomic import write_text_atomically
 from t2i_fast.errors import ConfigError, T2IError
 from t2i_fast.models import PRESETS
-from t2i_fast.models.config import FIRST_LAYERS, UPSAMPLES
+from t2i_fast.models.config import G_CHOICES
 
 VARIANTS = ("gan", "cls", "int", "int-cls")
 BACKENDS = ("auto", "eager", "compiled")
@@ -260,8 +260,7 @@ class TrainConfig:
                               ("fused_layers", FUSED_LAYERS),
                               ("interp_batch", INTERP_BATCHES),
                               ("pretrain_match", MATCHES), ("mismatch", MISMATCHES),
-                              ("g_first_layer", FIRST_LAYERS),
-                              ("g_upsample", UPSAMPLES)):
+                              *((f"g_{name}", values) for name, values in G_CHOICES.items())):
             if getattr(self, name) not in choices:
                 raise FieldError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
         if self.lr <= 0:

@@ -130,7 +130,8 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
 @click.option("--g-upsample", type=click.Choice(UPSAMPLES), default=_TRAIN["g_upsample"],
               help="How G doubles the resolution: a stride-2 transposed convolution (the "
                    "paper), or a nearest or bilinear resize then a 3×3 convolution, with "
-                   "which the noise moves the shape further.")
+                   "which the noise moved the shape's place on some runs "
+                   "(docs/results.md).")
 @click.option("--ema-decay", type=float, default=_TRAIN["ema_decay"],
               help="Samples come from a moving average of G's weights with this decay "
                    "(0: from G itself).")

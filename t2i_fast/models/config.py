@@ -109,8 +109,8 @@ class GANConfig:
     first_layer: str = "per-cell"
     # How each stage doubles the resolution: transposed, a 4×4 stride-2 transposed
     # convolution (the paper); nearest or bilinear, that ×2 resize then a 3×3 convolution
-    # (Odena et al., 2016), with which the noise moves the shape further (docs/results.md,
-    # "Feature matching, and G's upsampling").
+    # (Odena et al., 2016), with which the noise moved the shape's place on some runs
+    # (docs/results.md, "G's upsampling as an option").
     upsample: str = "transposed"
 
     def __post_init__(self) -> None:
