@@ -23,6 +23,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def float64():
+    """float64 as the default dtype for the test: for comparing two computations that are
+    equal in exact arithmetic, whose float32 roundings differ by call order and processor."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def load_script(name: str) -> ModuleType:
     """scripts/NAME.py imported as a module (scripts/ is not a package)."""
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"

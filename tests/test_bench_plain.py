@@ -95,19 +95,10 @@ class Batch:
         self.images, self.wrong_images, self.captions = images, wrong, captions
 
 
-@pytest.fixture
-def float64():
-    # Adam divides by |gradient|: where a gradient is near zero, float32 rounding of the two
-    # steps' different call orders (which the thread count changes: with one thread the
-    # step-3 losses differed by 5e-5) becomes a step of ~lr and grows from step to step.
-    # In float64 the networks' rounding stays far below the tolerances.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def test_plain_step_is_the_projects_eager_step(float64):
+    # float64: Adam divides by |gradient|, and where a gradient is near zero float32's
+    # rounding of the two steps' different call orders (which the thread count changes)
+    # becomes a step of ~lr that grows from step to step.
     config = CONFIGS["small"]
     G, D, plain_G, plain_D = pair(config)
     n = 6
