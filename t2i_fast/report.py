@@ -164,7 +164,20 @@ def _disentangle(results: dict) -> str | None:
                     + ("" if not isinstance(own, int | float) else
                        f" On the generator's own images the style encoder reads position at "
                        f"{own:.3f}: what it learnt; the real images' AUC is what carries "
-                       "over.")))
+                       "over.")
+                    + _trained_with(results.get("style_encoder"))))
+
+
+def _trained_with(trained: object) -> str:
+    """The note's sentence on which style encoder was scored (eval disentangle's
+    "style_encoder"); empty for results that do not say."""
+    if not isinstance(trained, dict) or not isinstance(trained.get("steps"), int):
+        return ""
+    weight = trained.get("real_weight")
+    kind = ("the paper's, trained on G's images only" if weight == 0 else
+            f"trained to also rebuild real images through G at weight {weight}"
+            if isinstance(weight, int | float) else "trained with unrecorded settings")
+    return f" The style encoder: {trained['steps']} steps, {kind}."
 
 
 def _diversity(results: dict) -> str | None:

@@ -73,3 +73,16 @@ def load_style_encoder(run: Run, *, device: torch.device) -> tuple[StyleEncoder,
         raise T2IError(f"{path}: cannot load the style encoder ({type(exc).__name__}"
                        + (f": {reason[0]}" if reason else "") + ")") from exc
     return encoder, state["generator_step"]
+
+
+def style_encoder_training(run: Run) -> dict:
+    """How the run's style encoder was trained, as its file records it: {"steps",
+    "real_weight"} (``train-style``'s options; real_weight 0, the paper's S, for encoders
+    from before that option); {} for a file that records no training settings."""
+    state = load_checkpoint(run.style_encoder, kind="style encoder")
+    config = state.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("steps"), int):
+        return {}
+    weight = config.get("real_weight", 0.0)
+    return {"steps": config["steps"],
+            "real_weight": float(weight) if isinstance(weight, int | float) else None}

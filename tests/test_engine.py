@@ -407,10 +407,12 @@ def test_discriminator_without_concatenation_equals_the_concat_form(memory_forma
     assert D.state_dict().keys() == reference.state_dict().keys()
 
 
-def test_fused_layers_keep_the_networks(monkeypatch):
+def test_fused_layers_keep_the_networks(monkeypatch, float64):
     """The wiring of fused_layers (the Triton kernels themselves need a GPU): with the
     PyTorch reference in their place, fused networks keep their parameters, state-dict keys,
-    outputs, gradients and BatchNorm statistics; finding the layers moves no statistic."""
+    outputs, gradients and BatchNorm statistics; finding the layers moves no statistic. In
+    float64: G's first layer is a matrix product unfused and a transposed convolution fused,
+    whose float32 roundings differ by more than assert_close's float32 tolerance."""
     from t2i_fast.ops import conv_bn_act
 
     calls = []
@@ -419,25 +421,19 @@ def test_fused_layers_keep_the_networks(monkeypatch):
                         lambda *args, **kw: calls.append(1) or reference_layer(*args, **kw))
     torch.manual_seed(0)
     config = preset("small").gan
-    # float64: G's first layer is a matrix product unfused and a transposed convolution
-    # fused, whose float32 roundings differ by more than assert_close's float32 tolerance.
-    torch.set_default_dtype(torch.float64)
-    try:
-        text = torch.randn(4, config.embedding_dim)
-        images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-        noise = torch.randn(4, config.z_dim)
-        # G with each upsampling: a resize's 3×3 convolution is fused like the paper's
-        # transposed one; the nearest layer, one transposed convolution of its own, is not.
-        # Each case: the network, its inputs, its fused layers outside the residual blocks.
-        stage_convs = {"transposed": {"stages.0.0", "stages.1.0", "stages.2.0"},
-                       "nearest": {"stages.0.0"},
-                       "bilinear": {"stages.0.0", "stages.1.1", "stages.2.1"}}
-        cases = (*((Generator(dataclasses.replace(config, upsample=mode)), (noise, text),
-                    stage_convs[mode]) for mode in UPSAMPLES),
-                 (Discriminator(config).to(memory_format=torch.channels_last), (images, text),
-                  {"stages.1.0", "stages.2.0"}))
-    finally:
-        torch.set_default_dtype(torch.float32)
+    text = torch.randn(4, config.embedding_dim)
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    noise = torch.randn(4, config.z_dim)
+    # G with each upsampling: a resize's 3×3 convolution is fused like the paper's
+    # transposed one; the nearest layer, one transposed convolution of its own, is not.
+    # Each case: the network, its inputs, its fused layers outside the residual blocks.
+    stage_convs = {"transposed": {"stages.0.0", "stages.1.0", "stages.2.0"},
+                   "nearest": {"stages.0.0"},
+                   "bilinear": {"stages.0.0", "stages.1.1", "stages.2.1"}}
+    cases = (*((Generator(dataclasses.replace(config, upsample=mode)), (noise, text),
+                stage_convs[mode]) for mode in UPSAMPLES),
+             (Discriminator(config).to(memory_format=torch.channels_last), (images, text),
+              {"stages.1.0", "stages.2.0"}))
     for model, inputs, fused_stages in cases:
         reference = copy.deepcopy(model)
         keys = list(model.state_dict())

@@ -100,9 +100,12 @@ def test_diversity_and_the_disentangling_baselines_have_tables(run, tmp_path):
          "baselines": {"random_encoder": {"background_auc": 0.65, "position_auc": 0.55},
                        "captions": {"background_auc": 0.5, "position_auc": 0.6875},
                        "position_code": {"background_auc": 0.5, "position_auc": 0.5625}},
-         "generated": {"position_auc": 0.8125, "n_images": 990, "position_clusters": 8}}))
+         "generated": {"position_auc": 0.8125, "n_images": 990, "position_clusters": 8},
+         "style_encoder": {"steps": 2000, "real_weight": 0.3}}))
     page = make_report(run=saved)
     assert "On the generator&#x27;s own images the style encoder reads position at 0.812" in page
+    assert ("The style encoder: 2000 steps, trained to also rebuild real images through G at "
+            "weight 0.3.") in page
     assert "<h3>eval_diversity.json</h3>" in page and "generated over real: 0.312" in page
     assert _row(page, "spread (mean pairwise distance)") == ["0.05", "0.2"]
     assert _row(page, "backgrounds covered (share of 8)") == ["0.125", "0.875"]
@@ -111,6 +114,15 @@ def test_diversity_and_the_disentangling_baselines_have_tables(run, tmp_path):
             "<th>position code</th>") in page
     assert _row(page, "background AUC") == ["0.75", "0.65", "0.5", "0.5"]
     assert _row(page, "position AUC") == ["0.625", "0.55", "0.6875", "0.5625"]
+    # The paper's S is named as such; results from before the record say nothing of it.
+    for trained, said in (({"steps": 500, "real_weight": 0.0}, "The style encoder: 500 steps, "
+                           "the paper&#x27;s, trained on G&#x27;s images only."),
+                          (None, None), ({"steps": "many"}, None)):
+        scores = json.loads((saved / "eval_disentangle.json").read_text())
+        scores["style_encoder"] = trained
+        (saved / "eval_disentangle.json").write_text(json.dumps(scores))
+        page = make_report(run=saved)
+        assert (said in page) if said else "The style encoder:" not in page
     # A file from before the baselines is listed as it is.
     (saved / "eval_disentangle.json").write_text(json.dumps(
         {"background_auc": 0.75, "position_auc": 0.625, "n_pairs": 800}))

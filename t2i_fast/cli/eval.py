@@ -15,7 +15,7 @@ from t2i_fast.eval.fid import WEIGHTS_ENV, WEIGHTS_NAME, evaluate_fid
 from t2i_fast.eval.retrieval import Encoders, evaluate_retrieval, find_encoders
 from t2i_fast.generate import TrainedModel
 from t2i_fast.run import Run
-from t2i_fast.style_transfer import load_style_encoder
+from t2i_fast.style_transfer import load_style_encoder, style_encoder_training
 
 
 def _run_data(run: Path) -> Path:
@@ -157,6 +157,8 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     model = TrainedModel.load(run, device=device)
     scores = evaluate_disentangle(encoder=encoder, dataset=dataset or _run_data(run),
                                   embed=model.embed, draw=model.draw, n=n, pairs=pairs, seed=seed)
+    # Which S: the paper's (G's images only) or one that also rebuilt real images.
+    scores["style_encoder"] = style_encoder_training(Run(run))
     if as_json:
         click.echo(json.dumps(scores))
         return
@@ -176,6 +178,10 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     click.echo(f"on the generator's own images: position AUC "
                f"{'none' if auc is None else f'{auc:.4f}'} ({generated['n_images']} images "
                f"with a shape, {generated['position_clusters']} clusters)")
+    trained = scores["style_encoder"]
+    if trained:
+        click.echo(f"style encoder: {trained['steps']} steps, real weight "
+                   f"{trained['real_weight']} (0: the paper's, G's images only)")
 
 
 @eval_group.command()

@@ -29,10 +29,15 @@ _RUN = click.option("--run", type=click.Path(exists=True, file_okay=False, path_
               help="Seeds the encoder's weights, the noise and the captions drawn.")
 @click.option("--log-every", type=click.IntRange(min=1), default=20, help="Steps.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--real-weight", type=click.FloatRange(min=0), default=0.0,
+              help="Also reconstruct the dataset's real images through the frozen G, "
+                   "||G(S(x), φ(t)) - x||², at this weight (in-domain inversion); 0: the "
+                   "paper's S, which sees only G's images.")
 @click.option("--overwrite", is_flag=True, help="Replace the run's style encoder.")
 def train_style_command(run: Path, overwrite: bool, **options) -> None:
     """Train the style encoder S to invert the run's generator: regress z from G(z, φ(t)),
-    t the dataset's captions. Writes RUN/style_encoder.pt and RUN/style_metrics.jsonl."""
+    t the dataset's captions (with --real-weight, also reconstruct real images through G).
+    Writes RUN/style_encoder.pt and RUN/style_metrics.jsonl."""
     path = train_style(config=StyleConfig(run=str(run), **options), overwrite=overwrite)
     click.echo(f"{path}: use it with 't2i-fast style-transfer --run {run}'")
 

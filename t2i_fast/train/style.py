@@ -5,25 +5,40 @@
 with G the run's generator (its moving average where the run kept one), frozen in eval mode,
 and t the dataset's captions, one at a time as ``sample`` feeds them. The loss is reported per
 dimension of z, so an encoder that always predicts z's mean scores 1.
+
+With ``real_weight`` w > 0, S also learns from the dataset's real images, as in-domain GAN
+inversion does (Zhu et al., ECCV 2020):
+
+    L = L_style + w · E_{(x, t) real} ||G(S(x), φ(t)) - x||²
+
+(pixels in [-1, 1], φ(t) the mean of the record's sampled captions as the trainer feeds it,
+G frozen: the gradient reaches S through G). The paper's S sees only G's images, and where
+G's images differ from real ones (on the shapes dataset, their backgrounds) its vector for a
+real image answers to what it never saw; reconstruction makes it the z whose image is
+nearest to x, which is what style transfer draws from. Each step then puts a batch of G's
+images and one of real images through S together, so its BatchNorm statistics are of both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
+import torch.nn.functional as F
 
 from t2i_fast.atomic import save_atomically
 from t2i_fast.config import FieldError, check_types, resolve_device
-from t2i_fast.data import Dataset
+from t2i_fast.data import Dataset, Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.run import Run, jsonl_writer
+from t2i_fast.train.caption_table import embed_all_captions, mean_embedding
 
 RECALIBRATION_BATCHES = 16
 
@@ -39,6 +54,7 @@ class StyleConfig:
     seed: int = 0
     log_every: int = 20  # steps
     device: str = "auto"
+    real_weight: float = 0.0  # of reconstructing real images through G; 0: the paper's S
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -50,6 +66,9 @@ class StyleConfig:
             raise FieldError("batch_size", f"must be at least 2, got {self.batch_size}")
         if self.lr <= 0:
             raise FieldError("lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.real_weight < float("inf"):
+            raise FieldError("real_weight", f"must be finite and at least 0, got "
+                             f"{self.real_weight}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
@@ -58,6 +77,25 @@ class StyleConfig:
 def style_loss(encoder: StyleEncoder, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The squared error of S's prediction of z, averaged over the batch and z's dimensions."""
     return (encoder(images) - z).square().mean()
+
+
+def reconstruction_loss(generator: torch.nn.Module, styles: torch.Tensor, text: torch.Tensor,
+                        images: torch.Tensor) -> torch.Tensor:
+    """The squared error of G(S(x), φ(t)) against the real images x, per pixel and channel."""
+    return (generator(styles, text) - images).square().mean()
+
+
+def _real_batches(loader: Loader, *, image_size: int, table: torch.Tensor,
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (real images [B, 3, S, S] in [-1, 1], their φ(t) [B, E]) from ``loader``: the
+    trainer's crops and flips, epoch after epoch, resized to G's resolution as the trainer
+    does."""
+    while True:
+        for batch in loader:
+            images = batch.images.to(device)
+            if images.shape[-1] != image_size:
+                images = F.adaptive_avg_pool2d(images, image_size)  # = interpolate "area"
+            yield images, mean_embedding(table, batch.captions.to(table.device))
 
 
 @torch.no_grad()
@@ -87,14 +125,38 @@ def _caption_indices(data: Path) -> torch.Tensor:
 
 def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
     """Trains S to invert the run's generator; writes RUN/style_encoder.pt (atomically) and the
-    loss to RUN/style_metrics.jsonl. Returns the encoder's path."""
+    losses to RUN/style_metrics.jsonl ("loss", L_style; with ``real_weight``, also
+    "reconstruction"). Returns the encoder's path."""
     run = Run(config.run)
     device = resolve_device(config.device)
     model = TrainedModel.from_run(run, device=device)
     if run.style_encoder.exists() and not overwrite:
         raise T2IError(f"{run.style_encoder}: a style encoder exists already (pass "
                        "--overwrite to train a new one)")
-    captions = _caption_indices(Path(run.config().data))
+    run_config = run.config()
+    data = Path(run_config.data)
+    captions = _caption_indices(data)
+    # Opened first: a dataset too small for a batch stops here, before any work.
+    loader = Loader(data, batch_size=config.batch_size, seed=config.seed,
+                    captions_per_sample=run_config.captions_per_sample, caption_format="ids",
+                    dtype=torch.float32, layout="nchw") if config.real_weight else None
+    try:
+        return _train(config, run=run, model=model, captions=captions, loader=loader,
+                      device=device)
+    finally:
+        if loader is not None:
+            loader.close()
+
+
+def _train(config: StyleConfig, *, run: Run, model: TrainedModel, captions: torch.Tensor,
+           loader: Loader | None, device: torch.device) -> Path:
+    real = None
+    if loader is not None:
+        model.generator.requires_grad_(False)
+        table = embed_all_captions(dataset_path=loader.path, text_encoder=model.text_encoder,
+                                   device=device, dtype=torch.float32)
+        real = _real_batches(loader, image_size=model.generator.config.image_size,
+                             table=table, device=device)
 
     torch.manual_seed(config.seed)
     encoder_config = StyleEncoderConfig.from_gan(model.generator.config)
@@ -110,24 +172,43 @@ def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
         text = model.text_encoder(captions[pick].to(device))  # [B, E]
         return model.generate(text, z), z.to(device)  # [B, 3, S, S], [B, Z]
 
+    def step() -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One update; returns L_style and, with real images, their reconstruction loss."""
+        images, z = draw()
+        if real is None:
+            loss = style_loss(encoder, images, z)
+            rebuilt = None
+        else:
+            real_images, text = next(real)
+            styles = encoder(torch.cat([images, real_images]))  # [2B, Z]: G's, then real
+            loss = (styles[:len(z)] - z).square().mean()
+            rebuilt = reconstruction_loss(model.generator, styles[len(z):], text, real_images)
+        optimizer.zero_grad(set_to_none=True)
+        (loss if rebuilt is None else loss + config.real_weight * rebuilt).backward()
+        optimizer.step()
+        return loss.detach(), None if rebuilt is None else rebuilt.detach()
+
+    def recalibration_batch() -> torch.Tensor:
+        images = draw()[0]
+        return images if real is None else torch.cat([images, next(real)[0]])
+
     bar = click.progressbar(length=config.steps, label="training the style encoder",
                             file=sys.stderr)
-    total, count = torch.zeros((), device=device), 0
+    sums, count = torch.zeros(2, device=device), 0
     with bar, jsonl_writer(run.style_metrics, append=False) as metrics:
         for done in range(1, config.steps + 1):
-            images, z = draw()
-            loss = style_loss(encoder, images, z)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
+            loss, rebuilt = step()
+            sums += torch.stack([loss, loss if rebuilt is None else rebuilt])
             count += 1
             bar.update(1)
             if done % config.log_every == 0 or done == config.steps:
-                row = {"step": done, "loss": round(total.item() / count, 5)}
+                means = (sums / count).tolist()
+                row = {"step": done, "loss": round(means[0], 5)}
+                if real is not None:
+                    row["reconstruction"] = round(means[1], 5)
                 metrics.write(row)
-                total, count = torch.zeros((), device=device), 0
-    _recalibrate(encoder, [draw()[0] for _ in range(RECALIBRATION_BATCHES)])
+                sums, count = torch.zeros(2, device=device), 0
+    _recalibrate(encoder, [recalibration_batch() for _ in range(RECALIBRATION_BATCHES)])
     return save_atomically({"style_encoder": encoder.state_dict(),
                             "style_config": dataclasses.asdict(encoder_config),
                             "config": dataclasses.asdict(config), "generator_step": model.step},
