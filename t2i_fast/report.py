@@ -109,7 +109,7 @@ def _style_transfer(run: Run, model: TrainedModel, dataset: Path, captions: list
     where it has neither."""
     intro = "Each caption drawn in the style (background, position) of each real image."
     if run.style_encoder.is_file():
-        encoder, _ = load_style_encoder(run, device=model.device)
+        encoder = load_style_encoder(run, device=model.device).encoder
         pixels, _ = real_images(dataset, n=_STYLE_QUERIES, size=encoder.config.image_size,
                                 seed=seed)
         tiles = style_transfer(model=model, encoder=encoder, images=pixels.float() / 127.5 - 1,

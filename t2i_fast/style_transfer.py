@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,9 +52,20 @@ def style_transfer(*, model: TrainedModel, encoder: StyleEncoder, images: torch.
     return torch.cat([images.to(drawn.device)[:, None], drawn], dim=1).flatten(0, 1)
 
 
-def load_style_encoder(run: Run, *, device: torch.device) -> tuple[StyleEncoder, int]:
-    """The run's style encoder ('t2i-fast train-style') in eval mode, and the generator step
-    it inverts."""
+class StyleEncoderFile(NamedTuple):
+    """A run's style encoder as ``load_style_encoder`` reads it from one file."""
+
+    encoder: StyleEncoder  # in eval mode
+    generator_step: int  # the step of the generator it inverts
+    # train-style's {"steps", "real_weight"} as the file records them (real_weight 0, the
+    # paper's S, for encoders from before that option; None where forged); {} for a file
+    # that records no training settings
+    training: dict
+
+
+def load_style_encoder(run: Run, *, device: torch.device) -> StyleEncoderFile:
+    """The run's style encoder ('t2i-fast train-style'), the generator step it inverts and
+    how it was trained."""
     path = run.style_encoder
     if not path.is_file():
         raise T2IError(f"{run.root}: no style encoder (run 't2i-fast train-style --run "
@@ -72,15 +84,11 @@ def load_style_encoder(run: Run, *, device: torch.device) -> tuple[StyleEncoder,
         reason = str(exc).strip().splitlines()[:1]
         raise T2IError(f"{path}: cannot load the style encoder ({type(exc).__name__}"
                        + (f": {reason[0]}" if reason else "") + ")") from exc
-    return encoder, state["generator_step"]
+    return StyleEncoderFile(encoder, state["generator_step"], _training(state.get("config")))
 
 
-def style_encoder_training(run: Run) -> dict:
-    """How the run's style encoder was trained, as its file records it: {"steps",
-    "real_weight"} (``train-style``'s options; real_weight 0, the paper's S, for encoders
-    from before that option); {} for a file that records no training settings."""
-    state = load_checkpoint(run.style_encoder, kind="style encoder")
-    config = state.get("config")
+def _training(config: object) -> dict:
+    """train-style's settings that matter to the study, from the file's "config"."""
     if not isinstance(config, dict) or not isinstance(config.get("steps"), int):
         return {}
     weight = config.get("real_weight", 0.0)

@@ -25,7 +25,6 @@ from t2i_fast.run import Run
 from t2i_fast.style_transfer import (
     load_image,
     load_style_encoder,
-    style_encoder_training,
     style_transfer,
 )
 from t2i_fast.train import TrainConfig, train
@@ -97,7 +96,7 @@ def test_encoder_maps_the_generators_images_to_z(name):
 def test_train_style_reduces_the_regression_loss(styled, shapes):
     model = TrainedModel.load(styled, device=CPU)
     step = model.step
-    trained, inverted = load_style_encoder(Run(styled), device=CPU)
+    trained, inverted, _ = load_style_encoder(Run(styled), device=CPU)
     assert inverted == step == 2 and not trained.training
     z = torch.randn(128, model.z_dim, generator=torch.Generator().manual_seed(99))
     with Dataset(shapes) as ds:
@@ -106,7 +105,7 @@ def test_train_style_reduces_the_regression_loss(styled, shapes):
     torch.manual_seed(1)
     untrained = StyleEncoder(trained.config).eval()
     with torch.no_grad():
-        before, after = style_loss(untrained, images, z), style_loss(trained, images, z)
+        before, after = style_loss(untrained(images), z), style_loss(trained(images), z)
     assert before > 0.9  # an untrained encoder predicts about 0: z's variance, 1
     # 60 steps against a 2-step generator: measured 0.61 of the untrained loss (0.59 before
     # the average sampled with its own BatchNorm statistics); a broken trainer stays near 1.
@@ -134,7 +133,7 @@ def _real_reconstruction(styled_run, shapes) -> float:
     """The squared error of G(S(x), φ(t)) on 48 real images of ``shapes`` (the centred crop at
     G's resolution, each with its first caption), with ``styled_run``'s G and S."""
     model = TrainedModel.load(styled_run, device=CPU)
-    encoder, _ = load_style_encoder(Run(styled_run), device=CPU)
+    encoder = load_style_encoder(Run(styled_run), device=CPU).encoder
     images, *_, captions = disentangle.read_records(shapes, 48)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, C, C]
     x = torch.nn.functional.interpolate(x, size=(32, 32), mode="area")
@@ -177,16 +176,20 @@ def test_the_style_encoder_file_says_how_it_was_trained(styled, tmp_path):
     shutil.copytree(styled, copy)
     path = Run(copy).style_encoder
     state = torch.load(path, weights_only=True)
-    assert style_encoder_training(Run(copy)) == {"steps": STEPS, "real_weight": 0.0}
+
+    def training() -> dict:
+        return load_style_encoder(Run(copy), device=CPU).training
+
+    assert training() == {"steps": STEPS, "real_weight": 0.0}
     for config, expected in (({k: v for k, v in state["config"].items() if k != "real_weight"},
                               {"steps": STEPS, "real_weight": 0.0}),
                              ({**state["config"], "real_weight": "x"},
                               {"steps": STEPS, "real_weight": None}),
                              ({**state["config"], "steps": 2.5}, {}), ("forged", {})):
         torch.save({**state, "config": config}, path)
-        assert style_encoder_training(Run(copy)) == expected, config
+        assert training() == expected, config
     torch.save({k: v for k, v in state.items() if k != "config"}, path)
-    assert style_encoder_training(Run(copy)) == {}
+    assert training() == {}
 
 
 def test_real_weight_errors(styled, tmp_path):
@@ -198,8 +201,9 @@ def test_real_weight_errors(styled, tmp_path):
     line = one_error_line(invoke("train-style", "--run", copy, "--real-weight", 1,
                                  "--batch-size", 128, "--steps", 1, "--overwrite"))
     assert "shapes.lmdb" in line and "batch_size 128 leaves no full batch" in line
-    torch.testing.assert_close(load_style_encoder(Run(copy), device=CPU)[0].state_dict(),
-                               load_style_encoder(Run(styled), device=CPU)[0].state_dict())
+    torch.testing.assert_close(
+        load_style_encoder(Run(copy), device=CPU).encoder.state_dict(),
+        load_style_encoder(Run(styled), device=CPU).encoder.state_dict())
 
 
 # -- style-transfer ---------------------------------------------------------------------------
@@ -228,7 +232,7 @@ def test_style_transfer_grid(styled, queries, tmp_path):
 
 def test_style_transfer_draws_each_caption_in_each_style(styled, queries):
     model = TrainedModel.load(styled, device=CPU)
-    encoder, _ = load_style_encoder(Run(styled), device=CPU)
+    encoder = load_style_encoder(Run(styled), device=CPU).encoder
     images = torch.stack([load_image(path, size=32) for path in queries])  # [2, 3, 32, 32]
     assert images.shape == (2, 3, 32, 32) and -1 <= images.min() < images.max() <= 1
     text = model.embed(["a red circle", "a blue cross", "a small square"])
@@ -389,7 +393,7 @@ def test_the_random_encoder_is_fixed_by_its_seed():
 
 def test_the_baselines_match_an_independent_computation(styled, shapes):
     model = TrainedModel.load(styled, device=CPU)
-    encoder, _ = load_style_encoder(Run(styled), device=CPU)
+    encoder = load_style_encoder(Run(styled), device=CPU).encoder
     scores = disentangle.evaluate_disentangle(encoder=encoder, dataset=shapes,
                                               embed=model.embed, n=48, pairs=600, seed=5)
     backgrounds, cells = _truth(shapes, 48)

@@ -15,7 +15,7 @@ from t2i_fast.eval.fid import WEIGHTS_ENV, WEIGHTS_NAME, evaluate_fid
 from t2i_fast.eval.retrieval import Encoders, evaluate_retrieval, find_encoders
 from t2i_fast.generate import TrainedModel
 from t2i_fast.run import Run
-from t2i_fast.style_transfer import load_style_encoder, style_encoder_training
+from t2i_fast.style_transfer import load_style_encoder
 
 
 def _run_data(run: Path) -> Path:
@@ -153,12 +153,12 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     position AUC of such a generator's exact inverse. Below them, the position AUC on the
     generator's own images, where S learnt: what carries over to real images is the rest."""
     device = resolve_device("auto")
-    encoder, _ = load_style_encoder(Run(run), device=device)
+    style = load_style_encoder(Run(run), device=device)
     model = TrainedModel.load(run, device=device)
-    scores = evaluate_disentangle(encoder=encoder, dataset=dataset or _run_data(run),
+    scores = evaluate_disentangle(encoder=style.encoder, dataset=dataset or _run_data(run),
                                   embed=model.embed, draw=model.draw, n=n, pairs=pairs, seed=seed)
     # Which S: the paper's (G's images only) or one that also rebuilt real images.
-    scores["style_encoder"] = style_encoder_training(Run(run))
+    scores["style_encoder"] = style.training
     if as_json:
         click.echo(json.dumps(scores))
         return

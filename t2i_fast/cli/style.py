@@ -58,7 +58,7 @@ def style_transfer_command(run: Path, images: tuple[Path, ...], texts: tuple[str
     captions = _captions(texts, captions_file)
     device = resolve_device("auto")
     folder = Run(run)
-    encoder, inverted_step = load_style_encoder(folder, device=device)
+    encoder, inverted_step, _ = load_style_encoder(folder, device=device)
     size = encoder.config.image_size
     queries = torch.stack([load_image(path, size=size) for path in images])  # [R, 3, S, S]
     model = TrainedModel.from_run(folder, device=device)
