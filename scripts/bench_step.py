@@ -24,7 +24,9 @@ the same batch. The rows, in the order they run:
 - ``engine-fused-auto``: the engine with ``fused_layers="auto"`` (Triton conv → BatchNorm →
   LeakyReLU, chained through the next layer's prologue, where ``choose_fused_layers``
   measures them faster in CUDA-graph replay; CUDA only), as ``t2i-fast train`` runs on a GPU;
-- ``engine-fused-on``: the engine with ``fused_layers="on"``: every layer the op takes.
+- ``engine-fused-on``: the engine with ``fused_layers="on"``: every layer the op takes;
+- ``engine-r1``: ``engine`` with ``--r1`` (every 4th step adds the R1 penalty, its D part
+  eager and outside the CUDA graph): what the option costs.
 
 The first five plain/stock rows are "stock"; ``engine_over_stock`` is the engine's images/s
 over the best of them. A row that fails (to build, compile or run) is a row with its error.
@@ -56,9 +58,10 @@ repeats of 2 steps): the compiled stock rows through Dynamo and AOTAutograd with
 ``aot_eager`` backend (no Inductor, no CUDA graphs), the engine through Inductor's CPU
 backend, and the ``engine-fused-*`` rows report that they need CUDA. The last line of output
 is one JSON object, with ``images_per_s`` (row → median, per batch size),
-``engine_over_stock`` and ``fused_over_engine`` (each fused row's images/s over
-``engine``'s, per batch size). Rows of the engine carry ``backend`` (their name) and
-``preset``, which ``scripts/bench_kernels.py --step-json`` reads.
+``engine_over_stock``, ``fused_over_engine`` (each fused row's images/s over
+``engine``'s, per batch size) and ``r1_over_engine``. Rows of the engine carry
+``backend`` (their name) and ``preset``, which ``scripts/bench_kernels.py --step-json``
+reads.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class Row:
     compile_mode: str | None = None  # plain rows: torch.compile's mode, None for eager
     channels_last: bool = False
     fused_layers: str = "off"  # the engine's Triton layers: off, auto or on
+    r1: float = 0.0  # the engine's R1 penalty (γ; every TrainConfig.r1_every steps)
 
 
 ROWS = (
@@ -117,6 +121,7 @@ ROWS = (
         channels_last=True),
     Row("engine-fused-auto", plain=False, precision="bf16", fused_layers="auto"),
     Row("engine-fused-on", plain=False, precision="bf16", fused_layers="on"),
+    Row("engine-r1", plain=False, precision="bf16", r1=1.0),
 )
 FUSED = tuple(row.name for row in ROWS if row.fused_layers != "off")
 STOCK = tuple(row.name for row in ROWS if row.plain)
@@ -173,7 +178,8 @@ def engine_step(row: Row, setup: Setup, *, train_text_encoder: bool
     if setup.device.type == "cuda":
         torch.cuda.manual_seed(SEED + 1)
     cuda = setup.device.type == "cuda"
-    engine = StepEngine(G=G, D=D, text_encoder=text, G_ema=G_ema, config=setup.config,
+    config = dataclasses.replace(setup.config, r1=row.r1) if row.r1 else setup.config
+    engine = StepEngine(G=G, D=D, text_encoder=text, G_ema=G_ema, config=config,
                         device=setup.device, noise=noise,
                         backend="eager" if row.name == "project-eager" else "compiled",
                         precision=row.precision if cuda else "fp32",
@@ -236,7 +242,7 @@ def describe(row: Row, device: torch.device, dry_run: bool, cached: bool) -> dic
             else "eager",
             "adam": "fused" if engine else "default",
             "text": "cached table (caption ids)" if cached else "encoder in step",
-            "fused_layers": row.fused_layers}
+            "fused_layers": row.fused_layers, "r1": row.r1}
 
 
 def synchronize(device: torch.device) -> None:
@@ -420,7 +426,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def summarize(results: dict) -> None:
     """The per-batch-size figures of the final JSON, from the rows."""
     for key in ("images_per_s", "best_stock", "engine_over_stock", "fused_over_engine",
-                "project_eager_over_plain_eager"):
+                "r1_over_engine", "project_eager_over_plain_eager"):
         results[key] = {}
     for size in results["batch_sizes"]:
         rate = {r["row"]: r.get("images_per_s") for r in results["rows"]
@@ -433,6 +439,7 @@ def summarize(results: dict) -> None:
         results["engine_over_stock"][key] = ratio(rate.get("engine"), stock.get(best))
         results["fused_over_engine"][key] = {name: ratio(rate.get(name), rate.get("engine"))
                                              for name in FUSED}
+        results["r1_over_engine"][key] = ratio(rate.get("engine-r1"), rate.get("engine"))
         results["project_eager_over_plain_eager"][key] = ratio(rate.get("project-eager"),
                                                                rate.get(REFERENCE))
 

@@ -185,7 +185,7 @@ def fused_layers_reason(mode: str, backend: str, device: torch.device) -> str:
 # Settings added after runs were made: a run's config.json without one trained as given here
 # (read as the default instead, it would resume as another training than it began).
 _BEFORE_RECORDED = {"pretrain_match": "class", "mode_seeking": 0.0, "d_lr_scale": 1.0,
-                    "class_loss": 0.0, "g_first_layer": "per-cell"}
+                    "class_loss": 0.0, "g_first_layer": "per-cell", "r1": 0.0}
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,11 @@ class TrainConfig:
     # nearest or bilinear resize then a 3×3 convolution (docs/results.md, "G's upsampling
     # as an option").
     g_upsample: str = "transposed"
+    # γ of the R1 penalty (Mescheder et al., 2018) in D's loss: γ/2 times the squared norm of
+    # the gradient of D's score of each real image with its caption, taken lazily (every
+    # r1_every-th step, times r1_every, as StyleGAN2 does). 0: off (the paper's loss).
+    r1: float = 0.0
+    r1_every: int = 4
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -272,14 +277,15 @@ class TrainConfig:
             raise FieldError("interp_beta", f"must be in [0, 1], got {self.interp_beta}")
         if self.d_lr_scale <= 0:
             raise FieldError("d_lr_scale", f"must be positive, got {self.d_lr_scale}")
-        for name in ("interp_weight", "mode_seeking", "class_loss", "g_class_loss"):
+        for name in ("interp_weight", "mode_seeking", "class_loss", "g_class_loss", "r1"):
             if getattr(self, name) < 0:
                 raise FieldError(name, f"must be at least 0, got {getattr(self, name)}")
         if self.seed < 0:
             raise FieldError("seed", f"must be at least 0, got {self.seed}")
         for name in ("batch_size", "epochs", "max_steps", "lr_halve_every",
                      "captions_per_sample", "pretrain_epochs", "sample_every",
-                     "checkpoint_every", "keep_checkpoints", "log_every", "loader_threads"):
+                     "checkpoint_every", "keep_checkpoints", "log_every", "loader_threads",
+                     "r1_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FieldError(name, f"must be at least 1, got {value}")

@@ -66,13 +66,13 @@ def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
     made = TrainConfig(data="d", run="r", preset="small")
     values = dataclasses.asdict(made)
     for name in ("pretrain_match", "mode_seeking", "d_lr_scale", "class_loss", "g_class_loss",
-                 "g_first_layer", "g_upsample"):
+                 "g_first_layer", "g_upsample", "r1"):
         del values[name]
     (tmp_path / "config.json").write_text(json.dumps(values))
     read = TrainConfig.load(tmp_path / "config.json")
     assert (read.pretrain_match, read.mode_seeking, read.d_lr_scale, read.class_loss,
-            read.g_class_loss, read.g_first_layer, read.g_upsample) == (
-        "class", 0.0, 1.0, 0.0, 0.0, "per-cell", "transposed")
+            read.g_class_loss, read.g_first_layer, read.g_upsample, read.r1) == (
+        "class", 0.0, 1.0, 0.0, 0.0, "per-cell", "transposed", 0.0)
     assert (made.d_lr_scale, made.class_loss, made.g_class_loss, made.g_first_layer) == (
         SMALL_SCHEDULE.d_lr_scale, SMALL_SCHEDULE.class_loss, 1.0, "uniform")
     assert TrainConfig(data="d", run="r", preset="reed").g_first_layer == "per-cell"

@@ -234,6 +234,22 @@ def test_the_compiled_engine_under_ddp(one, shapes, tmp_path):
     assert deviation(state(run, 2), state(one["run"], 2), one["init"]) < 2e-2
 
 
+def test_r1_under_ddp_takes_one_processs_steps(shapes, tmp_path):
+    """--r1 on two processes with --sync-bn: the penalty's second backward goes through
+    DDP's one wrapper of the D step and the synchronised BatchNorm, and the steps are one
+    process's (the logged penalty on steps 2 and 4, the losses, within float32 rounding)."""
+    alone = train(config=settings(shapes, tmp_path / "one" / "run", max_steps=4, r1=1.0,
+                                  r1_every=2))
+    config = settings(shapes, tmp_path / "runs" / "run", max_steps=4, r1=1.0, r1_every=2)
+    spawn(config, tmp_path)
+    ours, theirs = rows(Path(config.run)), rows(alone)
+    assert [("r1" in r) for r in ours] == [("r1" in r) for r in theirs] == [False, True] * 2
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        for key in ("d_loss", "g_loss", "r1"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], **close(step)), (step, key)
+
+
 def test_the_global_batch_must_split_evenly():
     world = World(device=torch.device("cpu"), rank=1, size=4)
     assert world.split_batch(64) == 16

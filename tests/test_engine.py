@@ -354,6 +354,59 @@ def test_the_class_loss_needs_a_class_head():
                    precision="fp32")
 
 
+def r1_gradient(D: Discriminator, text_encoder: nn.Module, batch, weight: float) -> list:
+    """The gradient over D's parameters of ``weight`` times the R1 penalty, by hand: D's
+    score of each real image (at D's resolution) with its caption, differentiated with
+    respect to the image, its squared norm averaged over the batch."""
+    D = copy.deepcopy(D)
+    images = F.adaptive_avg_pool2d(batch.images.double(), 32).requires_grad_(True)
+    text = text_encoder.encode_mean(batch.captions.double())
+    score = D(images, text, with_classes=True)[0]  # [B]
+    grad, = torch.autograd.grad(score.sum(), images, create_graph=True)
+    penalty = grad.square().sum(dim=(1, 2, 3)).mean()
+    params = list(D.parameters())
+    # The class head has no part in the score: no gradient.
+    grads = torch.autograd.grad(weight * penalty, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach()
+            for p, g in zip(params, grads, strict=True)]
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_r1_adds_gammas_penalty_to_d_on_every_kth_step(batches, backend, monkeypatch):
+    """--r1 γ --r1-every 2, in float64: on step 0 D's update is the plain one; on step 1
+    (the second of two) D's gradient is the plain one plus γ/2 · 2 times the gradient of the
+    R1 penalty taken by hand, the logged d_loss is the plain one and r1 the penalty. The
+    compiled backend (torch.compile a no-op here: Inductor's own run is the GPU check's)
+    takes the R1 step through the part's eager function."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    length = batches[0].captions.shape[-1]
+    gamma = 0.5
+    plain = make_engine("eager", length=length, dtype=torch.float64)
+    r1 = make_engine(backend, length=length, dtype=torch.float64, r1=gamma, r1_every=2)
+    as64 = [dataclasses.replace(b, images=b.images.double(), wrong_images=b.wrong_images.double(),
+                                captions=b.captions.double()) for b in batches[:2]]
+    for step, batch in enumerate(as64):
+        want = r1_gradient(r1.D, r1.text_encoder, batch, gamma / 2 * 2) if step else None
+        got, base = r1.step(batch, step=step), plain.step(batch, step=step)
+        assert ("r1" in got) == bool(step)
+        assert got["d_loss"].item() == pytest.approx(base["d_loss"].item(), rel=1e-10)
+        for i, (a, b) in enumerate(zip(r1.D.parameters(), plain.D.parameters(), strict=True)):
+            extra = a.grad - b.grad
+            if step:
+                torch.testing.assert_close(extra, want[i], rtol=1e-7, atol=1e-12)
+            else:
+                assert torch.equal(extra, torch.zeros_like(extra))
+    penalty = got["r1"].item()
+    assert penalty > 0 and any(float(g.abs().max()) > 1e-8 for g in want)
+
+
+def test_r1_needs_a_positive_interval():
+    with pytest.raises(T2IError, match="r1_every must be at least 1"):
+        TrainConfig(data="d", run="r", r1=1.0, r1_every=0)
+    with pytest.raises(T2IError, match="r1 must be at least 0"):
+        TrainConfig(data="d", run="r", r1=-1.0)
+
+
 def test_d_learns_at_its_own_rate(batches):
     """d_lr_scale: D's optimizer steps at that multiple of G's learning rate, also after the
     trainer sets a new one (the halving)."""
@@ -543,7 +596,8 @@ def test_bench_step_dry_run(capsys, monkeypatch, tmp_path):
     assert "dry run: CPU, compiled stock rows through aot_eager" in out
     stock = ["eager-fp32", "eager-bf16", "stock-compile-ro", "stock-compile",
              "stock-compile-ro-cl"]
-    names = [*stock, "project-eager", "engine", "engine-fused-auto", "engine-fused-on"]
+    names = [*stock, "project-eager", "engine", "engine-fused-auto", "engine-fused-on",
+             "engine-r1"]
     rows = {row["row"]: row for row in result["rows"]}
     assert sorted(rows) == sorted(names) and len(result["rows"]) == len(names)
     # The fused rows need CUDA: on the CPU each is a row with the engine's own refusal, named
@@ -565,6 +619,9 @@ def test_bench_step_dry_run(capsys, monkeypatch, tmp_path):
     assert all(rows[name]["compiler"] == "aot_eager (dry run)"
                for name in ("stock-compile-ro", "stock-compile", "stock-compile-ro-cl"))
     assert all(rows["engine"]["compiled_parts"].values())
+    # With --r1 the same compiled parts (R1's steps take the D part's eager function).
+    assert rows["engine-r1"]["compiled_parts"] == rows["engine"]["compiled_parts"]
+    assert (rows["engine-r1"]["r1"], rows["engine"]["r1"]) == (1.0, 0.0)
     assert rows["engine"]["loader_ratio"] > 0
     # The plain step computes the project's: the same first losses in float32.
     assert rows["project-eager"]["first_losses"] == pytest.approx(
@@ -577,6 +634,7 @@ def test_bench_step_dry_run(capsys, monkeypatch, tmp_path):
     assert result["engine_over_stock"] == {"4": round(rates["engine"] / rates[best], 3)}
     assert result["fused_over_engine"] == {"4": {"engine-fused-auto": None,
                                                  "engine-fused-on": None}}
+    assert result["r1_over_engine"] == {"4": round(rates["engine-r1"] / rates["engine"], 3)}
     assert result["project_eager_over_plain_eager"] == {
         "4": round(rates["project-eager"] / rates["eager-fp32"], 3)}
     assert result["flops_per_step"]["4"] > 0 and result["matmul_tflops"] > 0

@@ -38,12 +38,14 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def make_engine(backend: str, *, precision: str = "fp32", **options) -> StepEngine:
+def make_engine(backend: str, *, precision: str = "fp32", settings: dict | None = None,
+                **options) -> StepEngine:
     torch.manual_seed(0)
     models = preset("small")
     device = torch.device("cuda")
     # The small preset's step as it trains: with the class loss, so the graph holds class ids.
-    config = TrainConfig(data="-", run="-", preset="small", batch_size=BATCH)
+    config = TrainConfig(data="-", run="-", preset="small", batch_size=BATCH,
+                         **(settings or {}))
     G = Generator(models.gan).to(device)
     D = Discriminator(models.gan, num_classes=len(CLASSES)).to(device)
     text = TextEncoder(models.text).to(device).eval().requires_grad_(False)
@@ -78,6 +80,23 @@ def test_graph_step_matches_eager_and_replays(batches, recwarn):
     for step in range(1, STEPS):
         assert all(torch.isfinite(torch.tensor(list(losses[step].values())))), losses[step]
         assert not torch.equal(weights[step], weights[step - 1]), f"step {step} changed nothing"
+
+
+def test_r1_steps_run_beside_the_graph(batches, recwarn):
+    """--r1 with --r1-every 2 in bf16, as a GPU run trains: every second step takes the
+    penalty outside the graph (its D part eager), the others replay the graph captured from
+    a step without it; every step updates D and logs finite values, the R1 steps the
+    penalty."""
+    engine = make_engine("compiled", precision="bf16", settings={"r1": 1.0, "r1_every": 2})
+    losses, weights = run(engine, batches * 2)  # 3 warm-up steps, the capture, 2 replays
+    assert not [w for w in recwarn if "failed" in str(w.message)], \
+        [str(w.message) for w in recwarn]
+    assert engine.graphs and engine._graph is not None
+    assert [("r1" in step) for step in losses] == [i % 2 == 1 for i in range(len(losses))]
+    for step in range(1, len(losses)):
+        assert all(torch.isfinite(torch.tensor(list(losses[step].values())))), losses[step]
+        assert not torch.equal(weights[step], weights[step - 1]), f"step {step} changed nothing"
+    assert all(step["r1"] > 0 for step in losses if "r1" in step)
 
 
 def test_learning_rate_reaches_the_graph(batches):

@@ -3,6 +3,7 @@ the engine's call to choose_fused_layers (in-graph timing injected: the CPU has 
 graphs), the evidence in the run folder and in the report."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -132,3 +133,17 @@ def test_the_engine_fuses_the_layers_choose_fused_layers_picks(monkeypatch, tmp_
     with Loader(shapes, batch_size=4, seed=0, dtype=torch.float32, num_threads=1) as loader:
         losses = engine.step(next(iter(loader)), step=0)
     assert all(torch.isfinite(v) for v in losses.values())
+    # With the R1 penalty D keeps its plain layers (the kernels have no second backward);
+    # G is fused as before, and the R1 step trains.
+    G, D = Generator(models.gan), Discriminator(models.gan, num_classes=len(CLASSES))
+    engine = StepEngine(G=G, D=D, text_encoder=text, G_ema=None,
+                        config=dataclasses.replace(config, r1=1.0, r1_every=1), device=CPU,
+                        noise=torch.Generator(), backend="eager", precision="fp32",
+                        fused_layers="auto", fusion_timer=timer)
+    evidence = engine.kernel_evidence["fused_layers"]
+    assert "R1" in evidence["D"]["refused"] and not any(n.startswith("D.") for n in engine.fused)
+    assert any(isinstance(m, FusedSequential) and m.fused for m in G.modules())
+    assert not any(isinstance(m, FusedSequential) and m.fused for m in D.modules())
+    with Loader(shapes, batch_size=4, seed=0, dtype=torch.float32, num_threads=1) as loader:
+        losses = engine.step(next(iter(loader)), step=0)
+    assert losses["r1"] > 0 and all(torch.isfinite(v) for v in losses.values())

@@ -91,6 +91,27 @@ def test_a_run_made_before_the_first_layer_setting_resumes_and_samples_as_it_tra
     assert TrainedModel.load(uniform).generator.stages[0][0].cell_inputs == 1
 
 
+def test_r1_is_a_training_option_recorded_and_logged(shapes, tmp_path):
+    """--r1 and --r1-every reach the run's config.json, and the steps that take the penalty
+    (every second one here, the last of each two) log its value; a resumed run keeps it."""
+    result = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
+                                       str(tmp_path / "r"), "--preset", "small",
+                                       "--batch-size", "8", "--max-steps", "2",
+                                       "--log-every", "1", "--train-text-encoder",
+                                       "--r1", "0.5", "--r1-every", "2"])
+    assert result.exit_code == 0, result.output
+    run = Run(tmp_path / "r")
+    made = TrainConfig.load(run.config_file)
+    assert (made.r1, made.r1_every) == (0.5, 2)
+    train(config=dataclasses.replace(made, max_steps=4), resume=True)
+    logged = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
+    assert [("r1" in row) for row in logged] == [False, True, False, True]
+    assert all(row["r1"] > 0 for row in logged if "r1" in row)
+    refused = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
+                                        str(tmp_path / "bad"), "--r1-every", "0"])
+    assert refused.exit_code == 2 and "--r1-every" in refused.output
+
+
 def test_a_resize_generator_trains_resumes_and_samples_as_it_trained(shapes, tmp_path):
     result = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
                                        str(tmp_path / "r"), "--preset", "small",

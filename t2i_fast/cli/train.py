@@ -132,6 +132,13 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
                    "paper), or a nearest or bilinear resize then a 3×3 convolution, with "
                    "which the noise moved the shape's place on some runs "
                    "(docs/results.md).")
+@click.option("--r1", type=click.FloatRange(min=0), default=_TRAIN["r1"],
+              help="γ of the R1 penalty (Mescheder et al., 2018) on D's gradient at the real "
+                   "images, which raised the background half of the style study on every run "
+                   "it was tried on (docs/results.md; 0: off, the paper's loss).")
+@click.option("--r1-every", type=click.IntRange(min=1), default=_TRAIN["r1_every"],
+              help="Take the R1 penalty every this many steps, weighted by it (lazy, as "
+                   "StyleGAN2).")
 @click.option("--ema-decay", type=float, default=_TRAIN["ema_decay"],
               help="Samples come from a moving average of G's weights with this decay "
                    "(0: from G itself).")

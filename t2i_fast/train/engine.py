@@ -44,6 +44,11 @@ put back afterwards; a part that fails is reported in one warning line and runs 
 then on. The CUDA graph capture falls back the same way, to compiled parts launched one by
 one.
 
+With ``r1`` (the R1 penalty, Mescheder et al., 2018), the last step of every ``r1_every``
+adds γ/2 · r1_every times the penalty to D's loss (lazy, as StyleGAN2 takes it). Its D part
+runs eagerly, the part's own function (AOTAutograd does not differentiate a backward again),
+and that step runs outside the CUDA graph: the compiled parts launched one by one.
+
 On CUDA the compiled engine draws the noise from the device's default generator (inside the
 graph), so a resumed run repeats the schedule exactly (data, learning rates, steps) but not
 every bit of the noise; on the CPU both backends draw it from the same CPU generator.
@@ -106,7 +111,12 @@ class _Part(nn.Module):
         for key, network in networks.items():
             self.add_module(key, network)
 
-    def forward(self, *args):
+    def forward(self, *args, **options):
+        """``fn(*args)`` as compiled; with ``options``, ``fn`` itself (the D step's R1
+        penalty differentiates a backward again, which AOTAutograd does not do). One part
+        either way: under DDP, one wrapper arms D's gradient hooks."""
+        if options:
+            return self.fn(*args, **options)
         return (self.impl or self.fn)(*args)
 
 
@@ -267,20 +277,24 @@ class StepEngine:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, batch, *, step: int) -> dict[str, torch.Tensor]:
-        """One D and one G update on ``batch``, the ``step``-th of the run (from 0)."""
+        """One D and one G update on ``batch``, the ``step``-th of the run (from 0). On
+        every ``r1_every``-th step (counting from 1) D's loss takes the R1 penalty too: that
+        step runs outside the CUDA graph, its D part eagerly."""
         # The average spans the last quarter of the steps so far, up to the decay's span, so
         # that the untrained start fades out of it within a short run too.
         weight = 1 - min(self.config.ema_decay, 1 - 4 / (4 + step))
         if self._ema_weight is not None:
             weight = self._ema_weight.fill_(weight)
-        if self.graphs:
+        # The last of every r1_every steps: with r1_every dividing log_every, the logged ones.
+        r1 = bool(self.config.r1) and (step + 1) % self.config.r1_every == 0
+        if self.graphs and not r1:
             return self._graph_step(batch)
         layout = torch.channels_last if self.compile else torch.preserve_format
         images, wrong, *rest = self._inputs(batch)
         images, wrong = (t.to(self.device, non_blocking=True, memory_format=layout)
                          for t in (images, wrong))
         rest = (t if t is None else t.to(self.device, non_blocking=True) for t in rest)
-        return self._updates(images, wrong, *rest, weight)
+        return self._updates(images, wrong, *rest, weight, r1=r1)
 
     def _inputs(self, batch) -> tuple[torch.Tensor | None, ...]:
         """What a step reads of ``batch``, in ``_updates``'s order: images, wrong images,
@@ -308,8 +322,10 @@ class StepEngine:
 
     def _updates(self, images: torch.Tensor, wrong: torch.Tensor, captions: torch.Tensor,
                  classes: torch.Tensor | None, wrong_classes: torch.Tensor | None,
-                 ema_weight: torch.Tensor | float) -> dict[str, torch.Tensor]:
-        """The D update, the G update, then G's average (by ``ema_weight``). ``captions``:
+                 ema_weight: torch.Tensor | float, *, r1: bool = False
+                 ) -> dict[str, torch.Tensor]:
+        """The D update (with the R1 penalty where ``r1``), the G update, then G's average
+        (by ``ema_weight``). ``captions``:
         the loader's caption ids with a caption table, else its captions; ``classes``: the
         samples' class ids, which the hard mismatched pairs and the class loss need;
         ``wrong_classes``: the wrong images', which the class loss names too."""
@@ -332,8 +348,10 @@ class StepEngine:
             z_pair = self._noise(n // 2) if config.mode_seeking else None
             fake, interp, pair = self._run("generator forward", z, fixed, z_mixed, mixed,
                                            z_pair)
+            # Lazy R1 (StyleGAN2): γ/2 · r1_every on one step in r1_every.
+            options = {"r1_weight": config.r1 / 2 * config.r1_every} if r1 else {}
             d_loss, scores = self._run("discriminator step", images, wrong, text,
-                                       fake.detach(), classes, wrong_classes)
+                                       fake.detach(), classes, wrong_classes, **options)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
@@ -352,6 +370,7 @@ class StepEngine:
         self.opt_g.step()
         if self.G_ema is not None:
             self._run("moving average", ema_weight)
+        # D's scores come after d_loss: on an R1 step they hold d_loss without the penalty.
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), **scores, **g_metrics}
 
     def _mix(self, text: torch.Tensor) -> torch.Tensor:
@@ -393,15 +412,21 @@ class StepEngine:
 
     def _discriminator_step(self, images: torch.Tensor, wrong: torch.Tensor,
                             text: torch.Tensor, fake: torch.Tensor,
-                            classes: torch.Tensor | None, wrong_classes: torch.Tensor | None
+                            classes: torch.Tensor | None, wrong_classes: torch.Tensor | None,
+                            r1_weight: float = 0.0
                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """D's loss (the D update's) and D's mean scores, which carry no gradient. With the
         class loss, D's class logits of the real images against ``classes``, and of the wrong
-        images against ``wrong_classes`` where given (twice the labelled images a step)."""
+        images against ``wrong_classes`` where given (twice the labelled images a step).
+        With ``r1_weight``, that times the R1 penalty: the squared norm of the gradient of
+        D's score of each real image with its text, with respect to the image (as D sees it,
+        at its resolution), averaged over the batch; its value is the metric ``r1``."""
         config = self.config
         if images.shape[-1] != self.image_size:
             images = F.adaptive_avg_pool2d(images, self.image_size)  # = interpolate "area"
             wrong = F.adaptive_avg_pool2d(wrong, self.image_size)
+        if r1_weight:
+            images = images.detach().requires_grad_(True)
         if config.matching_aware and config.mismatch in ("text", "hard"):
             # The paper's mismatched pair: each real image with another sample's text.
             other = text.roll(1, dims=0) if config.mismatch == "text" \
@@ -431,6 +456,15 @@ class StepEngine:
         if with_classes:
             named, scores["class_real_acc"] = class_loss(class_logits, classes)
             loss = loss + config.class_loss * named
+        if r1_weight:
+            # create_graph: D's update descends the penalty too.
+            grad, = torch.autograd.grad(real_right.sum(), images, create_graph=True)
+            # At least float32 (bfloat16 under autocast), float64 where the networks are.
+            grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+            penalty = grad.square().sum(dim=(1, 2, 3)).mean()
+            # The logged d_loss stays that of the other steps, without the penalty.
+            scores["d_loss"], scores["r1"] = loss.detach(), penalty.detach()
+            loss = loss + r1_weight * penalty
         return loss, scores
 
     def _generator_step(self, fake: torch.Tensor, text: torch.Tensor,
@@ -476,11 +510,11 @@ class StepEngine:
         weights = [weight] * len(average) if torch.is_tensor(weight) else weight
         torch._foreach_lerp_(average, list(self.G.parameters()), weights)
 
-    def _run(self, name: str, *args):
+    def _run(self, name: str, *args, **options):
         part = self._parts[name]
         if self.compile and part.impl is None:
             self._try_compile(part, args)
-        return self._calls[name](*args)
+        return self._calls[name](*args, **options)
 
     def _try_compile(self, part: _Part, args: tuple) -> None:
         """Compiles ``part`` and runs it forward and backward once on copies of ``args``;
@@ -574,6 +608,10 @@ class StepEngine:
         with self._autocast():
             for name, network, inputs in (("G", self.G, (z, text)),
                                           ("D", self.D, (images, text))):
+                if name == "D" and self.config.r1:
+                    evidence[name] = {"refused": "the R1 penalty differentiates D's "
+                                                 "backward, which the fused kernels do not"}
+                    continue
                 names, evidence[name] = choose_fused_layers(network, *inputs, mode=mode,
                                                             timer=timer)
                 self.fused += [f"{name}.{layer}" for layer in names]
