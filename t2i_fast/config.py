@@ -251,6 +251,10 @@ class TrainConfig:
     # nearest or bilinear resize then a 3×3 convolution (docs/results.md, "G's upsampling
     # as an option").
     g_upsample: str = "transposed"
+    # CoordConv's coordinate channels (COORDINATES): none (the paper), in G's doubling layers
+    # (generator), or there and in D's first convolution (both) (docs/results.md,
+    # "CoordConv in G and D").
+    g_coordinates: str = "none"
     # γ of the R1 penalty (Mescheder et al., 2018) in D's loss: γ/2 times the squared norm of
     # the gradient of D's score of each real image with its caption, taken lazily (every
     # r1_every-th step, times r1_every, as StyleGAN2 does). 0: off (the paper's loss).

@@ -66,13 +66,13 @@ def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
     made = TrainConfig(data="d", run="r", preset="small")
     values = dataclasses.asdict(made)
     for name in ("pretrain_match", "mode_seeking", "d_lr_scale", "class_loss", "g_class_loss",
-                 "g_first_layer", "g_upsample", "r1"):
+                 "g_first_layer", "g_upsample", "g_coordinates", "r1"):
         del values[name]
     (tmp_path / "config.json").write_text(json.dumps(values))
     read = TrainConfig.load(tmp_path / "config.json")
     assert (read.pretrain_match, read.mode_seeking, read.d_lr_scale, read.class_loss,
-            read.g_class_loss, read.g_first_layer, read.g_upsample, read.r1) == (
-        "class", 0.0, 1.0, 0.0, 0.0, "per-cell", "transposed", 0.0)
+            read.g_class_loss, read.g_first_layer, read.g_upsample, read.g_coordinates,
+            read.r1) == ("class", 0.0, 1.0, 0.0, 0.0, "per-cell", "transposed", "none", 0.0)
     assert (made.d_lr_scale, made.class_loss, made.g_class_loss, made.g_first_layer) == (
         SMALL_SCHEDULE.d_lr_scale, SMALL_SCHEDULE.class_loss, 1.0, "uniform")
     assert TrainConfig(data="d", run="r", preset="reed").g_first_layer == "per-cell"
@@ -100,6 +100,8 @@ def test_the_new_weights_are_checked_where_the_flags_are_named(shapes, tmp_path)
         TrainConfig(data="d", run="r", g_first_layer="diagonal")
     with pytest.raises(FieldError, match="g_upsample must be one of"):
         TrainConfig(data="d", run="r", g_upsample="pixel-shuffle")
+    with pytest.raises(FieldError, match="g_coordinates must be one of"):
+        TrainConfig(data="d", run="r", g_coordinates="polar")
     for flag, value, message in (("--d-lr-scale", "0", "must be positive, got 0.0"),
                                  ("--class-loss", "-2", "must be at least 0, got -2.0"),
                                  ("--g-class-loss", "-1", "must be at least 0, got -1.0")):

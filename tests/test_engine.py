@@ -483,10 +483,14 @@ def test_fused_layers_keep_the_networks(monkeypatch, float64):
     stage_convs = {"transposed": {"stages.0.0", "stages.1.0", "stages.2.0"},
                    "nearest": {"stages.0.0"},
                    "bilinear": {"stages.0.0", "stages.1.1", "stages.2.1"}}
+    # With CoordConv each doubling convolution comes one child later, after the coordinates,
+    # and still fuses with its BatchNorm; D's first, with no BatchNorm, is never fused.
+    coordinates = dataclasses.replace(config, coordinates="both")
     cases = (*((Generator(dataclasses.replace(config, upsample=mode)), (noise, text),
                 stage_convs[mode]) for mode in UPSAMPLES),
-             (Discriminator(config).to(memory_format=torch.channels_last), (images, text),
-              {"stages.1.0", "stages.2.0"}))
+             (Generator(coordinates), (noise, text), {"stages.0.0", "stages.1.1", "stages.2.1"}),
+             *((Discriminator(gan).to(memory_format=torch.channels_last), (images, text),
+                {"stages.1.0", "stages.2.0"}) for gan in (config, coordinates)))
     for model, inputs, fused_stages in cases:
         reference = copy.deepcopy(model)
         keys = list(model.state_dict())

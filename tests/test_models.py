@@ -18,6 +18,7 @@ from t2i_fast.models import (
 )
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.models.config import checkpoint_models, recorded
+from t2i_fast.models.coordinates import AddCoordinates
 from t2i_fast.models.generator import NearestResizeConv, ProjectTo4x4, ResidualBlock
 
 L = 201
@@ -347,21 +348,74 @@ def test_a_resize_generator_doubles_by_resizing_then_a_3x3_convolution(mode):
         dataclasses.replace(gan, upsample="pixel-shuffle")
 
 
-def test_a_checkpoint_names_its_upsampling_and_old_ones_read_as_transposed():
+class _MirroredCoordinates(AddCoordinates):
+    def forward(self, x):
+        out = super().forward(x)
+        return torch.cat([out[:, :-2], -out[:, -2:]], dim=1)
+
+
+def test_the_coordinate_channels_say_where_each_pixel_is():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    out = AddCoordinates()(x)  # [2, 5, 4, 5]
+    assert out.shape == (2, 5, 4, 5) and out.dtype == torch.float64
+    assert torch.equal(out[:, :3], x)
+    across = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    down = torch.linspace(-1, 1, 4, dtype=torch.float64)
+    assert torch.equal(out[:, 3], across.expand(2, 4, 5))  # x: left to right, every row
+    assert torch.equal(out[:, 4], down[:, None].expand(2, 4, 5))  # y: top to bottom
+
+
+@pytest.mark.parametrize("coordinates", ["generator", "both"])
+def test_coordconv_gives_each_doubling_layer_and_ds_first_the_coordinates(coordinates):
+    """G's doubling layers (not the 4×4 map's, whose input is 1×1) read their input and the
+    coordinates; D's first convolution does too with ``both``. The coordinates drive the
+    images: the same weights fed other coordinates draw other images."""
+    gan = dataclasses.replace(preset("small").gan, coordinates=coordinates)
+    torch.manual_seed(0)
+    g, d = Generator(gan).double(), Discriminator(gan, num_classes=3).double()
+    doubling = [g.stages[1], g.stages[2], g.to_rgb]
+    assert all(isinstance(layers[0], AddCoordinates) for layers in doubling)
+    assert [layers[1].in_channels for layers in doubling] == [128 + 2, 64 + 2, 32 + 2]
+    assert not any(isinstance(m, AddCoordinates) for m in g.stages[0].modules())
+    first = d.stages[0]
+    assert isinstance(first[0], AddCoordinates) == (coordinates == "both")
+    assert next(m for m in first if isinstance(m, torch.nn.Conv2d)).in_channels == \
+        (5 if coordinates == "both" else 3)
+    z = torch.randn(4, gan.z_dim, dtype=torch.float64)
+    text = torch.randn(4, gan.embedding_dim, dtype=torch.float64)
+    images = g(z, text)
+    assert images.shape == (4, 3, 32, 32) and images.abs().max() <= 1
+    logits, classes = d(images, text, with_classes=True)
+    assert logits.shape == (4,) and classes.shape == (4, 3)
+    for layers in doubling:  # the same weights, told each pixel is where its mirror is
+        layers[0] = _MirroredCoordinates()
+    assert (g(z, text) - images).abs().max() > 1e-3
+    plain = Generator(preset("small").gan)
+    assert not any(isinstance(m, AddCoordinates) for m in plain.modules())
+    with pytest.raises(ValueError, match="coordinates must be one of"):
+        dataclasses.replace(gan, coordinates="polar")
+
+
+@pytest.mark.parametrize("setting, chosen, other, paper, forged", [
+    ("upsample", "nearest", "bilinear", "transposed", ("bicubic", None)),
+    ("coordinates", "both", "generator", "none", ("polar", 1)),
+])
+def test_a_checkpoint_names_its_gan_setting_and_old_ones_read_as_the_papers(
+        setting, chosen, other, paper, forged):
     small = preset("small")
-    nearest = {"preset": "small", "model_config": dataclasses.asdict(
-        dataclasses.replace(small, gan=dataclasses.replace(small.gan, upsample="nearest")))}
-    assert checkpoint_models(nearest).gan.upsample == "nearest"
-    assert preset("small", upsample="bilinear").gan.upsample == "bilinear"
+    recorded_choice = {"preset": "small", "model_config": dataclasses.asdict(
+        dataclasses.replace(small, gan=dataclasses.replace(small.gan, **{setting: chosen})))}
+    assert getattr(checkpoint_models(recorded_choice).gan, setting) == chosen
+    assert getattr(preset("small", **{setting: other}).gan, setting) == other
     old = dataclasses.asdict(small)
-    del old["gan"]["upsample"]  # made before the setting
-    assert checkpoint_models({"preset": "small", "model_config": old}).gan.upsample == \
-        "transposed"
-    forged = dataclasses.asdict(small)
-    for value in ("bicubic", None):
-        forged["gan"]["upsample"] = value
-        with pytest.raises(ValueError, match="upsample must be one of"):
-            checkpoint_models({"preset": "small", "model_config": forged})
+    del old["gan"][setting]  # made before the setting
+    assert getattr(checkpoint_models({"preset": "small", "model_config": old}).gan,
+                   setting) == paper
+    made = dataclasses.asdict(small)
+    for value in forged:
+        made["gan"][setting] = value
+        with pytest.raises(ValueError, match=f"{setting} must be one of"):
+            checkpoint_models({"preset": "small", "model_config": made})
 
 
 def test_a_checkpoint_names_its_first_layer_and_old_ones_read_as_per_cell():

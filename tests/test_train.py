@@ -12,6 +12,7 @@ from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.cli import main
 from t2i_fast.generate import TrainedModel
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
+from t2i_fast.models.coordinates import AddCoordinates
 from t2i_fast.run import Run
 from t2i_fast.train import TrainConfig, train
 from t2i_fast.train.loop import Trainer
@@ -127,6 +128,28 @@ def test_a_resize_generator_trains_resumes_and_samples_as_it_trained(shapes, tmp
     G = TrainedModel.load(run.root).generator
     assert [m.mode for m in G.modules() if isinstance(m, torch.nn.Upsample)] == ["bilinear"] * 3
     assert G.state_dict().keys() == after["G_ema"].keys()
+
+
+def test_a_coordconv_run_trains_resumes_and_samples_as_it_trained(shapes, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
+                                       str(tmp_path / "r"), "--preset", "small",
+                                       "--batch-size", "8", "--max-steps", "2",
+                                       "--train-text-encoder", "--coord-conv", "both",
+                                       "--g-upsample", "nearest"])
+    assert result.exit_code == 0, result.output
+    run = Run(tmp_path / "r")
+    made = TrainConfig.load(run.config_file)
+    assert (made.g_coordinates, made.g_upsample) == ("both", "nearest")
+    train(config=dataclasses.replace(made, max_steps=3), resume=True)
+    after = load_checkpoint(run.latest_checkpoint())
+    assert after["step"] == 3 and after["model_config"]["gan"]["coordinates"] == "both"
+    assert after["D"]["stages.0.1.weight"].shape[1] == 5  # D's first convolution: RGB, x, y
+    G = TrainedModel.load(run.root).generator
+    assert sum(isinstance(m, AddCoordinates) for m in G.modules()) == 3
+    assert G.state_dict().keys() == after["G_ema"].keys()
+    refused = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
+                                        str(tmp_path / "bad"), "--coord-conv", "polar"])
+    assert refused.exit_code == 2 and "--coord-conv" in refused.output
 
 
 @pytest.mark.parametrize("variant", ["gan", "cls", "int"])

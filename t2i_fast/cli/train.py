@@ -25,7 +25,7 @@ from t2i_fast.config import (
 )
 from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
-from t2i_fast.models.config import FIRST_LAYERS, UPSAMPLES
+from t2i_fast.models.config import COORDINATES, FIRST_LAYERS, UPSAMPLES
 from t2i_fast.run import Run, TextEncoderFolder
 from t2i_fast.train import VARIANTS, TrainConfig, train
 from t2i_fast.train.distributed import World, process_group
@@ -132,6 +132,13 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
                    "paper), or a nearest or bilinear resize then a 3×3 convolution, with "
                    "which the noise moved the shape's place on some runs "
                    "(docs/results.md).")
+@click.option("--coord-conv", "g_coordinates", type=click.Choice(COORDINATES),
+              default=_TRAIN["g_coordinates"],
+              help="CoordConv (Liu et al., 2018): x and y as two more input channels of G's "
+                   "doubling layers (generator), and of D's first convolution too (both); "
+                   "with both and --g-upsample nearest the noise moved the shape's place "
+                   "past the style study's position target, at a cost in its background "
+                   "half (docs/results.md).")
 @click.option("--r1", type=click.FloatRange(min=0), default=_TRAIN["r1"],
               help="γ of the R1 penalty (Mescheder et al., 2018) on D's gradient at the real "
                    "images, which raised the background half of the style study on every run "

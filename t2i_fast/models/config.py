@@ -17,8 +17,10 @@ RNN_KINDS = ("gru", "lstm", "rnn")
 FIRST_LAYERS = ("per-cell", "uniform")
 # How G doubles the resolution (GANConfig.upsample).
 UPSAMPLES = ("transposed", "nearest", "bilinear")
+# Which networks see CoordConv's coordinate channels (GANConfig.coordinates).
+COORDINATES = ("none", "generator", "both")
 # G's settings a training run chooses (TrainConfig's g_<name>) and a checkpoint records.
-G_CHOICES = {"first_layer": FIRST_LAYERS, "upsample": UPSAMPLES}
+G_CHOICES = {"first_layer": FIRST_LAYERS, "upsample": UPSAMPLES, "coordinates": COORDINATES}
 
 
 def check_choice(name: str, value: object) -> None:
@@ -112,6 +114,12 @@ class GANConfig:
     # (Odena et al., 2016), with which the noise moved the shape's place on some runs
     # (docs/results.md, "G's upsampling as an option").
     upsample: str = "transposed"
+    # CoordConv (Liu et al., 2018; t2i_fast.models.coordinates): x and y as two more input
+    # channels of each of G's doubling layers (generator), and of D's first convolution too
+    # (both); none: the paper's networks. With both and nearest upsampling the noise moved the
+    # shape's place past the style study's position target on every seed tried
+    # (docs/results.md, "CoordConv in G and D").
+    coordinates: str = "none"
 
     def __post_init__(self) -> None:
         for name in G_CHOICES:
@@ -178,14 +186,17 @@ def checkpoint_models(state: dict) -> ModelConfig:
     return preset(state["preset"], **{name: gan[name] for name in G_CHOICES})
 
 
-def preset(name: str, *, first_layer: str | None = None,
-           upsample: str | None = None) -> ModelConfig:
+def preset(name: str, *, first_layer: str | None = None, upsample: str | None = None,
+           coordinates: str | None = None) -> ModelConfig:
     """The named configuration: one of ``PRESETS`` ("reed", "dcgan", "small"); with
-    ``first_layer`` or ``upsample``, G's that one (``GANConfig``); None: the preset's."""
+    ``first_layer``, ``upsample`` or ``coordinates``, that one (``GANConfig``); None: the
+    preset's."""
     try:
         models = PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
     chosen = {setting: value for setting, value in (("first_layer", first_layer),
-                                                     ("upsample", upsample)) if value is not None}
+                                                     ("upsample", upsample),
+                                                     ("coordinates", coordinates))
+              if value is not None}
     return replace(models, gan=replace(models.gan, **chosen)) if chosen else models

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i_fast.models.config import GANConfig
+from t2i_fast.models.coordinates import COORDINATE_CHANNELS, AddCoordinates
 from t2i_fast.models.generator import ResidualBlock, bottleneck
 from t2i_fast.models.grouped_batchnorm import Groups, grouped, grouped_batch_norm
 from t2i_fast.models.init import init_weights
@@ -47,7 +48,10 @@ class Discriminator(nn.Module):
         self.config = config
         n = config.num_stages
         widths = [config.ndf * 2**i for i in range(n)]
-        stages = [nn.Sequential(nn.Conv2d(3, widths[0], 4, 2, 1), _leaky())]
+        # With CoordConv in both networks, D's first convolution sees where each pixel is.
+        coordinates = [AddCoordinates()] if config.coordinates == "both" else []
+        first = nn.Conv2d(3 + COORDINATE_CHANNELS * len(coordinates), widths[0], 4, 2, 1)
+        stages = [nn.Sequential(*coordinates, first, _leaky())]
         for i in range(1, n):
             layers = [nn.Conv2d(widths[i - 1], widths[i], 4, 2, 1, bias=False),
                       nn.BatchNorm2d(widths[i])]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i_fast.models.config import GANConfig
+from t2i_fast.models.coordinates import COORDINATE_CHANNELS, AddCoordinates
 from t2i_fast.models.grouped_batchnorm import Groups, TakesGroups, grouped
 from t2i_fast.models.init import init_weights
 
@@ -99,8 +100,9 @@ class Generator(nn.Module):
     concatenated after z. A 4×4 transposed convolution makes the 4×4 map (width ngf·2^(n-1)
     for n up-sampling stages; with ``first_layer`` uniform, only z₀ varies over its cells);
     each stage doubles the resolution (``upsample``: a transposed convolution, or a resize
-    and a 3×3 convolution) and halves the width down to ngf, and a last one makes the 3
-    channels, then tanh. With ``residual``, a bottleneck
+    and a 3×3 convolution; with ``coordinates``, its input gets x and y as two more
+    channels) and halves the width down to ngf, and a last one makes the 3 channels, then
+    tanh. With ``residual``, a bottleneck
     residual block follows the BN of the 4×4 map and of the 8×8 map, before their ReLU.
 
     ``groups``: the batch is that many batches (or batches of those sizes) one after
@@ -130,13 +132,17 @@ class Generator(nn.Module):
         init_weights(self)
 
     def _doubling(self, in_channels: int, out_channels: int, *, bias: bool) -> list[nn.Module]:
-        """Layers that double the resolution (``GANConfig.upsample``); the convolution
-        comes last, so that a BatchNorm after it follows it directly (fused_layers)."""
+        """Layers that double the resolution (``GANConfig.upsample``), after the coordinate
+        channels where G has them (``GANConfig.coordinates``); the convolution comes last,
+        so that a BatchNorm after it follows it directly (fused_layers)."""
+        coordinates = [] if self.config.coordinates == "none" else [AddCoordinates()]
+        in_channels += COORDINATE_CHANNELS if coordinates else 0
         if self.config.upsample == "transposed":
-            return [nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=bias)]
+            return [*coordinates, nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1,
+                                                     bias=bias)]
         if self.config.upsample == "nearest":
-            return [NearestResizeConv(in_channels, out_channels, bias=bias)]
-        return [nn.Upsample(scale_factor=2, mode=self.config.upsample),
+            return [*coordinates, NearestResizeConv(in_channels, out_channels, bias=bias)]
+        return [*coordinates, nn.Upsample(scale_factor=2, mode=self.config.upsample),
                 nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)]
 
     @staticmethod
