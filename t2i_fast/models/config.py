@@ -186,17 +186,16 @@ def checkpoint_models(state: dict) -> ModelConfig:
     return preset(state["preset"], **{name: gan[name] for name in G_CHOICES})
 
 
-def preset(name: str, *, first_layer: str | None = None, upsample: str | None = None,
-           coordinates: str | None = None) -> ModelConfig:
-    """The named configuration: one of ``PRESETS`` ("reed", "dcgan", "small"); with
-    ``first_layer``, ``upsample`` or ``coordinates``, that one (``GANConfig``); None: the
-    preset's."""
+def preset(name: str, **choices: str | None) -> ModelConfig:
+    """The named configuration: one of ``PRESETS`` ("reed", "dcgan", "small"); with a
+    setting of G_CHOICES given (``first_layer="uniform"``, ``upsample="nearest"``, ...), the
+    GAN's that one (``GANConfig`` checks it); None: the preset's."""
+    unknown = sorted(set(choices) - set(G_CHOICES))
+    if unknown:
+        raise TypeError(f"preset() takes the settings {sorted(G_CHOICES)}, got {unknown}")
     try:
         models = PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
-    chosen = {setting: value for setting, value in (("first_layer", first_layer),
-                                                     ("upsample", upsample),
-                                                     ("coordinates", coordinates))
-              if value is not None}
+    chosen = {setting: value for setting, value in choices.items() if value is not None}
     return replace(models, gan=replace(models.gan, **chosen)) if chosen else models
