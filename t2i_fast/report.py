@@ -173,10 +173,16 @@ def _trained_with(trained: object) -> str:
     "style_encoder"); empty for results that do not say."""
     if not isinstance(trained, dict) or not isinstance(trained.get("steps"), int):
         return ""
-    weight = trained.get("real_weight")
-    kind = ("the paper's, trained on G's images only" if weight == 0 else
-            f"trained to also rebuild real images through G at weight {weight}"
-            if isinstance(weight, int | float) else "trained with unrecorded settings")
+    # Results from before --domain-weight record no such key: the paper's S in that respect.
+    real, domain = trained.get("real_weight"), trained.get("domain_weight", 0)
+    if not all(isinstance(w, int | float) for w in (real, domain)):
+        kind = "trained with unrecorded settings"
+    elif real == domain == 0:
+        kind = "the paper's, trained on G's images only"
+    else:
+        terms = ([f"to also rebuild real images through G at weight {real}"] if real else []) \
+            + ([f"domain-adversarially at weight {domain}"] if domain else [])
+        kind = "trained " + " and ".join(terms)
     return f" The style encoder: {trained['steps']} steps, {kind}."
 
 

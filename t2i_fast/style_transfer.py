@@ -57,9 +57,9 @@ class StyleEncoderFile(NamedTuple):
 
     encoder: StyleEncoder  # in eval mode
     generator_step: int  # the step of the generator it inverts
-    # train-style's {"steps", "real_weight"} as the file records them (real_weight 0, the
-    # paper's S, for encoders from before that option; None where forged); {} for a file
-    # that records no training settings
+    # train-style's {"steps", "real_weight", "domain_weight"} as the file records them (a
+    # weight 0, the paper's S, for encoders from before that option; None where forged); {}
+    # for a file that records no training settings
     training: dict
 
 
@@ -91,6 +91,7 @@ def _training(config: object) -> dict:
     """train-style's settings that matter to the study, from the file's "config"."""
     if not isinstance(config, dict) or not isinstance(config.get("steps"), int):
         return {}
-    weight = config.get("real_weight", 0.0)
+    weights = {name: config.get(name, 0.0) for name in ("real_weight", "domain_weight")}
     return {"steps": config["steps"],
-            "real_weight": float(weight) if isinstance(weight, int | float) else None}
+            **{name: float(weight) if isinstance(weight, int | float) else None
+               for name, weight in weights.items()}}

@@ -114,9 +114,18 @@ def test_diversity_and_the_disentangling_baselines_have_tables(run, tmp_path):
             "<th>position code</th>") in page
     assert _row(page, "background AUC") == ["0.75", "0.65", "0.5", "0.5"]
     assert _row(page, "position AUC") == ["0.625", "0.55", "0.6875", "0.5625"]
-    # The paper's S is named as such; results from before the record say nothing of it.
+    # The paper's S is named as such, the others by their weights; results from before the
+    # record say nothing of it.
     for trained, said in (({"steps": 500, "real_weight": 0.0}, "The style encoder: 500 steps, "
                            "the paper&#x27;s, trained on G&#x27;s images only."),
+                          ({"steps": 500, "real_weight": 0.0, "domain_weight": 1.0},
+                           "The style encoder: 500 steps, trained domain-adversarially at "
+                           "weight 1.0."),
+                          ({"steps": 500, "real_weight": 0.3, "domain_weight": 1.0},
+                           "The style encoder: 500 steps, trained to also rebuild real images "
+                           "through G at weight 0.3 and domain-adversarially at weight 1.0."),
+                          ({"steps": 500, "real_weight": 0.0, "domain_weight": None},
+                           "The style encoder: 500 steps, trained with unrecorded settings."),
                           (None, None), ({"steps": "many"}, None)):
         scores = json.loads((saved / "eval_disentangle.json").read_text())
         scores["style_encoder"] = trained

@@ -33,10 +33,15 @@ _RUN = click.option("--run", type=click.Path(exists=True, file_okay=False, path_
               help="Also reconstruct the dataset's real images through the frozen G, "
                    "||G(S(x), φ(t)) - x||², at this weight (in-domain inversion); 0: the "
                    "paper's S, which sees only G's images.")
+@click.option("--domain-weight", type=click.FloatRange(min=0), default=0.0,
+              help="Also train S domain-adversarially at this weight: a critic tells its "
+                   "features of real images from those of G's, and S learns to make them "
+                   "alike (Ganin & Lempitsky, 2015); 0: the paper's S.")
 @click.option("--overwrite", is_flag=True, help="Replace the run's style encoder.")
 def train_style_command(run: Path, overwrite: bool, **options) -> None:
     """Train the style encoder S to invert the run's generator: regress z from G(z, φ(t)),
-    t the dataset's captions (with --real-weight, also reconstruct real images through G).
+    t the dataset's captions (with --real-weight, also reconstruct real images through G;
+    with --domain-weight, also make its features of real and generated images alike).
     Writes RUN/style_encoder.pt and RUN/style_metrics.jsonl."""
     path = train_style(config=StyleConfig(run=str(run), **options), overwrite=overwrite)
     click.echo(f"{path}: use it with 't2i-fast style-transfer --run {run}'")

@@ -60,10 +60,19 @@ class StyleEncoder(nn.Module):
         self.to_z = nn.Linear(widths[-1] * 4 * 4, config.z_dim)
         init_weights(self)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def feature_width(self) -> int:
+        """The width of the flattened 4×4 map that ``encode`` returns beside the styles."""
+        return self.to_z.in_features
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the flattened last map [B, feature_width], the style vectors [B, z_dim])."""
         size = self.config.image_size
         if images.shape[-2:] != (size, size):
             raise ValueError(f"the style encoder takes {size}×{size} images, got "
                              f"{tuple(images.shape[-2:])}")
-        x = self.features(images)  # [B, ndf·2^(n-1), 4, 4]
-        return self.to_z(x.flatten(1))  # [B, z_dim]
+        x = self.features(images).flatten(1)  # [B, ndf·2^(n-1) · 16]
+        return x, self.to_z(x)  # [B, z_dim]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images)[1]

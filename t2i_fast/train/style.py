@@ -17,6 +17,18 @@ G's images differ from real ones (on the shapes dataset, their backgrounds) its 
 real image answers to what it never saw; reconstruction makes it the z whose image is
 nearest to x, which is what style transfer draws from. Each step then puts a batch of G's
 images and one of real images through S together, so its BatchNorm statistics are of both.
+
+With ``domain_weight`` λ > 0, S is also trained domain-adversarially (Ganin & Lempitsky, ICML
+2015): a critic C learns to tell S's features (the last 4×4 map) of real images from those
+of G's, and S descends
+
+    L = L_style + λ · E[BCE(C(f), the other domain)]
+
+so that its features of the two kinds of image come to look alike. On the shapes dataset
+G draws one kind of background texture where the real images have eight, and the paper's
+S, which never saw them, answers to a real image's background more than to its shape's
+place; aligned, S reads the real images' positions as it reads G's, and loses what told the
+backgrounds apart (docs/results.md, "A domain-adversarial style encoder").
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from t2i_fast.config import FieldError, check_types, resolve_device
 from t2i_fast.data import Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
+from t2i_fast.models.domain_critic import DomainCritic
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.run import Run, jsonl_writer
 from t2i_fast.train.caption_table import embed_all_captions, mean_embedding
@@ -55,6 +68,7 @@ class StyleConfig:
     log_every: int = 20  # steps
     device: str = "auto"
     real_weight: float = 0.0  # of reconstructing real images through G; 0: the paper's S
+    domain_weight: float = 0.0  # of the domain-adversarial term; 0: the paper's S
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -66,12 +80,18 @@ class StyleConfig:
             raise FieldError("batch_size", f"must be at least 2, got {self.batch_size}")
         if self.lr <= 0:
             raise FieldError("lr", f"must be positive, got {self.lr}")
-        if not 0 <= self.real_weight < float("inf"):
-            raise FieldError("real_weight", f"must be finite and at least 0, got "
-                             f"{self.real_weight}")
+        for name in ("real_weight", "domain_weight"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise FieldError(name, f"must be finite and at least 0, got "
+                                 f"{getattr(self, name)}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise FieldError(name, f"must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def uses_real_images(self) -> bool:
+        """Whether S learns from the dataset's real images besides G's."""
+        return bool(self.real_weight or self.domain_weight)
 
 
 def style_loss(styles: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -84,6 +104,23 @@ def reconstruction_loss(generator: torch.nn.Module, styles: torch.Tensor, text: 
                         images: torch.Tensor) -> torch.Tensor:
     """The squared error of G(S(x), φ(t)) against the real images x, per pixel and channel."""
     return (generator(styles, text) - images).square().mean()
+
+
+def _domain_losses(critic: DomainCritic, optimizer: torch.optim.Optimizer,
+                   features: torch.Tensor, *, fakes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update of the critic on S's ``features`` [B, F] (the first ``fakes`` rows G's
+    images, the rest real), then S's adversarial loss: the critic's cross entropy against
+    the swapped domains, which S descends. Returns (the critic's loss before its update,
+    S's loss)."""
+    domain = torch.ones(len(features), device=features.device)
+    domain[:fakes] = 0  # 1: real
+    critic_loss = F.binary_cross_entropy_with_logits(critic(features.detach()), domain)
+    optimizer.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    optimizer.step()
+    # The critic's weights get gradients here too; its next update zeroes them first.
+    fooled = F.binary_cross_entropy_with_logits(critic(features), 1 - domain)
+    return critic_loss.detach(), fooled
 
 
 def _real_batches(loader: Loader, *, image_size: int, table: torch.Tensor,
@@ -120,7 +157,8 @@ def _recalibrate(encoder: StyleEncoder, batches: list[torch.Tensor]) -> None:
 def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
     """Trains S to invert the run's generator; writes RUN/style_encoder.pt (atomically) and the
     losses to RUN/style_metrics.jsonl ("loss", L_style; with ``real_weight``, also
-    "reconstruction"). Returns the encoder's path."""
+    "reconstruction"; with ``domain_weight``, also "domain", the critic's loss, ln 2 = 0.693
+    where it cannot tell the two kinds of image apart). Returns the encoder's path."""
     run = Run(config.run)
     device = resolve_device(config.device)
     model = TrainedModel.from_run(run, device=device)
@@ -132,7 +170,7 @@ def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
     # Opened first: a dataset too small for a batch stops here, before any work.
     loader = Loader(data, batch_size=config.batch_size, seed=config.seed,
                     captions_per_sample=run_config.captions_per_sample, caption_format="ids",
-                    dtype=torch.float32, layout="nchw") if config.real_weight else None
+                    dtype=torch.float32, layout="nchw") if config.uses_real_images else None
     try:
         return _train(config, run=run, model=model, data=data, loader=loader, device=device)
     finally:
@@ -159,6 +197,11 @@ def _train(config: StyleConfig, *, run: Run, model: TrainedModel, data: Path,
     optimizer = torch.optim.Adam(encoder.parameters(), lr=config.lr,
                                  betas=(config.beta1, config.beta2))
     draws = torch.Generator().manual_seed(config.seed)
+    critic = critic_optimizer = None
+    if config.domain_weight:
+        critic = DomainCritic(encoder.feature_width).to(device)
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.lr,
+                                            betas=(config.beta1, config.beta2))
 
     @torch.no_grad()
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,21 +209,30 @@ def _train(config: StyleConfig, *, run: Run, model: TrainedModel, data: Path,
         z = torch.randn(config.batch_size, model.z_dim, generator=draws)  # [B, Z]
         return model.generate(table[pick.to(device)], z), z.to(device)  # [B, 3, S, S], [B, Z]
 
-    def step() -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One update; returns L_style and, with real images, their reconstruction loss."""
+    def step() -> dict[str, torch.Tensor]:
+        """One update; returns its losses: "loss" (L_style) and, with real images, those of
+        their terms."""
         images, z = draw()
         if real is None:
-            loss = style_loss(encoder(images), z)
-            rebuilt = None
+            losses = {"loss": style_loss(encoder(images), z)}
+            total = losses["loss"]
         else:
             real_images, text = next(real)
-            styles = encoder(torch.cat([images, real_images]))  # [2B, Z]: G's, then real
-            loss = style_loss(styles[:len(z)], z)
-            rebuilt = reconstruction_loss(model.generator, styles[len(z):], text, real_images)
+            features, styles = encoder.encode(torch.cat([images, real_images]))  # G's, real
+            losses = {"loss": style_loss(styles[:len(z)], z)}
+            total = losses["loss"]
+            if config.real_weight:
+                losses["reconstruction"] = reconstruction_loss(
+                    model.generator, styles[len(z):], text, real_images)
+                total = total + config.real_weight * losses["reconstruction"]
+            if critic is not None:
+                losses["domain"], fooled = _domain_losses(critic, critic_optimizer, features,
+                                                          fakes=len(z))
+                total = total + config.domain_weight * fooled
         optimizer.zero_grad(set_to_none=True)
-        (loss if rebuilt is None else loss + config.real_weight * rebuilt).backward()
+        total.backward()
         optimizer.step()
-        return loss.detach(), None if rebuilt is None else rebuilt.detach()
+        return {name: value.detach() for name, value in losses.items()}
 
     def recalibration_batch() -> torch.Tensor:
         images = draw()[0]
@@ -188,20 +240,17 @@ def _train(config: StyleConfig, *, run: Run, model: TrainedModel, data: Path,
 
     bar = click.progressbar(length=config.steps, label="training the style encoder",
                             file=sys.stderr)
-    sums, count = torch.zeros(2, device=device), 0
+    sums, count = {}, 0
     with bar, jsonl_writer(run.style_metrics, append=False) as metrics:
         for done in range(1, config.steps + 1):
-            loss, rebuilt = step()
-            sums += torch.stack([loss, loss if rebuilt is None else rebuilt])
+            for name, value in step().items():
+                sums[name] = sums.get(name, 0) + value
             count += 1
             bar.update(1)
             if done % config.log_every == 0 or done == config.steps:
-                means = (sums / count).tolist()
-                row = {"step": done, "loss": round(means[0], 5)}
-                if real is not None:
-                    row["reconstruction"] = round(means[1], 5)
-                metrics.write(row)
-                sums, count = torch.zeros(2, device=device), 0
+                metrics.write({"step": done, **{name: round(total.item() / count, 5)
+                                                for name, total in sums.items()}})
+                sums, count = {}, 0
     _recalibrate(encoder, [recalibration_batch() for _ in range(RECALIBRATION_BATCHES)])
     return save_atomically({"style_encoder": encoder.state_dict(),
                             "style_config": dataclasses.asdict(encoder_config),
