@@ -5,6 +5,7 @@ same on real ones."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 HIDDEN = 256
@@ -22,5 +23,5 @@ class DomainCritic(nn.Module):
                                  nn.Linear(HIDDEN, HIDDEN), nn.LeakyReLU(0.2),
                                  nn.Linear(HIDDEN, 1))
 
-    def forward(self, features):
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features).squeeze(1)  # [B]

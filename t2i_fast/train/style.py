@@ -118,8 +118,12 @@ def _domain_losses(critic: DomainCritic, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     critic_loss.backward()
     optimizer.step()
-    # The critic's weights get gradients here too; its next update zeroes them first.
-    fooled = F.binary_cross_entropy_with_logits(critic(features), 1 - domain)
+    # S's loss reaches S only: the critic's weights take no gradient from it.
+    critic.requires_grad_(False)
+    try:
+        fooled = F.binary_cross_entropy_with_logits(critic(features), 1 - domain)
+    finally:
+        critic.requires_grad_(True)
     return critic_loss.detach(), fooled
 
 
@@ -213,22 +217,20 @@ def _train(config: StyleConfig, *, run: Run, model: TrainedModel, data: Path,
         """One update; returns its losses: "loss" (L_style) and, with real images, those of
         their terms."""
         images, z = draw()
-        if real is None:
-            losses = {"loss": style_loss(encoder(images), z)}
-            total = losses["loss"]
-        else:
+        if real is not None:
             real_images, text = next(real)
-            features, styles = encoder.encode(torch.cat([images, real_images]))  # G's, real
-            losses = {"loss": style_loss(styles[:len(z)], z)}
-            total = losses["loss"]
-            if config.real_weight:
-                losses["reconstruction"] = reconstruction_loss(
-                    model.generator, styles[len(z):], text, real_images)
-                total = total + config.real_weight * losses["reconstruction"]
-            if critic is not None:
-                losses["domain"], fooled = _domain_losses(critic, critic_optimizer, features,
-                                                          fakes=len(z))
-                total = total + config.domain_weight * fooled
+            images = torch.cat([images, real_images])  # G's, then real
+        features, styles = encoder.encode(images)
+        losses = {"loss": style_loss(styles[:len(z)], z)}
+        total = losses["loss"]
+        if config.real_weight:
+            losses["reconstruction"] = reconstruction_loss(
+                model.generator, styles[len(z):], text, real_images)
+            total = total + config.real_weight * losses["reconstruction"]
+        if critic is not None:
+            losses["domain"], fooled = _domain_losses(critic, critic_optimizer, features,
+                                                      fakes=len(z))
+            total = total + config.domain_weight * fooled
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
