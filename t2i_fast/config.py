@@ -17,7 +17,13 @@ import torch
 from t2i_fast.atomic import write_text_atomically
 from t2i_fast.errors import ConfigError, T2IError
 from t2i_fast.models import PRESETS
-from t2i_fast.models.config import G_CHOICES
+from t2i_fast.models.config import (
+    G_CHOICES,
+    LAYERED_MIN_Z_DIM,
+    ModelConfig,
+    check_choice,
+    preset,
+)
 
 VARIANTS = ("gan", "cls", "int", "int-cls")
 BACKENDS = ("auto", "eager", "compiled")
@@ -103,8 +109,9 @@ MATCHES = ("class", "instance")
 class Schedule:
     """How a preset trains when not told: GAN epochs, the epochs and matching of the DS-SJE
     text pretraining that comes first, D's learning rate as a multiple of G's, the weight
-    of the auxiliary class loss in D's loss (0: none) and in G's (None: D's), and how G's
-    first layer spreads its inputs over the 4×4 map (``GANConfig.first_layer``)."""
+    of the auxiliary class loss in D's loss (0: none) and in G's (None: D's), how G's
+    first layer spreads its inputs over the 4×4 map (``GANConfig.first_layer``), how G
+    composes its image (``GANConfig.layout``) and z's width."""
 
     epochs: int
     pretrain_epochs: int
@@ -113,6 +120,8 @@ class Schedule:
     class_loss: float
     g_class_loss: float | None
     g_first_layer: str
+    g_layout: str
+    g_z_dim: int
 
 
 # The paper's 600 epochs, one learning rate and no class loss for its networks. The CPU-sized
@@ -128,10 +137,10 @@ class Schedule:
 # 0.68 → 0.72 on two seeds), and the main command still takes under 10 minutes.
 PAPER_SCHEDULE = Schedule(epochs=600, pretrain_epochs=20, pretrain_match="class",
                           d_lr_scale=1.0, class_loss=0.0, g_class_loss=None,
-                          g_first_layer="per-cell")
+                          g_first_layer="per-cell", g_layout="single", g_z_dim=100)
 SMALL_SCHEDULE = Schedule(epochs=15, pretrain_epochs=16, pretrain_match="instance",
                           d_lr_scale=4.0, class_loss=10.0, g_class_loss=1.0,
-                          g_first_layer="uniform")
+                          g_first_layer="uniform", g_layout="single", g_z_dim=100)
 
 
 _SCHEDULED = tuple(field.name for field in dataclasses.fields(Schedule))
@@ -185,7 +194,8 @@ def fused_layers_reason(mode: str, backend: str, device: torch.device) -> str:
 # Settings added after runs were made: a run's config.json without one trained as given here
 # (read as the default instead, it would resume as another training than it began).
 _BEFORE_RECORDED = {"pretrain_match": "class", "mode_seeking": 0.0, "d_lr_scale": 1.0,
-                    "class_loss": 0.0, "g_first_layer": "per-cell", "r1": 0.0}
+                    "class_loss": 0.0, "g_first_layer": "per-cell", "r1": 0.0,
+                    "g_layout": "single", "g_z_dim": 100}
 
 
 @dataclass(frozen=True)
@@ -247,6 +257,12 @@ class TrainConfig:
     # G's first layer (FIRST_LAYERS): per-cell (the paper) or uniform but for z₀ over the
     # 4×4 map; None: the preset's.
     g_first_layer: str | None = None
+    # How G composes its image (LAYOUTS): single (the paper), or layered, the caption's
+    # foreground moved by the noise over a background drawn from the noise
+    # (t2i_fast.models.layered); None: the preset's.
+    g_layout: str | None = None
+    # z's width (the paper's 100); None: the preset's.
+    g_z_dim: int | None = None
     # How G doubles the resolution (UPSAMPLES): transposed convolutions (the paper), or a
     # nearest or bilinear resize then a 3×3 convolution (docs/results.md, "G's upsampling
     # as an option").
@@ -268,10 +284,18 @@ class TrainConfig:
                               ("backend", BACKENDS), ("precision", PRECISIONS),
                               ("fused_layers", FUSED_LAYERS),
                               ("interp_batch", INTERP_BATCHES),
-                              ("pretrain_match", MATCHES), ("mismatch", MISMATCHES),
-                              *((f"g_{name}", values) for name, values in G_CHOICES.items())):
+                              ("pretrain_match", MATCHES), ("mismatch", MISMATCHES)):
             if getattr(self, name) not in choices:
                 raise FieldError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
+        for name in G_CHOICES:
+            try:
+                check_choice(name, getattr(self, f"g_{name}"))
+            except ValueError as exc:
+                raise FieldError(f"g_{name}", str(exc).removeprefix(f"{name} ")) from None
+        if self.g_layout == "layered" and self.g_z_dim < LAYERED_MIN_Z_DIM:
+            raise FieldError("g_z_dim", f"must be at least {LAYERED_MIN_Z_DIM} with g_layout "
+                             f"layered (z₀, the background code, the shift), got "
+                             f"{self.g_z_dim}", related=("g_layout",))
         if self.lr <= 0:
             raise FieldError("lr", f"must be positive, got {self.lr}")
         for name in ("beta1", "beta2", "ema_decay"):
@@ -313,6 +337,10 @@ class TrainConfig:
         return dataclasses.replace(
             self, backend=backend, precision=resolve_precision(self.precision, backend, device),
             fused_layers=resolve_fused_layers(self.fused_layers, backend, device))
+
+    def models(self) -> ModelConfig:
+        """The networks this run trains: its preset's, with its choices of G."""
+        return preset(self.preset, **{name: getattr(self, f"g_{name}") for name in G_CHOICES})
 
     @property
     def matching_aware(self) -> bool:

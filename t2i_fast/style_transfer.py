@@ -15,7 +15,6 @@ from PIL import Image
 from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
-from t2i_fast.models import preset
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.prepare.files import MAX_IMAGE_BYTES, open_regular
 from t2i_fast.run import Run
@@ -73,10 +72,11 @@ def load_style_encoder(run: Run, *, device: torch.device) -> StyleEncoderFile:
     state = load_checkpoint(path, keys=("style_encoder", "style_config", "generator_step"),
                             kind="style encoder")
     run_config = run.config()
-    expected = StyleEncoderConfig.from_gan(preset(run_config.preset).gan)
+    expected = StyleEncoderConfig.from_gan(run_config.models().gan)
     if state["style_config"] != dataclasses.asdict(expected):
-        raise T2IError(f"{path}: made for another architecture than the run's preset "
-                       f"{run_config.preset!r} (retrain it with --overwrite)")
+        raise T2IError(f"{path}: made for another architecture than the run's generator "
+                       f"(preset {run_config.preset!r}, z of {run_config.g_z_dim}; retrain "
+                       "it with --overwrite)")
     encoder = StyleEncoder(expected).to(device).eval()
     try:
         encoder.load_state_dict(state["style_encoder"])

@@ -66,13 +66,14 @@ def test_a_run_made_before_a_setting_existed_resumes_as_it_trained(tmp_path):
     made = TrainConfig(data="d", run="r", preset="small")
     values = dataclasses.asdict(made)
     for name in ("pretrain_match", "mode_seeking", "d_lr_scale", "class_loss", "g_class_loss",
-                 "g_first_layer", "g_upsample", "g_coordinates", "r1"):
+                 "g_first_layer", "g_upsample", "g_coordinates", "r1", "g_layout", "g_z_dim"):
         del values[name]
     (tmp_path / "config.json").write_text(json.dumps(values))
     read = TrainConfig.load(tmp_path / "config.json")
     assert (read.pretrain_match, read.mode_seeking, read.d_lr_scale, read.class_loss,
             read.g_class_loss, read.g_first_layer, read.g_upsample, read.g_coordinates,
-            read.r1) == ("class", 0.0, 1.0, 0.0, 0.0, "per-cell", "transposed", "none", 0.0)
+            read.r1, read.g_layout, read.g_z_dim) == (
+        "class", 0.0, 1.0, 0.0, 0.0, "per-cell", "transposed", "none", 0.0, "single", 100)
     assert (made.d_lr_scale, made.class_loss, made.g_class_loss, made.g_first_layer) == (
         SMALL_SCHEDULE.d_lr_scale, SMALL_SCHEDULE.class_loss, 1.0, "uniform")
     assert TrainConfig(data="d", run="r", preset="reed").g_first_layer == "per-cell"
@@ -102,6 +103,12 @@ def test_the_new_weights_are_checked_where_the_flags_are_named(shapes, tmp_path)
         TrainConfig(data="d", run="r", g_upsample="pixel-shuffle")
     with pytest.raises(FieldError, match="g_coordinates must be one of"):
         TrainConfig(data="d", run="r", g_coordinates="polar")
+    with pytest.raises(FieldError, match="g_layout must be one of"):
+        TrainConfig(data="d", run="r", g_layout="stacked")
+    with pytest.raises(FieldError, match=r"g_z_dim must be an integer in \[1, 4096\]"):
+        TrainConfig(data="d", run="r", g_z_dim=0)
+    with pytest.raises(FieldError, match="g_z_dim must be at least 11 with g_layout layered"):
+        TrainConfig(data="d", run="r", g_layout="layered", g_z_dim=10)
     for flag, value, message in (("--d-lr-scale", "0", "must be positive, got 0.0"),
                                  ("--class-loss", "-2", "must be at least 0, got -2.0"),
                                  ("--g-class-loss", "-1", "must be at least 0, got -1.0")):

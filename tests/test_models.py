@@ -399,6 +399,7 @@ def test_coordconv_gives_each_doubling_layer_and_ds_first_the_coordinates(coordi
 @pytest.mark.parametrize("setting, chosen, other, paper, forged", [
     ("upsample", "nearest", "bilinear", "transposed", ("bicubic", None)),
     ("coordinates", "both", "generator", "none", ("polar", 1)),
+    ("layout", "layered", "single", "single", ("stacked", None)),
 ])
 def test_a_checkpoint_names_its_gan_setting_and_old_ones_read_as_the_papers(
         setting, chosen, other, paper, forged):

@@ -10,10 +10,12 @@ from PIL import Image
 
 from t2i_fast.checkpoint_io import load_checkpoint
 from t2i_fast.cli import main
+from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.models.coordinates import AddCoordinates
 from t2i_fast.run import Run
+from t2i_fast.style_transfer import load_style_encoder
 from t2i_fast.train import TrainConfig, train
 from t2i_fast.train.loop import Trainer
 
@@ -113,36 +115,37 @@ def test_r1_is_a_training_option_recorded_and_logged(shapes, tmp_path):
     assert refused.exit_code == 2 and "--r1-every" in refused.output
 
 
-def test_a_resize_generator_trains_resumes_and_samples_as_it_trained(shapes, tmp_path):
+def _train_two_steps_and_resume(shapes, tmp_path, *flags: str) -> tuple[Run, TrainConfig, dict]:
+    """``t2i-fast train`` of 2 steps with ``flags``, resumed to step 3: the run, its
+    config.json and its last checkpoint."""
     result = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
                                        str(tmp_path / "r"), "--preset", "small",
                                        "--batch-size", "8", "--max-steps", "2",
-                                       "--train-text-encoder", "--g-upsample", "bilinear"])
+                                       "--train-text-encoder", *flags])
     assert result.exit_code == 0, result.output
     run = Run(tmp_path / "r")
     made = TrainConfig.load(run.config_file)
-    assert made.g_upsample == "bilinear"
     train(config=dataclasses.replace(made, max_steps=3), resume=True)
     after = load_checkpoint(run.latest_checkpoint())
-    assert after["step"] == 3 and after["model_config"]["gan"]["upsample"] == "bilinear"
+    assert after["step"] == 3
+    return run, made, after
+
+
+def test_a_resize_generator_trains_resumes_and_samples_as_it_trained(shapes, tmp_path):
+    run, made, after = _train_two_steps_and_resume(shapes, tmp_path, "--g-upsample",
+                                                   "bilinear")
+    assert made.g_upsample == "bilinear"
+    assert after["model_config"]["gan"]["upsample"] == "bilinear"
     G = TrainedModel.load(run.root).generator
     assert [m.mode for m in G.modules() if isinstance(m, torch.nn.Upsample)] == ["bilinear"] * 3
     assert G.state_dict().keys() == after["G_ema"].keys()
 
 
 def test_a_coordconv_run_trains_resumes_and_samples_as_it_trained(shapes, tmp_path):
-    result = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
-                                       str(tmp_path / "r"), "--preset", "small",
-                                       "--batch-size", "8", "--max-steps", "2",
-                                       "--train-text-encoder", "--coord-conv", "both",
-                                       "--g-upsample", "nearest"])
-    assert result.exit_code == 0, result.output
-    run = Run(tmp_path / "r")
-    made = TrainConfig.load(run.config_file)
+    run, made, after = _train_two_steps_and_resume(shapes, tmp_path, "--coord-conv", "both",
+                                                   "--g-upsample", "nearest")
     assert (made.g_coordinates, made.g_upsample) == ("both", "nearest")
-    train(config=dataclasses.replace(made, max_steps=3), resume=True)
-    after = load_checkpoint(run.latest_checkpoint())
-    assert after["step"] == 3 and after["model_config"]["gan"]["coordinates"] == "both"
+    assert after["model_config"]["gan"]["coordinates"] == "both"
     assert after["D"]["stages.0.1.weight"].shape[1] == 5  # D's first convolution: RGB, x, y
     G = TrainedModel.load(run.root).generator
     assert sum(isinstance(m, AddCoordinates) for m in G.modules()) == 3
@@ -150,6 +153,36 @@ def test_a_coordconv_run_trains_resumes_and_samples_as_it_trained(shapes, tmp_pa
     refused = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
                                         str(tmp_path / "bad"), "--coord-conv", "polar"])
     assert refused.exit_code == 2 and "--coord-conv" in refused.output
+
+
+def test_a_layered_run_trains_resumes_samples_and_gets_a_style_encoder_of_its_z(shapes,
+                                                                                tmp_path):
+    run, made, after = _train_two_steps_and_resume(shapes, tmp_path, "--g-layout", "layered",
+                                                   "--g-z-dim", "12")
+    assert (made.g_layout, made.g_z_dim) == ("layered", 12)
+    assert (after["model_config"]["gan"]["layout"], after["model_config"]["gan"]["z_dim"]) == (
+        "layered", 12)
+    model = TrainedModel.load(run.root)
+    assert model.z_dim == 12 and model.generator.layered
+    assert model.generator.state_dict().keys() == after["G_ema"].keys()
+    assert model.draw(["a small red circle"] * 2, seed=0).shape == (2, 32, 32, 3)
+    styled = CliRunner().invoke(main, ["train-style", "--run", str(run.root), "--steps", "2",
+                                       "--batch-size", "4", "--device", "cpu"])
+    assert styled.exit_code == 0, styled.output
+    encoder = load_style_encoder(run, device=torch.device("cpu")).encoder
+    assert encoder.to_z.out_features == 12
+    # An encoder of the preset's own z (100) is not this run's.
+    state = torch.load(run.style_encoder, weights_only=True)
+    state["style_config"]["z_dim"] = 100
+    torch.save(state, run.style_encoder)
+    with pytest.raises(T2IError, match="made for another architecture than the run's "
+                                       "generator .preset 'small', z of 12"):
+        load_style_encoder(run, device=torch.device("cpu"))
+    refused = CliRunner().invoke(main, ["train", "--data", str(shapes), "--run",
+                                        str(tmp_path / "bad"), "--g-layout", "layered",
+                                        "--g-z-dim", "10"])
+    assert refused.exit_code == 1
+    assert "--g-z-dim must be at least 11 with --g-layout layered" in refused.output
 
 
 @pytest.mark.parametrize("variant", ["gan", "cls", "int"])

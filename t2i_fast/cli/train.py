@@ -25,7 +25,14 @@ from t2i_fast.config import (
 )
 from t2i_fast.errors import T2IError
 from t2i_fast.models import PRESETS
-from t2i_fast.models.config import COORDINATES, FIRST_LAYERS, UPSAMPLES
+from t2i_fast.models.config import (
+    COORDINATES,
+    FIRST_LAYERS,
+    LAYERED_MIN_Z_DIM,
+    LAYOUTS,
+    UPSAMPLES,
+    Z_DIMS,
+)
 from t2i_fast.run import Run, TextEncoderFolder
 from t2i_fast.train import VARIANTS, TrainConfig, train
 from t2i_fast.train.distributed import World, process_group
@@ -139,6 +146,19 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
                    "with both and --g-upsample nearest the noise moved the shape's place "
                    "past the style study's position target, at a cost in its background "
                    "half (docs/results.md).")
+@click.option("--g-layout", type=click.Choice(LAYOUTS), default=_TRAIN["g_layout"],
+              help=f"How G composes its image: its last layer makes it (single, the paper), or "
+                   f"makes a foreground and a mask from the caption alone, which z's last two "
+                   f"dimensions move over a background drawn from z's background code alone "
+                   f"(layered, LR-GAN), with which a style encoder reads both position and "
+                   f"background back (docs/results.md)  [default: {PAPER_SCHEDULE.g_layout} "
+                   f"(the paper); "
+                   f"{SMALL_SCHEDULE.g_layout} with the small preset]")
+@click.option("--g-z-dim", type=click.IntRange(Z_DIMS.start, Z_DIMS.stop - 1),
+              default=_TRAIN["g_z_dim"],
+              help=f"The noise's width; the layered layout needs at least "
+                   f"{LAYERED_MIN_Z_DIM}  [default: {PAPER_SCHEDULE.g_z_dim} (the paper); "
+                   f"{SMALL_SCHEDULE.g_z_dim} with the small preset]")
 @click.option("--r1", type=click.FloatRange(min=0), default=_TRAIN["r1"],
               help="γ of the R1 penalty (Mescheder et al., 2018) on D's gradient at the real "
                    "images, which raised the background half of the style study on every run "

@@ -13,20 +13,35 @@ from dataclasses import dataclass, field, fields, replace
 from t2i_fast.data.alphabet import ALPHABET_SIZE
 
 RNN_KINDS = ("gru", "lstm", "rnn")
+# The layered layout's z: z₀ (not read: the single layout's per-cell input), then
+# BACKGROUND_CONES dimensions whose largest names the background, the two of the shift last
+# (t2i_fast.models.layered).
+BACKGROUND_CONES = 8
+LAYERED_MIN_Z_DIM = 1 + BACKGROUND_CONES + 2
 # How G's first layer spreads its inputs over the 4×4 map (GANConfig.first_layer).
 FIRST_LAYERS = ("per-cell", "uniform")
 # How G doubles the resolution (GANConfig.upsample).
 UPSAMPLES = ("transposed", "nearest", "bilinear")
-# Which networks see CoordConv's coordinate channels (GANConfig.coordinates).
+# Which networks see CoordConv's coordinate channels (CoordConv: GANConfig.coordinates).
 COORDINATES = ("none", "generator", "both")
+# How G composes its image (GANConfig.layout).
+LAYOUTS = ("single", "layered")
+# The widths z may have (GANConfig.z_dim).
+Z_DIMS = range(1, 4097)
 # G's settings a training run chooses (TrainConfig's g_<name>) and a checkpoint records.
-G_CHOICES = {"first_layer": FIRST_LAYERS, "upsample": UPSAMPLES, "coordinates": COORDINATES}
+G_CHOICES = {"first_layer": FIRST_LAYERS, "upsample": UPSAMPLES, "coordinates": COORDINATES,
+             "layout": LAYOUTS, "z_dim": Z_DIMS}
 
 
 def check_choice(name: str, value: object) -> None:
     """ValueError unless ``value`` is one of G_CHOICES[name]."""
-    if value not in G_CHOICES[name]:
-        raise ValueError(f"{name} must be one of {G_CHOICES[name]}, got {value!r}")
+    choices = G_CHOICES[name]
+    # A width is an int: 11.0 and True are in range(1, ...) too.
+    if (type(value) is not int if isinstance(choices, range) else False) \
+            or value not in choices:
+        allowed = (f"an integer in [{choices.start}, {choices.stop - 1}]"
+                   if isinstance(choices, range) else f"one of {choices}")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _check_positive(config: object, *names: str) -> None:
@@ -120,15 +135,27 @@ class GANConfig:
     # shape's place past the style study's position target on every seed tried
     # (docs/results.md, "CoordConv in G and D").
     coordinates: str = "none"
+    # single (the paper): G's last layer makes the image. layered (LR-GAN, Yang et al.,
+    # 2017; t2i_fast.models.layered): it makes a foreground and a mask instead, from the
+    # caption alone, moved by a shift that z's last two dimensions set, over a background
+    # that a small network draws from z's background code alone (the cone of z₁…z₈ its
+    # largest value is in), so that G's noise sets a shape's place and its background's kind
+    # along a few directions of z each (docs/results.md, "A layered generator whose noise
+    # sets only the background's kind and the shape's place").
+    layout: str = "single"
 
     def __post_init__(self) -> None:
         for name in G_CHOICES:
             check_choice(name, getattr(self, name))
+        if self.layout == "layered" and self.z_dim < LAYERED_MIN_Z_DIM:
+            raise ValueError(f"the layered layout reads z₀, a background code and a shift "
+                             f"from z: z_dim must be at least {LAYERED_MIN_Z_DIM}, got "
+                             f"{self.z_dim}")
         size = self.image_size
         # 16 is the smallest size where every residual block sits after a BatchNorm stage.
         if size < 16 or size & (size - 1):
             raise ValueError(f"image_size must be a power of two >= 16, got {size}")
-        _check_positive(self, "ngf", "ndf", "z_dim", "embedding_dim", "projected_dim")
+        _check_positive(self, "ngf", "ndf", "embedding_dim", "projected_dim")
 
     @property
     def num_stages(self) -> int:

@@ -12,6 +12,13 @@ from t2i_fast.models.config import GANConfig
 from t2i_fast.models.coordinates import COORDINATE_CHANNELS, AddCoordinates
 from t2i_fast.models.grouped_batchnorm import Groups, TakesGroups, grouped
 from t2i_fast.models.init import init_weights
+from t2i_fast.models.layered import (
+    MASK_BIAS,
+    Background,
+    Shift,
+    background_code,
+    compose,
+)
 
 
 class ResidualBlock(TakesGroups):
@@ -104,6 +111,8 @@ class Generator(nn.Module):
     channels) and halves the width down to ngf, and a last one makes the 3 channels, then
     tanh. With ``residual``, a bottleneck
     residual block follows the BN of the 4×4 map and of the 8×8 map, before their ReLU.
+    With ``layout`` layered, the last one makes a foreground and a mask instead, which
+    ``t2i_fast.models.layered`` moves and lays over a background drawn from the noise.
 
     ``groups``: the batch is that many batches (or batches of those sizes) one after
     another, each with its own BatchNorm statistics, as separate calls
@@ -128,8 +137,20 @@ class Generator(nn.Module):
             stages.append(self._stage(self._doubling(widths[i - 1], widths[i], bias=False),
                                       widths[i], config.residual and i == 1))
         self.stages = nn.Sequential(*stages)
-        self.to_rgb = nn.Sequential(*self._doubling(widths[-1], 3, bias=True), nn.Tanh())
+        self.layered = config.layout == "layered"
+        if not self.layered:
+            self.to_rgb = nn.Sequential(*self._doubling(widths[-1], 3, bias=True), nn.Tanh())
+            init_weights(self)
+            return
+        # Colour and mask logit, composed over the background in forward (models.layered).
+        self.to_rgb = nn.Sequential(*self._doubling(widths[-1], 4, bias=True))
+        self.background = Background(n)
+        self.shift = Shift()
         init_weights(self)
+        self.shift.begin()
+        last = self.to_rgb[-1]
+        with torch.no_grad():
+            (last.conv if isinstance(last, NearestResizeConv) else last).bias[3] = MASK_BIAS
 
     def _doubling(self, in_channels: int, out_channels: int, *, bias: bool) -> list[nn.Module]:
         """Layers that double the resolution (``GANConfig.upsample``), after the coordinate
@@ -156,5 +177,12 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, text_embedding: torch.Tensor, *,
                 groups: Groups = 1) -> torch.Tensor:
         h = grouped(self.project, text_embedding, groups)  # [B, projected_dim]
-        x = torch.cat([z, h], dim=1)[:, :, None, None]  # [B, z_dim + P, 1, 1]
-        return self.to_rgb(grouped(self.stages, x, groups))  # [B, 3, S, S]
+        # The layered foreground is the caption's alone (models.layered); its first layer
+        # keeps the paper's inputs, z's at 0, so that both layouts share one.
+        seen = torch.zeros_like(z) if self.layered else z
+        x = torch.cat([seen, h], dim=1)[:, :, None, None]  # [B, z_dim + P, 1, 1]
+        out = self.to_rgb(grouped(self.stages, x, groups))  # [B, 3 or 4, S, S]
+        if not self.layered:
+            return out
+        background = grouped(self.background, background_code(z), groups)  # [B, 3, S, S]
+        return compose(out, self.shift(z), background)

@@ -28,9 +28,9 @@ from t2i_fast.config import (
 from t2i_fast.data import Dataset, Loader
 from t2i_fast.data.alphabet import encode
 from t2i_fast.errors import T2IError
-from t2i_fast.models import Discriminator, Generator, TextEncoder, preset
+from t2i_fast.models import Discriminator, Generator, TextEncoder
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
-from t2i_fast.models.config import G_CHOICES, recorded
+from t2i_fast.models.config import recorded
 from t2i_fast.pictures import image_grid, line_plot
 from t2i_fast.run import Run
 from t2i_fast.train.caption_table import embed_all_captions, mean_embedding
@@ -58,8 +58,7 @@ class Trainer:
         self.world = world if world is not None else single(config.device)
         self.run = Run(config.run)
         self.device = self.world.device
-        self.models = preset(config.preset,
-                             **{name: getattr(config, f"g_{name}") for name in G_CHOICES})
+        self.models = config.models()
         gan = self.models.gan
         # The epoch's order sharded by rank: rank r's batch b holds samples r, r + w, ... of
         # the global batch b, so the loader's position means the same on any number of ranks.

@@ -1,0 +1,121 @@
+"""G's layered layout (t2i_fast.models.layered): what each part of z may change."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from t2i_fast.models import GANConfig, Generator, preset
+from t2i_fast.models.config import BACKGROUND_CONES, LAYERED_MIN_Z_DIM, checkpoint_models
+from t2i_fast.models.generator import NearestResizeConv
+from t2i_fast.models.layered import CODE, MASK_BIAS, background_code, shifted
+
+
+def _layered(**changes) -> Generator:
+    gan = dataclasses.replace(preset("small").gan, layout="layered", z_dim=LAYERED_MIN_Z_DIM,
+                              **changes)
+    return Generator(gan).double().eval()
+
+
+def _force_mask(G: Generator, value: float) -> None:
+    """Every pixel foreground (value > 0) or background (value < 0), whatever G computes."""
+    last = G.to_rgb[-1]
+    with torch.no_grad():
+        last = last.conv if isinstance(last, NearestResizeConv) else last
+        last.weight[:, 3].zero_()  # a transposed convolution's: [C_in, C_out, k, k]
+        last.bias[3] = value
+
+
+def _with_cone(z: torch.Tensor, cones: list[int]) -> torch.Tensor:
+    """z with its background code's largest value at the given cones, the rest of it new."""
+    z = z.clone()
+    code = -torch.rand(len(z), BACKGROUND_CONES, dtype=z.dtype)
+    code[torch.arange(len(z)), cones] = 1 + torch.rand(len(z), dtype=z.dtype)
+    z[:, CODE] = code
+    return z
+
+
+def test_the_background_code_is_the_cone_of_the_largest_value():
+    z = torch.randn(6, 12)
+    code = background_code(z)
+    assert code.shape == (6, BACKGROUND_CONES) and (code.sum(1) == 1).all()
+    assert (code.argmax(1) == z[:, 1:9].argmax(1)).all()
+
+
+def test_a_layered_generator_draws_its_background_from_the_code_alone():
+    G = _layered()
+    _force_mask(G, -60.0)  # all background
+    z, text = torch.randn(4, LAYERED_MIN_Z_DIM, dtype=torch.float64), torch.randn(4, 128).double()
+    cones = [0, 3, 3, 7]
+    image = G(_with_cone(z, cones), text)
+    assert image.shape == (4, 3, 32, 32) and image.abs().max() <= 1
+    # Other noise, other text, the same cones: the same backgrounds.
+    again = G(_with_cone(torch.randn_like(z), cones), torch.randn_like(text))
+    torch.testing.assert_close(again, image)
+    # Another cone, another background.
+    other = G(_with_cone(z, [1, 3, 4, 7]), text)
+    assert not torch.allclose(other[0], image[0]) and not torch.allclose(other[2], image[2])
+    torch.testing.assert_close(other[[1, 3]], image[[1, 3]])
+
+
+def test_a_layered_generator_moves_its_foreground_by_the_last_two_noise_dimensions():
+    G = _layered()
+    _force_mask(G, 60.0)  # all foreground
+    with torch.no_grad():
+        G.shift.weight.copy_(torch.eye(2) * 10)  # tanh saturates: offset ±MAX_SHIFT
+    z, text = torch.randn(2, LAYERED_MIN_Z_DIM, dtype=torch.float64), torch.randn(2, 128).double()
+    z[:, -2:] = 0
+    still = G(z, text)
+    # The foreground is the caption's: the rest of z changes nothing it draws.
+    other = _with_cone(torch.randn_like(z), [2, 5])
+    other[:, -2:] = 0
+    torch.testing.assert_close(G(other, text), still)
+    assert not torch.allclose(G(z, torch.randn_like(text)), still)
+    moved = z.clone()
+    moved[:, -2] = 5.0  # right by MAX_SHIFT of the half-width
+    right = G(moved, text)
+    assert not torch.allclose(right, still)
+    offset = torch.tensor([[0.8, 0.0]] * 2, dtype=torch.float64)  # 12.8 of 32 pixels
+    # Where the foreground came from outside the background shows; elsewhere it is moved.
+    torch.testing.assert_close(right[..., 14:], shifted(still, offset)[..., 14:])
+
+
+def test_shifting_by_whole_pixels_moves_the_layer_and_brings_zeros_in():
+    layer = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    # 0.25 of the half-width of 16 pixels: 2 pixels right; -0.5: 4 pixels up.
+    out = shifted(layer, torch.tensor([[0.25, 0.0], [0.0, -0.5]], dtype=torch.float64))
+    torch.testing.assert_close(out[0, :, :, 2:], layer[0, :, :, :-2])
+    assert (out[0, :, :, :2] == 0).all()
+    torch.testing.assert_close(out[1, :, :-4], layer[1, :, 4:])
+    assert (out[1, :, -4:] == 0).all()
+
+
+def test_a_layered_generator_starts_mostly_background_and_every_part_learns():
+    G = _layered().train()
+    last = G.to_rgb[-1]
+    assert last.bias[3].item() == MASK_BIAS and last.weight.shape[:2] == (32, 4)
+    z, text = torch.randn(8, LAYERED_MIN_Z_DIM, dtype=torch.float64), torch.randn(8, 128).double()
+    (G(z, text) * torch.randn(8, 3, 32, 32, dtype=torch.float64)).sum().backward()
+    missing = [n for n, p in G.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+def test_the_layered_layout_needs_room_in_z_and_checkpoints_record_both_settings():
+    with pytest.raises(ValueError, match=f"z_dim must be at least {LAYERED_MIN_Z_DIM}"):
+        GANConfig(layout="layered", z_dim=LAYERED_MIN_Z_DIM - 1)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        GANConfig(layout="stacked")
+    for width in (0, 5000, True, "11", 11.0):
+        with pytest.raises(ValueError, match=r"z_dim must be an integer in \[1, 4096\]"):
+            GANConfig(z_dim=width)
+    small = preset("small")
+    state = {"preset": "small", "model_config": dataclasses.asdict(dataclasses.replace(
+        small, gan=dataclasses.replace(small.gan, layout="layered", z_dim=11)))}
+    gan = checkpoint_models(state).gan
+    assert (gan.layout, gan.z_dim) == ("layered", 11)
+    old = dataclasses.asdict(small)
+    del old["gan"]["layout"]  # made before the setting: the paper's
+    assert checkpoint_models({"preset": "small", "model_config": old}).gan.layout == "single"
+    state["model_config"]["gan"]["z_dim"] = "11"
+    with pytest.raises(ValueError, match="z_dim must be an integer"):
+        checkpoint_models(state)
