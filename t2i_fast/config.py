@@ -294,8 +294,8 @@ class TrainConfig:
                 raise FieldError(f"g_{name}", str(exc).removeprefix(f"{name} ")) from None
         if self.g_layout == "layered" and self.g_z_dim < LAYERED_MIN_Z_DIM:
             raise FieldError("g_z_dim", f"must be at least {LAYERED_MIN_Z_DIM} with g_layout "
-                             f"layered (z₀, the background code, the shift), got "
-                             f"{self.g_z_dim}", related=("g_layout",))
+                             f"layered (its background code is z₁…z₈, its shift z's last "
+                             f"two), got {self.g_z_dim}", related=("g_layout",))
         if self.lr <= 0:
             raise FieldError("lr", f"must be positive, got {self.lr}")
         for name in ("beta1", "beta2", "ema_decay"):

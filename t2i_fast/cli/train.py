@@ -152,8 +152,7 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
                    f"dimensions move over a background drawn from z's background code alone "
                    f"(layered, LR-GAN), with which a style encoder reads both position and "
                    f"background back (docs/results.md)  [default: {PAPER_SCHEDULE.g_layout} "
-                   f"(the paper); "
-                   f"{SMALL_SCHEDULE.g_layout} with the small preset]")
+                   f"(the paper); {SMALL_SCHEDULE.g_layout} with the small preset]")
 @click.option("--g-z-dim", type=click.IntRange(Z_DIMS.start, Z_DIMS.stop - 1),
               default=_TRAIN["g_z_dim"],
               help=f"The noise's width; the layered layout needs at least "

@@ -36,11 +36,11 @@ G_CHOICES = {"first_layer": FIRST_LAYERS, "upsample": UPSAMPLES, "coordinates": 
 def check_choice(name: str, value: object) -> None:
     """ValueError unless ``value`` is one of G_CHOICES[name]."""
     choices = G_CHOICES[name]
+    width = isinstance(choices, range)
     # A width is an int: 11.0 and True are in range(1, ...) too.
-    if (type(value) is not int if isinstance(choices, range) else False) \
-            or value not in choices:
-        allowed = (f"an integer in [{choices.start}, {choices.stop - 1}]"
-                   if isinstance(choices, range) else f"one of {choices}")
+    if (width and type(value) is not int) or value not in choices:
+        allowed = (f"an integer in [{choices.start}, {choices.stop - 1}]" if width
+                   else f"one of {choices}")
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
@@ -148,9 +148,9 @@ class GANConfig:
         for name in G_CHOICES:
             check_choice(name, getattr(self, name))
         if self.layout == "layered" and self.z_dim < LAYERED_MIN_Z_DIM:
-            raise ValueError(f"the layered layout reads z₀, a background code and a shift "
-                             f"from z: z_dim must be at least {LAYERED_MIN_Z_DIM}, got "
-                             f"{self.z_dim}")
+            raise ValueError(f"the layered layout reads its background code from z₁…z₈ and "
+                             f"its shift from z's last two: z_dim must be at least "
+                             f"{LAYERED_MIN_Z_DIM}, got {self.z_dim}")
         size = self.image_size
         # 16 is the smallest size where every residual block sits after a BatchNorm stage.
         if size < 16 or size & (size - 1):

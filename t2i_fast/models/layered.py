@@ -6,7 +6,8 @@ background from z's background code alone, without the caption; the image is
 mask · foreground + (1 - mask) · background. The shapes dataset's captions never name a
 background or a position, so G must take both from its noise: this layout makes each a
 function of a few directions of z, which a style encoder reads back from an image
-(docs/results.md, "A layered generator with a background of eight kinds").
+(docs/results.md, "A layered generator whose noise sets only the background's kind and the
+shape's place").
 
 z's layout: z₁…z₈ are the background code, the one-hot of the largest of them (eight cones
 of the Gaussian, equally likely: the shapes dataset's eight kinds of background are equally
@@ -28,7 +29,8 @@ from t2i_fast.models.config import BACKGROUND_CONES
 CODE = slice(1, 1 + BACKGROUND_CONES)
 # The largest shift, a share of the image's half-width: a shape keeps some of itself in view.
 MAX_SHIFT = 0.8
-# The shift's gain on z at the start: ±1 of noise moves a shape by about half the image.
+# The shift's gain on z at the start: ±1 of noise moves a shape by about a quarter of the
+# image's width (0.8 · tanh 0.7 of the half-width).
 SHIFT_GAIN = 0.7
 # The mask's bias at the start: mostly background until the foreground earns its place.
 MASK_BIAS = -2.0
@@ -70,8 +72,8 @@ class Shift(nn.Linear):
         super().__init__(2, 2)
 
     def begin(self) -> None:
-        """The shift's start, set once G's weights are initialised (init_weights would
-        overwrite it): ±1 of noise moves a shape by about half the image."""
+        """The shift's start (SHIFT_GAIN), set once G's weights are initialised:
+        init_weights would overwrite it."""
         with torch.no_grad():
             self.weight.copy_(SHIFT_GAIN * torch.eye(2))
             self.bias.zero_()
