@@ -138,19 +138,19 @@ class Generator(nn.Module):
                                       widths[i], config.residual and i == 1))
         self.stages = nn.Sequential(*stages)
         self.layered = config.layout == "layered"
-        if not self.layered:
+        if self.layered:
+            # Colour and mask logit, composed over the background in forward (models.layered).
+            self.to_rgb = nn.Sequential(*self._doubling(widths[-1], 4, bias=True))
+            self.background = Background(n)
+            self.shift = Shift()
+        else:
             self.to_rgb = nn.Sequential(*self._doubling(widths[-1], 3, bias=True), nn.Tanh())
-            init_weights(self)
-            return
-        # Colour and mask logit, composed over the background in forward (models.layered).
-        self.to_rgb = nn.Sequential(*self._doubling(widths[-1], 4, bias=True))
-        self.background = Background(n)
-        self.shift = Shift()
         init_weights(self)
-        self.shift.begin()
-        last = self.to_rgb[-1]
-        with torch.no_grad():
-            (last.conv if isinstance(last, NearestResizeConv) else last).bias[3] = MASK_BIAS
+        if self.layered:
+            self.shift.begin()
+            last = self.to_rgb[-1]
+            with torch.no_grad():
+                (last.conv if isinstance(last, NearestResizeConv) else last).bias[3] = MASK_BIAS
 
     def _doubling(self, in_channels: int, out_channels: int, *, bias: bool) -> list[nn.Module]:
         """Layers that double the resolution (``GANConfig.upsample``), after the coordinate
