@@ -27,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from t2i_fast.bench.timing import cuda_ms, matmul_tflops, wall_ms
 from t2i_fast.models.config import preset
-from t2i_fast.models.generator import Generator, NearestResizeConv
+from t2i_fast.models.generator import Generator
+from t2i_fast.models.resize_conv import NearestResizeConv
 
 
 def stock_copy(generator: Generator) -> Generator:

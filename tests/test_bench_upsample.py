@@ -7,7 +7,8 @@ import torch
 from conftest import load_script
 
 from t2i_fast.models.config import preset
-from t2i_fast.models.generator import Generator, NearestResizeConv
+from t2i_fast.models.generator import Generator
+from t2i_fast.models.resize_conv import NearestResizeConv
 
 
 def test_the_stock_copy_is_the_same_generator_in_stock_layers():

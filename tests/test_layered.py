@@ -1,14 +1,17 @@
 """G's layered layout (t2i_fast.models.layered): what each part of z may change."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from t2i_fast.models import GANConfig, Generator, preset
 from t2i_fast.models.config import BACKGROUND_CONES, LAYERED_MIN_Z_DIM, checkpoint_models
-from t2i_fast.models.generator import NearestResizeConv
-from t2i_fast.models.layered import CODE, MASK_BIAS, background_code, shifted
+from t2i_fast.models.grouped_batchnorm import group_sizes, grouped
+from t2i_fast.models.layered import CODE, MASK_BIAS, Background, background_code, shifted
+from t2i_fast.models.resize_conv import NearestResizeConv
 
 
 def _layered(**changes) -> Generator:
@@ -90,6 +93,47 @@ def test_shifting_by_whole_pixels_moves_the_layer_and_brings_zeros_in():
     assert (out[1, :, -4:] == 0).all()
 
 
+def _assert_alike(mine: nn.Module, mine_out: torch.Tensor, theirs: nn.Module,
+                  theirs_out: torch.Tensor, *, outputs: float, grads: tuple[float, float],
+                  buffers: float) -> None:
+    """Two copies of a network and their outputs: the outputs, the parameters' gradients of
+    one random weighting of them (rtol, atol) and the buffers agree."""
+    weights = torch.randn_like(mine_out)
+    (mine_out * weights).sum().backward()
+    (theirs_out * weights).sum().backward()
+    torch.testing.assert_close(mine_out, theirs_out, rtol=outputs, atol=outputs)
+    for (name, p), q in zip(mine.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=grads[0], atol=grads[1], msg=name)
+    for (name, b), c in zip(mine.named_buffers(), theirs.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=buffers, atol=buffers, msg=name)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("groups", [1, 2, (40, 24)])
+def test_the_background_runs_once_per_code_as_it_would_on_every_sample(groups, momentum):
+    """The table of codes with counted BatchNorm against the same layers run on each sample
+    (groups of their own statistics as Generator passes them): outputs, every gradient and
+    the running statistics agree to float64 rounding, in training and in eval mode, with
+    BatchNorm's moving average and with the cumulative one that recompute_batchnorm_stats
+    sets."""
+    table = Background(4).double()
+    for bn in table:
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.momentum = momentum
+            bn.num_batches_tracked.fill_(3)  # so that the cumulative average is not a copy
+    every = copy.deepcopy(table)
+    z = torch.randn(64, LAYERED_MIN_Z_DIM, dtype=torch.float64)
+    z = _with_cone(z, [3] * 9 + torch.randint(BACKGROUND_CONES, (55,)).tolist())
+    z[-1, CODE] = torch.arange(BACKGROUND_CONES, dtype=z.dtype)  # a cone held once only
+    code = background_code(z)
+    _assert_alike(table, table(code, groups=groups),
+                  every, grouped(nn.Sequential(*every), code, groups),
+                  outputs=1e-12, grads=(1e-9, 1e-12), buffers=1e-12)
+    assert table[1].num_batches_tracked.item() == 3 + len(group_sizes(groups, 64))
+    table.eval(), every.eval()
+    torch.testing.assert_close(table(code), every(code), rtol=1e-12, atol=1e-12)
+
+
 def test_a_layered_generator_starts_mostly_background_and_every_part_learns():
     G = _layered().train()
     last = G.to_rgb[-1]
@@ -119,3 +163,16 @@ def test_the_layered_layout_needs_room_in_z_and_checkpoints_record_both_settings
     state["model_config"]["gan"]["z_dim"] = "11"
     with pytest.raises(ValueError, match="z_dim must be an integer"):
         checkpoint_models(state)
+
+
+def test_a_layered_generator_compiles_whole_and_matches_eager():
+    """torch.compile (Inductor, as the compiled backend runs G) traces the layered layout in
+    one graph, the background's table and counted BatchNorm included: the same images,
+    gradients and running statistics as eager, to float32 rounding, with groups."""
+    eager = dataclasses.replace(preset("small").gan, layout="layered", z_dim=LAYERED_MIN_Z_DIM)
+    G = Generator(eager).train()
+    twin = copy.deepcopy(G)
+    compiled = torch.compile(twin, fullgraph=True)
+    z, text = torch.randn(16, LAYERED_MIN_Z_DIM), torch.randn(16, 128)
+    _assert_alike(twin, compiled(z, text, groups=2), G, G(z, text, groups=2),
+                  outputs=1e-5, grads=(1e-3, 1e-4), buffers=1e-5)

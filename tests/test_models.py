@@ -19,7 +19,8 @@ from t2i_fast.models import (
 from t2i_fast.models.batchnorm_stats import recompute_batchnorm_stats
 from t2i_fast.models.config import checkpoint_models, recorded
 from t2i_fast.models.coordinates import AddCoordinates
-from t2i_fast.models.generator import NearestResizeConv, ProjectTo4x4, ResidualBlock
+from t2i_fast.models.generator import ProjectTo4x4, ResidualBlock
+from t2i_fast.models.resize_conv import NearestResizeConv
 
 L = 201
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from t2i_fast.models.config import GANConfig
@@ -19,6 +18,7 @@ from t2i_fast.models.layered import (
     background_code,
     compose,
 )
+from t2i_fast.models.resize_conv import NearestResizeConv
 
 
 class ResidualBlock(TakesGroups):
@@ -67,32 +67,6 @@ class ProjectTo4x4(nn.ConvTranspose2d):
         w = weight.permute(0, 2, 3, 1).flatten(1)  # [C_in, kH·kW·C_out]
         y = x.flatten(1) @ w  # [B, kH·kW·C_out]
         return y.view(len(x), *self.kernel_size, self.out_channels).permute(0, 3, 1, 2)
-
-
-class NearestResizeConv(nn.Module):
-    """A ×2 nearest-neighbour resize, then ``conv``, a 3×3 convolution with padding 1 (Odena
-    et al., 2016), computed as the one stride-2 4×4 transposed convolution the two make
-    together, ``kernel()``: the 3×3 weight summed over each 2×2 window of itself padded to
-    5×5, in the transposed layout. The same numbers and gradients as the two steps, without
-    the 4× larger map between them, at about the speed of the paper's transposed layer
-    (scripts/bench_upsample.py). Not a convolution module itself, so the fused layers on a
-    GPU leave its BatchNorm unfused."""
-
-    def __init__(self, in_channels: int, out_channels: int, *, bias: bool):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
-
-    def kernel(self) -> torch.Tensor:
-        """[C_in, C_out, 4, 4]: along each axis, tap k of the transposed convolution (output
-        row 2i + k - 1 from input row i) is the sum of the 3×3 taps 2 - k and 3 - k, those
-        that read the two resized rows copied from row i."""
-        flipped = self.conv.weight.transpose(0, 1).flip(-2, -1)  # [C_in, C_out, 3, 3]
-        padded = F.pad(flipped, (1, 1, 1, 1))  # [C_in, C_out, 5, 5]
-        return (padded[..., 1:, 1:] + padded[..., :-1, 1:]
-                + padded[..., 1:, :-1] + padded[..., :-1, :-1])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(x, self.kernel(), self.conv.bias, stride=2, padding=1)
 
 
 def bottleneck(channels: int) -> int:
@@ -184,5 +158,5 @@ class Generator(nn.Module):
         out = self.to_rgb(grouped(self.stages, x, groups))  # [B, 3 or 4, S, S]
         if not self.layered:
             return out
-        background = grouped(self.background, background_code(z), groups)  # [B, 3, S, S]
+        background = self.background(background_code(z), groups=groups)  # [B, 3, S, S]
         return compose(out, self.shift(z), background)

@@ -22,8 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from t2i_fast.models.config import BACKGROUND_CONES
+from t2i_fast.models.grouped_batchnorm import Groups, group_sizes
+from t2i_fast.models.resize_conv import resize_conv
 
 # Where the background code lies in z (after z₀).
 CODE = slice(1, 1 + BACKGROUND_CONES)
@@ -46,7 +49,18 @@ def background_code(z: torch.Tensor) -> torch.Tensor:
 class Background(nn.Sequential):
     """The background code [B, BACKGROUND_CONES] → an image [B, 3, S, S] in [-1, 1]: a linear
     map to a 4×4 map, then ×2 nearest resizes each with a 3×3 convolution (BatchNorm and
-    ReLU between), tanh."""
+    ReLU between), tanh.
+
+    Every sample's background is one of BACKGROUND_CONES images, so the layers run once per
+    code, on the one-hot codes themselves, and each sample takes its code's image: an eighth
+    of the work of running them on every sample of a batch of 64, which had made the
+    layered step 0.61× the single one on the CPU (docs/performance.md); each resize and its
+    convolution run as one transposed convolution (``resize_conv``). In training each
+    BatchNorm weighs a code's row by how many samples of the batch hold it
+    (``counted_batch_norm``), so that outputs, gradients and running statistics are those of
+    the layers run on every sample, to float rounding. ``groups``: as ``Generator``'s, each
+    group with its own statistics. Call it directly, not through ``grouped``, which would
+    run its layers one by one on every sample."""
 
     def __init__(self, stages: int):
         first = BACKGROUND_WIDTHS[0]
@@ -62,6 +76,67 @@ class Background(nn.Sequential):
             layers += [nn.Tanh()] if last else [nn.BatchNorm2d(out), nn.ReLU()]
             width = out
         super().__init__(*layers)
+
+    def forward(self, code: torch.Tensor, *, groups: Groups = 1) -> torch.Tensor:
+        sizes = group_sizes(groups, len(code))
+        parts = code.split(sizes)
+        counts = torch.stack([part.sum(dim=0) for part in parts])  # [G, K]
+        x = torch.eye(BACKGROUND_CONES, dtype=code.dtype, device=code.device
+                      ).repeat(len(sizes), 1)  # [G·K, K]: every code once per group
+        layers = iter(self)
+        for layer in layers:
+            if isinstance(layer, nn.Upsample):  # and its convolution, as one (resize_conv)
+                x = resize_conv(x, next(layers))
+            elif isinstance(layer, _BatchNorm):
+                x = counted_batch_norm(layer, x, counts, sizes)
+            else:
+                x = layer(x)
+        tables = x.unflatten(0, (len(sizes), BACKGROUND_CONES))  # [G, K, 3, S, S]
+        return torch.cat([table[part.argmax(dim=1)]
+                          for part, table in zip(parts, tables, strict=True)])
+
+
+def counted_batch_norm(bn: _BatchNorm, x: torch.Tensor, counts: torch.Tensor,
+                       sizes: tuple[int, ...]) -> torch.Tensor:
+    """``bn`` over rows ``x`` [G·K, C, ...] that stand for ``counts`` [G, K] samples each, G
+    groups of ``sizes`` samples with their own statistics: what ``bn`` does to a batch that
+    holds each row as many times as it is counted, one call per group. Statistics in
+    float32 at least, as BatchNorm keeps them."""
+    if not bn.training:
+        return bn(x)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = x.unflatten(0, counts.shape).to(dtype)  # [G, K, C, ...]
+    spatial = tuple(range(3, rows.dim()))
+    counts = counts.to(dtype)
+    # [G, K, 1]: each row's share of its group (a group's counts sum to its size; no tensor
+    # made from `sizes`, which a CUDA graph's capture would copy from the host).
+    weights = (counts / counts.sum(dim=1, keepdim=True))[:, :, None]
+
+    def average(values: torch.Tensor) -> torch.Tensor:  # [G, K, C, ...] → [G, C]
+        per_row = values.mean(dim=spatial) if spatial else values
+        return (weights * per_row).sum(dim=1)
+
+    def per_channel(values: torch.Tensor) -> torch.Tensor:  # [G, C] → [G, 1, C, 1...]
+        return values.view(*values.shape[:1], 1, values.shape[1], *(1,) * len(spatial))
+
+    mean = average(rows)
+    centred = rows - per_channel(mean)
+    var = average(centred.square())  # biased, as the normalisation uses it
+    y = centred * per_channel(torch.rsqrt(var + bn.eps))
+    if bn.affine:
+        y = y * per_channel(bn.weight[None].to(dtype)) + per_channel(bn.bias[None].to(dtype))
+    if bn.track_running_stats:
+        with torch.no_grad():
+            for size, group_mean, group_var in zip(sizes, mean, var, strict=True):
+                elements = size * rows[0, 0, 0].numel()  # the values a channel's statistics saw
+                group_var = group_var * (elements / (elements - 1))  # unbiased, as BN keeps it
+                bn.num_batches_tracked.add_(1)
+                # momentum None: the cumulative average (recompute_batchnorm_stats).
+                weight = (bn.momentum if bn.momentum is not None
+                          else 1 / bn.num_batches_tracked.item())
+                bn.running_mean.lerp_(group_mean.to(bn.running_mean.dtype), weight)
+                bn.running_var.lerp_(group_var.to(bn.running_var.dtype), weight)
+    return y.flatten(0, 1).to(x.dtype)
 
 
 class Shift(nn.Linear):
