@@ -2,8 +2,9 @@
 the same way, then scored for attribute accuracy (seen and held-out colour-shape pairs),
 diversity (spread and style coverage against real images), style disentangling (background
 and position AUCs, beside a random encoder's and the captions') and retrieval R-precision;
-GAN-INT-CLS once more with the paper's losses and first layer (no mode-seeking term, no
-class loss, one learning rate for G and D, G's first layer with weights per 4×4 cell), and
+GAN-INT-CLS once more with the paper's losses and generator (no mode-seeking term, no class
+loss, one learning rate for G and D, G's single layout with a z of 100 and a first layer
+with weights per 4×4 cell), and
 the curve of GAN-INT-CLS's attribute scores against training time, from its checkpoints.
 
     python scripts/paper_tables.py --out paper_runs --markdown docs/results.md
@@ -32,15 +33,18 @@ from t2i_fast.config import PAPER_SCHEDULE, SMALL_SCHEDULE
 from t2i_fast.run import Run, TextEncoderFolder, step_of
 
 VARIANTS = {"gan": "GAN", "cls": "GAN-CLS", "int": "GAN-INT", "int-cls": "GAN-INT-CLS",
-            "int-cls-paper": "GAN-INT-CLS, the paper's losses and first layer"}
+            "int-cls-paper": "GAN-INT-CLS, the paper's losses and generator"}
 # Extra runs: their variant and training flags. The paper's recipe where the small preset
 # deviates (PAPER_SCHEDULE's): no mode-seeking term, no class loss (on either side), one
-# learning rate, and G's first layer with weights of its own at every 4×4 cell.
+# learning rate, and G's single layout with a z of 100 and a first layer with weights of its
+# own at every 4×4 cell.
 FLAGS = {"int-cls-paper": ("int-cls", ("--mode-seeking", "0",
                                        "--class-loss", f"{PAPER_SCHEDULE.class_loss:g}",
                                        "--g-class-loss", f"{PAPER_SCHEDULE.class_loss:g}",
                                        "--d-lr-scale", f"{PAPER_SCHEDULE.d_lr_scale:g}",
-                                       "--g-first-layer", PAPER_SCHEDULE.g_first_layer))}
+                                       "--g-first-layer", PAPER_SCHEDULE.g_first_layer,
+                                       "--g-layout", PAPER_SCHEDULE.g_layout,
+                                       "--g-z-dim", str(PAPER_SCHEDULE.g_z_dim)))}
 CURVE = "int-cls"  # the run whose checkpoints give the curve
 HOLDOUT = "red circle,blue square,green triangle"
 EVALS = ("attributes", "diversity", "disentangle", "retrieval")

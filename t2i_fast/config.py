@@ -111,7 +111,8 @@ class Schedule:
     text pretraining that comes first, D's learning rate as a multiple of G's, the weight
     of the auxiliary class loss in D's loss (0: none) and in G's (None: D's), how G's
     first layer spreads its inputs over the 4×4 map (``GANConfig.first_layer``), how G
-    composes its image (``GANConfig.layout``) and z's width."""
+    composes its image (``GANConfig.layout``), z's width and the weight of the mode-seeking
+    term in G's loss."""
 
     epochs: int
     pretrain_epochs: int
@@ -122,6 +123,7 @@ class Schedule:
     g_first_layer: str
     g_layout: str
     g_z_dim: int
+    mode_seeking: float
 
 
 # The paper's 600 epochs, one learning rate and no class loss for its networks. The CPU-sized
@@ -134,13 +136,20 @@ class Schedule:
 # the noise drew a blob texture behind a shape it seldom moved, and a style encoder trained
 # on G's images could not tell the real images' backgrounds apart (docs/results.md, "A
 # uniform first layer"). 15 GAN epochs, not 10: shape gains with them (0.57 → 0.60 and
-# 0.68 → 0.72 on two seeds), and the main command still takes under 10 minutes.
+# 0.68 → 0.72 on two seeds), and the main command still takes under 10 minutes. Its G is
+# layered with a z of 11 and a mode-seeking weight of 2: with the single layout, G's noise
+# set the background or the shape's place, not both, and a style encoder trained on G's
+# images read one of the two on real images; with these, and train-style's mirrored
+# backgrounds, it reads both on the main command's three seeds (docs/results.md, "A style
+# encoder that sees G's backgrounds mirrored, and the layered layout as the default").
 PAPER_SCHEDULE = Schedule(epochs=600, pretrain_epochs=20, pretrain_match="class",
                           d_lr_scale=1.0, class_loss=0.0, g_class_loss=None,
-                          g_first_layer="per-cell", g_layout="single", g_z_dim=100)
+                          g_first_layer="per-cell", g_layout="single", g_z_dim=100,
+                          mode_seeking=1.0)
 SMALL_SCHEDULE = Schedule(epochs=15, pretrain_epochs=16, pretrain_match="instance",
                           d_lr_scale=4.0, class_loss=10.0, g_class_loss=1.0,
-                          g_first_layer="uniform", g_layout="single", g_z_dim=100)
+                          g_first_layer="uniform", g_layout="layered", g_z_dim=11,
+                          mode_seeking=2.0)
 
 
 _SCHEDULED = tuple(field.name for field in dataclasses.fields(Schedule))
@@ -242,9 +251,9 @@ class TrainConfig:
     fused_layers: str = "auto"
     interp_batch: str = "full"  # GAN-INT mixes the full batch, or half of it (Reed's code)
     # λ of the mode-seeking term (Mao et al., CVPR 2019) in G's loss; 0: off (the paper's
-    # loss). G draws half the batch's captions again with new noise and is pushed to keep the
-    # two images apart: without it G learns to ignore its noise.
-    mode_seeking: float = 1.0
+    # loss); None: the preset's. G draws half the batch's captions again with new noise and
+    # is pushed to keep the two images apart: without it G learns to ignore its noise.
+    mode_seeking: float | None = None
     mismatch: str = "image"  # GAN-CLS's mismatched pair: a wrong image, a wrong text, or "hard"
     d_lr_scale: float | None = None  # D's learning rate over G's (lr); None: the preset's
     # λ of the auxiliary class loss (TAC-GAN): D also names the class of each real image, G is

@@ -175,13 +175,16 @@ def _trained_with(trained: object) -> str:
         return ""
     # Results from before --domain-weight record no such key: the paper's S in that respect.
     real, domain = trained.get("real_weight"), trained.get("domain_weight", 0)
-    if not all(isinstance(w, int | float) for w in (real, domain)):
+    mirror = trained.get("mirror", "off")
+    if not all(isinstance(w, int | float) for w in (real, domain)) or mirror not in ("on",
+                                                                                    "off"):
         kind = "trained with unrecorded settings"
-    elif real == domain == 0:
+    elif real == domain == 0 and mirror == "off":
         kind = "the paper's, trained on G's images only"
     else:
         terms = ([f"to also rebuild real images through G at weight {real}"] if real else []) \
-            + ([f"domain-adversarially at weight {domain}"] if domain else [])
+            + ([f"domain-adversarially at weight {domain}"] if domain else []) \
+            + (["on G's images with their backgrounds mirrored"] if mirror == "on" else [])
         kind = "trained " + " and ".join(terms)
     return f" The style encoder: {trained['steps']} steps, {kind}."
 

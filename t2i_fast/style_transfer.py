@@ -56,9 +56,9 @@ class StyleEncoderFile(NamedTuple):
 
     encoder: StyleEncoder  # in eval mode
     generator_step: int  # the step of the generator it inverts
-    # train-style's {"steps", "real_weight", "domain_weight"} as the file records them (a
-    # weight 0, the paper's S, for encoders from before that option; None where forged); {}
-    # for a file that records no training settings
+    # train-style's {"steps", "real_weight", "domain_weight", "mirror"} as the file records
+    # them (a weight 0 and mirror "off", the paper's S, for encoders from before that option;
+    # None where forged); {} for a file that records no training settings
     training: dict
 
 
@@ -92,6 +92,8 @@ def _training(config: object) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("steps"), int):
         return {}
     weights = {name: config.get(name, 0.0) for name in ("real_weight", "domain_weight")}
+    mirror = config.get("mirror", "off")
     return {"steps": config["steps"],
             **{name: float(weight) if isinstance(weight, int | float) else None
-               for name, weight in weights.items()}}
+               for name, weight in weights.items()},
+            "mirror": mirror if mirror in ("on", "off") else None}

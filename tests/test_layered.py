@@ -12,6 +12,7 @@ from t2i_fast.models.config import BACKGROUND_CONES, LAYERED_MIN_Z_DIM, checkpoi
 from t2i_fast.models.grouped_batchnorm import group_sizes, grouped
 from t2i_fast.models.layered import CODE, MASK_BIAS, Background, background_code, shifted
 from t2i_fast.models.resize_conv import NearestResizeConv
+from t2i_fast.train.style import backgrounds_mirrored
 
 
 def _layered(**changes) -> Generator:
@@ -81,6 +82,30 @@ def test_a_layered_generator_moves_its_foreground_by_the_last_two_noise_dimensio
     offset = torch.tensor([[0.8, 0.0]] * 2, dtype=torch.float64)  # 12.8 of 32 pixels
     # Where the foreground came from outside the background shows; elsewhere it is moved.
     torch.testing.assert_close(right[..., 14:], shifted(still, offset)[..., 14:])
+
+
+def test_train_style_mirrors_the_chosen_rows_backgrounds_and_nothing_else():
+    """backgrounds_mirrored, with which train-style draws G's images: the background of the
+    rows chosen mirrored left-right, the shape and the other rows as G draws them, and G
+    itself again once the context ends."""
+    G = _layered()
+    z, text = torch.randn(6, LAYERED_MIN_Z_DIM, dtype=torch.float64), torch.randn(6, 128).double()
+    rows = torch.tensor([True, False, True, False, False, True])
+    plain = G(z, text)
+    with backgrounds_mirrored(G, rows):
+        mirrored = G(z, text)
+    torch.testing.assert_close(mirrored[~rows], plain[~rows])
+    assert not torch.allclose(mirrored[rows], plain[rows])
+    torch.testing.assert_close(G(z, text), plain)
+    _force_mask(G, -60.0)  # all background: the chosen rows' pictures mirrored
+    background = G(z, text)
+    with backgrounds_mirrored(G, rows):
+        torch.testing.assert_close(G(z, text)[rows], background[rows].flip(-1))
+    _force_mask(G, 60.0)  # all foreground, unmoved (no edge of background): as it was
+    z[:, -2:] = 0
+    foreground = G(z, text)
+    with backgrounds_mirrored(G, rows):
+        torch.testing.assert_close(G(z, text), foreground)
 
 
 def test_shifting_by_whole_pixels_moves_the_layer_and_brings_zeros_in():

@@ -124,7 +124,13 @@ def test_diversity_and_the_disentangling_baselines_have_tables(run, tmp_path):
                           ({"steps": 500, "real_weight": 0.3, "domain_weight": 1.0},
                            "The style encoder: 500 steps, trained to also rebuild real images "
                            "through G at weight 0.3 and domain-adversarially at weight 1.0."),
+                          ({"steps": 500, "real_weight": 0.0, "domain_weight": 0.0,
+                            "mirror": "on"},
+                           "The style encoder: 500 steps, trained on G&#x27;s images with "
+                           "their backgrounds mirrored."),
                           ({"steps": 500, "real_weight": 0.0, "domain_weight": None},
+                           "The style encoder: 500 steps, trained with unrecorded settings."),
+                          ({"steps": 500, "real_weight": 0.0, "mirror": None},
                            "The style encoder: 500 steps, trained with unrecorded settings."),
                           (None, None), ({"steps": "many"}, None)):
         scores = json.loads((saved / "eval_disentangle.json").read_text())

@@ -29,8 +29,15 @@ from t2i_fast.style_transfer import (
     load_style_encoder,
     style_transfer,
 )
-from t2i_fast.train import TrainConfig, train
-from t2i_fast.train.style import StyleConfig, _domain_losses, style_loss, train_style
+from t2i_fast.train import TrainConfig, style, train
+from t2i_fast.train.style import (
+    RECALIBRATION_BATCHES,
+    StyleConfig,
+    _domain_losses,
+    backgrounds_mirrored,
+    style_loss,
+    train_style,
+)
 
 CPU = torch.device("cpu")
 STEPS = 60
@@ -45,13 +52,16 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(shapes):
-    """A briefly trained run without a style encoder. Its G has the paper's first layer: in
-    the small preset's uniform one, 99 of z's 100 dimensions start with a 16th of the
-    weights' variance, and a 2-step generator's images show too little of z for the trainer's
-    test to tell a working trainer from a broken one (60 steps: 0.86 of the untrained loss)."""
+    """A briefly trained run without a style encoder. Its G has the paper's layout and first
+    layer: in the small preset's layered layout a 2-step generator's images show 10 of z's
+    11 dimensions only through a background code and a shift it has not learnt to use yet,
+    and in its uniform first layer 99 of z's 100 dimensions start with a 16th of the
+    weights' variance; either way the images show too little of z for the trainer's test to
+    tell a working trainer from a broken one (60 steps: 0.86 of the untrained loss)."""
     return train(config=TrainConfig(data=str(shapes), run=str(shapes.parent / "run"),
                                     preset="small", batch_size=16, max_steps=2,
                                     loader_threads=2, train_text_encoder=True,
+                                    g_layout="single", g_z_dim=100,
                                     g_first_layer="per-cell"))
 
 
@@ -179,9 +189,10 @@ def test_real_weight_teaches_s_to_reconstruct_real_images(styled, shapes):
 
 
 def test_the_style_encoder_file_says_how_it_was_trained(styled, tmp_path):
-    """What eval disentangle reports of S: its steps, real weight and domain weight; 0 for an
-    encoder from before either option (its config has no such key), None for a forged weight,
-    nothing for a file that records no settings or forged ones."""
+    """What eval disentangle reports of S: its steps, real weight, domain weight and
+    mirroring; 0 and off for an encoder from before those options (its config has no such
+    key), None for a forged one, nothing for a file that records no settings or forged
+    ones."""
     copy = tmp_path / "copy"
     shutil.copytree(styled, copy)
     path = Run(copy).style_encoder
@@ -190,12 +201,15 @@ def test_the_style_encoder_file_says_how_it_was_trained(styled, tmp_path):
     def training() -> dict:
         return load_style_encoder(Run(copy), device=CPU).training
 
-    paper = {"steps": STEPS, "real_weight": 0.0, "domain_weight": 0.0}
+    paper = {"steps": STEPS, "real_weight": 0.0, "domain_weight": 0.0, "mirror": "off"}
     assert training() == paper
     for config, expected in (({k: v for k, v in state["config"].items() if k != "real_weight"},
                               paper),
                              ({k: v for k, v in state["config"].items()
                                if k != "domain_weight"}, paper),
+                             ({k: v for k, v in state["config"].items() if k != "mirror"},
+                              paper),
+                             ({**state["config"], "mirror": "auto"}, {**paper, "mirror": None}),
                              ({**state["config"], "real_weight": "x"},
                               {**paper, "real_weight": None}),
                              ({**state["config"], "domain_weight": [1]},
@@ -245,7 +259,7 @@ def test_domain_weight_trains_s_on_real_and_generated_images(styled):
     rows = _train_with_real_images(styled, copy, domain_weight=1.0)
     assert all(0 < row["domain"] < 5 and "reconstruction" not in row for row in rows)
     assert load_style_encoder(Run(copy), device=CPU).training == {
-        "steps": STEPS, "real_weight": 0.0, "domain_weight": 1.0}
+        "steps": STEPS, "real_weight": 0.0, "domain_weight": 1.0, "mirror": "off"}
 
 
 def test_real_weight_errors(styled, tmp_path):
@@ -258,6 +272,51 @@ def test_real_weight_errors(styled, tmp_path):
     line = one_error_line(invoke("train-style", "--run", copy, "--real-weight", 1,
                                  "--batch-size", 128, "--steps", 1, "--overwrite"))
     assert "shapes.lmdb" in line and "batch_size 128 leaves no full batch" in line
+    torch.testing.assert_close(
+        load_style_encoder(Run(copy), device=CPU).encoder.state_dict(),
+        load_style_encoder(Run(styled), device=CPU).encoder.state_dict())
+
+
+@pytest.fixture(scope="module")
+def layered_run(shapes):
+    """A 2-step run of the small preset's own generator, which is layered."""
+    path = train(config=TrainConfig(data=str(shapes), run=str(shapes.parent / "layered"),
+                                    preset="small", batch_size=16, max_steps=2,
+                                    loader_threads=2, train_text_encoder=True))
+    assert Run(path).config().g_layout == "layered"
+    return path
+
+
+def test_train_style_mirrors_a_layered_generators_images(layered_run, monkeypatch):
+    """auto draws every batch of a layered G's images (the recalibration batches' too) with
+    about half their backgrounds mirrored, and records it; off is the paper's S."""
+    calls = []
+
+    def spy(generator, rows):
+        calls.append(rows)
+        return backgrounds_mirrored(generator, rows)
+
+    monkeypatch.setattr(style, "backgrounds_mirrored", spy)
+    result = invoke("train-style", "--run", layered_run, "--steps", 3, "--batch-size", 8)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 3 + RECALIBRATION_BATCHES
+    chosen = torch.stack(calls)  # [calls, 8]
+    assert chosen.shape[1] == 8 and 0.25 < chosen.float().mean() < 0.75
+    assert load_style_encoder(Run(layered_run), device=CPU).training["mirror"] == "on"
+    calls.clear()
+    result = invoke("train-style", "--run", layered_run, "--steps", 3, "--batch-size", 8,
+                    "--mirror", "off", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not calls
+    assert load_style_encoder(Run(layered_run), device=CPU).training["mirror"] == "off"
+
+
+def test_mirror_on_needs_a_layered_generator(styled, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(styled, copy)
+    line = one_error_line(invoke("train-style", "--run", copy, "--mirror", "on", "--steps", 1,
+                                 "--overwrite"))
+    assert "--mirror 'on' needs a run whose generator is layered" in line and "single" in line
     torch.testing.assert_close(
         load_style_encoder(Run(copy), device=CPU).encoder.state_dict(),
         load_style_encoder(Run(styled), device=CPU).encoder.state_dict())
@@ -408,7 +467,7 @@ def test_eval_disentangle_json(styled):
                            "baselines", "generated", "style_encoder"}
     # ``styled``'s S: StyleConfig's defaults but these (the paper's S, no real images).
     assert scores["style_encoder"] == {"steps": STEPS, "real_weight": 0.0,
-                                       "domain_weight": 0.0}
+                                       "domain_weight": 0.0, "mirror": "off"}
     generated = scores["generated"]
     assert set(generated) == {"position_auc", "n_images", "position_clusters"}
     assert 0 <= generated["n_images"] <= 64, "one image of each record's first caption"
@@ -425,7 +484,7 @@ def test_eval_disentangle_json(styled):
     assert lines[-3].split()[1] == "2"
     assert f"({generated['n_images']} images with a shape" in lines[-2]
     assert lines[-1].startswith(f"style encoder: {STEPS} steps, real weight 0.0, domain "
-                                "weight 0.0 ")
+                                "weight 0.0, mirror off ")
     assert lines[0].split()[1:8] == ["style", "encoder", "random", "encoder", "captions",
                                      "position", "code"]
     for line, factor in zip(lines[1:3], ("background", "position"), strict=True):

@@ -181,8 +181,8 @@ def disentangle(run: Path, dataset: Path | None, n: int, pairs: int, seed: int,
     trained = scores["style_encoder"]
     if trained:
         click.echo(f"style encoder: {trained['steps']} steps, real weight "
-                   f"{trained['real_weight']}, domain weight {trained['domain_weight']} "
-                   "(0 and 0: the paper's, G's images only)")
+                   f"{trained['real_weight']}, domain weight {trained['domain_weight']}, "
+                   f"mirror {trained['mirror']} (0, 0 and off: the paper's, G's images only)")
 
 
 @eval_group.command()

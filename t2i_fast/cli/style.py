@@ -14,7 +14,7 @@ from t2i_fast.generate import TrainedModel
 from t2i_fast.pictures import image_grid
 from t2i_fast.run import Run
 from t2i_fast.style_transfer import load_image, load_style_encoder, style_transfer
-from t2i_fast.train.style import StyleConfig, train_style
+from t2i_fast.train.style import MIRRORS, StyleConfig, train_style
 
 _RUN = click.option("--run", type=click.Path(exists=True, file_okay=False, path_type=Path),
                     required=True, help="A run folder that 't2i-fast train' made.")
@@ -37,6 +37,11 @@ _RUN = click.option("--run", type=click.Path(exists=True, file_okay=False, path_
               help="Also train S domain-adversarially at this weight: a critic tells its "
                    "features of real images from those of G's, and S learns to make them "
                    "alike (Ganin & Lempitsky, 2015); 0: the paper's S.")
+@click.option("--mirror", type=click.Choice(MIRRORS), default="auto",
+              help="G draws half of S's images with their backgrounds mirrored left-right, "
+                   "z unchanged, so that S reads what a background keeps under mirroring; "
+                   "auto: on for a layered generator, off (the paper's S) for the single "
+                   "one, which cannot mirror its background alone.")
 @click.option("--overwrite", is_flag=True, help="Replace the run's style encoder.")
 def train_style_command(run: Path, overwrite: bool, **options) -> None:
     """Train the style encoder S to invert the run's generator: regress z from G(z, φ(t)),

@@ -113,7 +113,8 @@ def _stopped(ctx: click.Context, run: Path, world: World) -> Iterator[None]:
 @click.option("--mode-seeking", type=float, default=_TRAIN["mode_seeking"],
               help="Weight of the mode-seeking term (Mao et al., CVPR 2019) in G's loss: half "
                    "the batch's captions drawn again with new noise, their images pushed apart "
-                   "(0: off).")
+                   f"(0: off)  [default: {PAPER_SCHEDULE.mode_seeking:g}; "
+                   f"{SMALL_SCHEDULE.mode_seeking:g} with the small preset]")
 @click.option("--d-lr-scale", type=float, default=_TRAIN["d_lr_scale"],
               help=f"D's learning rate as a multiple of --lr (G's)  [default: "
                    f"{PAPER_SCHEDULE.d_lr_scale:g} (the paper); {SMALL_SCHEDULE.d_lr_scale:g} "

@@ -29,6 +29,14 @@ G draws one kind of background texture where the real images have eight, and the
 S, which never saw them, answers to a real image's background more than to its shape's
 place; aligned, S reads the real images' positions as it reads G's, and loses what told the
 backgrounds apart (docs/results.md, "A domain-adversarial style encoder").
+
+With ``mirror`` on (the default for a layered generator), G draws each image's background
+mirrored left-right with probability ½, its z unchanged: the same background code, the
+same shape at the same place. G draws each code's background as one fixed picture, and S
+learns to tell them apart by where their blotches lie, which no real image shares; with
+mirrored pictures S must read what a background keeps under mirroring, as the real
+images' kinds of background do (docs/results.md, "A style encoder that sees G's
+backgrounds mirrored, and the layered layout as the default").
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +58,15 @@ from t2i_fast.data import Loader
 from t2i_fast.errors import T2IError
 from t2i_fast.generate import TrainedModel
 from t2i_fast.models.domain_critic import DomainCritic
+from t2i_fast.models.generator import Generator
 from t2i_fast.models.style_encoder import StyleEncoder, StyleEncoderConfig
 from t2i_fast.run import Run, jsonl_writer
 from t2i_fast.train.caption_table import embed_all_captions, mean_embedding
 
 RECALIBRATION_BATCHES = 16
+# Whether G draws S's images with their backgrounds mirrored at random (auto: where G is
+# layered, and draws its background apart from its shape).
+MIRRORS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -69,9 +82,12 @@ class StyleConfig:
     device: str = "auto"
     real_weight: float = 0.0  # of reconstructing real images through G; 0: the paper's S
     domain_weight: float = 0.0  # of the domain-adversarial term; 0: the paper's S
+    mirror: str = "auto"  # MIRRORS; off: the paper's S
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.mirror not in MIRRORS:
+            raise FieldError("mirror", f"must be one of {MIRRORS}, got {self.mirror!r}")
         for name in ("steps", "log_every"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be at least 1, got {getattr(self, name)}")
@@ -104,6 +120,32 @@ def reconstruction_loss(generator: torch.nn.Module, styles: torch.Tensor, text: 
                         images: torch.Tensor) -> torch.Tensor:
     """The squared error of G(S(x), φ(t)) against the real images x, per pixel and channel."""
     return (generator(styles, text) - images).square().mean()
+
+
+def resolve_mirror(mirror: str, generator: Generator) -> bool:
+    """``StyleConfig.mirror`` for ``generator``: auto is on for the layered layout, which
+    draws its background apart from its shape, and off for the single one, which does not;
+    on for the single layout is a FieldError."""
+    layered = generator.config.layout == "layered"
+    if mirror == "on" and not layered:
+        raise FieldError("mirror", "'on' needs a run whose generator is layered (it draws "
+                         "its background apart from its shape); this run's is "
+                         f"{generator.config.layout}")
+    return layered and mirror != "off"
+
+
+@contextmanager
+def backgrounds_mirrored(generator: Generator, rows: torch.Tensor) -> Iterator[None]:
+    """While inside, ``generator``'s background network (a layered G's) returns its pictures
+    [B, 3, S, S] mirrored left-right in ``rows`` [B] (bool) and as they were elsewhere."""
+    def mirror(module: torch.nn.Module, args: tuple, pictures: torch.Tensor) -> torch.Tensor:
+        return torch.where(rows[:, None, None, None], pictures.flip(-1), pictures)
+
+    handle = generator.background.register_forward_hook(mirror)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _domain_losses(critic: DomainCritic, optimizer: torch.optim.Optimizer,
@@ -166,6 +208,7 @@ def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
     run = Run(config.run)
     device = resolve_device(config.device)
     model = TrainedModel.from_run(run, device=device)
+    mirror = resolve_mirror(config.mirror, model.generator)
     if run.style_encoder.exists() and not overwrite:
         raise T2IError(f"{run.style_encoder}: a style encoder exists already (pass "
                        "--overwrite to train a new one)")
@@ -176,14 +219,15 @@ def train_style(*, config: StyleConfig, overwrite: bool = False) -> Path:
                     captions_per_sample=run_config.captions_per_sample, caption_format="ids",
                     dtype=torch.float32, layout="nchw") if config.uses_real_images else None
     try:
-        return _train(config, run=run, model=model, data=data, loader=loader, device=device)
+        return _train(config, run=run, model=model, data=data, loader=loader, device=device,
+                      mirror=mirror)
     finally:
         if loader is not None:
             loader.close()
 
 
 def _train(config: StyleConfig, *, run: Run, model: TrainedModel, data: Path,
-           loader: Loader | None, device: torch.device) -> Path:
+           loader: Loader | None, device: torch.device, mirror: bool) -> Path:
     # The frozen text encoder embeds every caption once; G's draws and the real batches
     # gather from the table (2,000 steps of 64 draws embed more captions than the shapes
     # dataset's 100,000 or CUB's 118,000).
@@ -210,8 +254,13 @@ def _train(config: StyleConfig, *, run: Run, model: TrainedModel, data: Path,
     @torch.no_grad()
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         pick = torch.randint(len(table), (config.batch_size,), generator=draws)
-        z = torch.randn(config.batch_size, model.z_dim, generator=draws)  # [B, Z]
-        return model.generate(table[pick.to(device)], z), z.to(device)  # [B, 3, S, S], [B, Z]
+        z = torch.randn(config.batch_size, model.z_dim, generator=draws).to(device)  # [B, Z]
+        text = table[pick.to(device)]
+        if not mirror:
+            return model.generate(text, z), z  # [B, 3, S, S], [B, Z]
+        rows = (torch.rand(config.batch_size, generator=draws) < 0.5).to(device)
+        with backgrounds_mirrored(model.generator, rows):
+            return model.generate(text, z), z
 
     def step() -> dict[str, torch.Tensor]:
         """One update; returns its losses: "loss" (L_style) and, with real images, those of
@@ -256,5 +305,7 @@ def _train(config: StyleConfig, *, run: Run, model: TrainedModel, data: Path,
     _recalibrate(encoder, [recalibration_batch() for _ in range(RECALIBRATION_BATCHES)])
     return save_atomically({"style_encoder": encoder.state_dict(),
                             "style_config": dataclasses.asdict(encoder_config),
-                            "config": dataclasses.asdict(config), "generator_step": model.step},
+                            "config": dataclasses.asdict(dataclasses.replace(
+                                config, mirror="on" if mirror else "off")),
+                            "generator_step": model.step},
                            run.style_encoder)
