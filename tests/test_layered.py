@@ -159,6 +159,36 @@ def test_the_background_runs_once_per_code_as_it_would_on_every_sample(groups, m
     torch.testing.assert_close(table(code), every(code), rtol=1e-12, atol=1e-12)
 
 
+class _OwnStatistics(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm computing its statistics its own way, as SyncBatchNorm and --sync-bn's CPU
+    version do (here, the plain way): grouping takes no such layer."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        pass
+
+
+def test_a_background_with_its_own_statistics_runs_on_every_sample():
+    """With BatchNorm layers that are not plain (--sync-bn), the background calls them on
+    every sample's code, where their statistics are what they are made for."""
+    table = Background(3).double()
+    for i, bn in enumerate(table):
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            own = _OwnStatistics(bn.num_features).double()
+            own.load_state_dict(bn.state_dict())
+            table[i] = own
+    every = copy.deepcopy(table)
+    rows = []  # what each of the table's BatchNorm calls normalises
+    for bn in table:
+        if isinstance(bn, _OwnStatistics):
+            bn.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    code = background_code(_with_cone(torch.randn(64, LAYERED_MIN_Z_DIM, dtype=torch.float64),
+                                      torch.randint(BACKGROUND_CONES, (64,)).tolist()))
+    _assert_alike(table, table(code, groups=2), every,
+                  torch.cat([nn.Sequential(*every)(part) for part in code.split(32)]),
+                  outputs=1e-12, grads=(1e-9, 1e-12), buffers=1e-12)
+    assert rows == [32] * 2 * 3  # each group's samples, not its 8 codes; 3 layers
+
+
 def test_a_layered_generator_starts_mostly_background_and_every_part_learns():
     G = _layered().train()
     last = G.to_rgb[-1]

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from t2i_fast.models.config import BACKGROUND_CONES
-from t2i_fast.models.grouped_batchnorm import Groups, group_sizes
+from t2i_fast.models.grouped_batchnorm import Groups, group_sizes, groupable
 from t2i_fast.models.resize_conv import resize_conv
 
 # Where the background code lies in z (after z₀).
@@ -60,7 +60,8 @@ class Background(nn.Sequential):
     (``counted_batch_norm``), so that outputs, gradients and running statistics are those of
     the layers run on every sample, to float rounding. ``groups``: as ``Generator``'s, each
     group with its own statistics. Call it directly, not through ``grouped``, which would
-    run its layers one by one on every sample."""
+    run its layers one by one on every sample. BatchNorm layers that take their statistics
+    their own way (SyncBatchNorm, under --sync-bn) run on every sample's code."""
 
     def __init__(self, stages: int):
         first = BACKGROUND_WIDTHS[0]
@@ -80,20 +81,31 @@ class Background(nn.Sequential):
     def forward(self, code: torch.Tensor, *, groups: Groups = 1) -> torch.Tensor:
         sizes = group_sizes(groups, len(code))
         parts = code.split(sizes)
+        if not groupable(self):
+            # SyncBatchNorm (--sync-bn) takes its statistics over every process's batch,
+            # which rows counted on one process cannot give: the layers run on every sample.
+            return torch.cat([self._layers(part) for part in parts])
         counts = torch.stack([part.sum(dim=0) for part in parts])  # [G, K]
         x = torch.eye(BACKGROUND_CONES, dtype=code.dtype, device=code.device
                       ).repeat(len(sizes), 1)  # [G·K, K]: every code once per group
+        tables = self._layers(x, counts, sizes).unflatten(
+            0, (len(sizes), BACKGROUND_CONES))  # [G, K, 3, S, S]
+        return torch.cat([table[part.argmax(dim=1)]
+                          for part, table in zip(parts, tables, strict=True)])
+
+    def _layers(self, x: torch.Tensor, counts: torch.Tensor | None = None,
+                sizes: tuple[int, ...] = ()) -> torch.Tensor:
+        """The layers on codes ``x`` [N, K]; with ``counts``, each BatchNorm weighs the rows
+        by them (``counted_batch_norm``)."""
         layers = iter(self)
         for layer in layers:
             if isinstance(layer, nn.Upsample):  # and its convolution, as one (resize_conv)
                 x = resize_conv(x, next(layers))
-            elif isinstance(layer, _BatchNorm):
+            elif counts is not None and isinstance(layer, _BatchNorm):
                 x = counted_batch_norm(layer, x, counts, sizes)
             else:
                 x = layer(x)
-        tables = x.unflatten(0, (len(sizes), BACKGROUND_CONES))  # [G, K, 3, S, S]
-        return torch.cat([table[part.argmax(dim=1)]
-                          for part, table in zip(parts, tables, strict=True)])
+        return x
 
 
 def counted_batch_norm(bn: _BatchNorm, x: torch.Tensor, counts: torch.Tensor,
