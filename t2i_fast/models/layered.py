@@ -139,8 +139,9 @@ def counted_batch_norm(bn: _BatchNorm, x: torch.Tensor, counts: torch.Tensor,
         y = y * per_channel(bn.weight[None].to(dtype)) + per_channel(bn.bias[None].to(dtype))
     if bn.track_running_stats:
         with torch.no_grad():
+            per_sample = rows[0, 0, 0].numel()  # a channel's values in one sample
             for size, group_mean, group_var in zip(sizes, mean, var, strict=True):
-                elements = size * rows[0, 0, 0].numel()  # the values a channel's statistics saw
+                elements = size * per_sample  # the values a channel's statistics saw
                 group_var = group_var * (elements / (elements - 1))  # unbiased, as BN keeps it
                 bn.num_batches_tracked.add_(1)
                 # momentum None: the cumulative average (recompute_batchnorm_stats).

@@ -31,12 +31,9 @@ def resize_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 class NearestResizeConv(nn.Module):
     """A ×2 nearest-neighbour resize, then ``conv``, a 3×3 convolution with padding 1 (Odena
-    et al., 2016), computed as the one stride-2 4×4 transposed convolution the two make
-    together, ``kernel()``: the 3×3 weight summed over each 2×2 window of itself padded to
-    5×5, in the transposed layout. The same numbers and gradients as the two steps, without
-    the 4× larger map between them, at about the speed of the paper's transposed layer
-    (scripts/bench_upsample.py). Not a convolution module itself, so the fused layers on a
-    GPU leave its BatchNorm unfused."""
+    et al., 2016), run as ``resize_conv``: at about the speed of the paper's transposed
+    layer (scripts/bench_upsample.py). Not a convolution module itself, so the fused layers
+    on a GPU leave its BatchNorm unfused."""
 
     def __init__(self, in_channels: int, out_channels: int, *, bias: bool):
         super().__init__()
